@@ -1,0 +1,192 @@
+"""Helpers shared by every dataset: the ignore value, robust image and mask loading, palettes,
+cache locations and a collate function that drops skipped samples.
+
+Only the dataloader package imports this module; training code receives the values it needs
+(``IGNORE_INDEX``, class names, palettes) from the scripts.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+#: Label value for pixels that are never learned nor scored: crop padding, overlaps, borders.
+IGNORE_INDEX = 255
+
+#: ImageNet statistics used to normalise every input (torchvision backbones expect them).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: Pascal VOC class names, in the order of the 21-class COCO subset.
+VOC_CLASS_NAMES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+
+
+class DatasetError(Exception):
+    """A problem with the user's data (missing path, bad file) that a script reports in one line."""
+
+
+def color_map(num_colors: int = 256) -> np.ndarray:
+    """The Pascal VOC colour map: class ``i`` gets the bit-interleaved colour of ``i``.
+
+    Returns:
+        ``(num_colors, 3)`` uint8 array; entry 0 is black, entry 15 (person) is (192, 128, 128).
+    """
+    cmap = np.zeros((num_colors, 3), dtype=np.uint8)
+    for i in range(num_colors):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        cmap[i] = (r, g, b)
+    return cmap
+
+
+def palette_for(num_classes: int) -> list[list[int]]:
+    """Per-class RGB colours as plain lists (storable in a checkpoint); ignore stays white."""
+    if num_classes > 255:
+        raise ValueError(f"at most 255 classes can be coloured, got {num_classes}")
+    return color_map(num_classes).tolist()
+
+
+def colorize(label: np.ndarray, palette: Sequence[Sequence[int]]) -> Image.Image:
+    """A palette ("P") PNG-ready image: pixel values stay class ids, the palette gives colours.
+
+    Args:
+        label: ``(H, W)`` integer array of class ids (255 = ignore, drawn white).
+        palette: per-class RGB triples.
+    """
+    flat = np.zeros((256, 3), dtype=np.uint8)
+    flat[: len(palette)] = np.asarray(palette, dtype=np.uint8)
+    flat[IGNORE_INDEX] = (255, 255, 255)
+    image = Image.fromarray(label.astype(np.uint8), mode="P")
+    image.putpalette(flat.reshape(-1).tolist())
+    return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB, scaling 16/32-bit data instead of clipping it."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        max_value = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        if image.mode in ("I", "F") and array.max() <= 255:
+            max_value = 255.0
+        array = np.clip(array / max_value * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite onto black rather than dropping alpha arbitrarily: transparent = no content.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: str | os.PathLike, index: int | None = None) -> Image.Image:
+    """Load an image as 8-bit RGB, in stored-pixel orientation (EXIF rotation is not applied).
+
+    Grayscale, CMYK, palette, RGBA and 16-bit files are converted to correct RGB. Missing, empty,
+    truncated or undecodable files raise :class:`DatasetError` naming the file (and the sample
+    index when given); truncated files are never padded silently.
+    """
+    where = f" (sample {index})" if index is not None else ""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"image file not found: {path}{where}")
+    if path.stat().st_size == 0:
+        raise DatasetError(f"image file is empty: {path}{where}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return _to_rgb(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DatasetError(f"cannot decode image {path}{where}: {error}") from error
+
+
+def load_label(
+    path: str | os.PathLike,
+    size: tuple[int, int],
+    num_classes: int,
+    index: int | None = None,
+) -> Image.Image:
+    """Load a class-index mask (PNG, one class id per pixel, 255 = ignore) as a PIL "L" image.
+
+    Args:
+        path: mask file; palette PNGs are read as indices, not colours.
+        size: ``(width, height)`` of the matching image; a different size is an error.
+        num_classes: ids ``>= num_classes`` other than 255 are an error.
+    """
+    where = f" (sample {index})" if index is not None else ""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"mask file not found: {path}{where}")
+    try:
+        with Image.open(path) as mask:
+            mask.load()
+            if mask.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L"):
+                raise DatasetError(
+                    f"mask {path}{where} has mode {mask.mode}; expected one class index per pixel "
+                    "(a palette or grayscale PNG)"
+                )
+            array = np.asarray(mask)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DatasetError(f"cannot decode mask {path}{where}: {error}") from error
+    if (array.shape[1], array.shape[0]) != tuple(size):
+        raise DatasetError(
+            f"mask {path}{where} is {array.shape[1]}x{array.shape[0]} but its image is "
+            f"{size[0]}x{size[1]}"
+        )
+    bad = (array >= num_classes) & (array != IGNORE_INDEX)
+    if bad.any():
+        raise DatasetError(
+            f"mask {path}{where} has class index {int(array[bad].max())} but the dataset has "
+            f"{num_classes} classes (valid: 0-{num_classes - 1} and {IGNORE_INDEX} = ignore)"
+        )
+    return Image.fromarray(array.astype(np.uint8), mode="L")
+
+
+def default_cache_dir() -> Path:
+    """Where derived data (index caches, class weights) goes unless ``--cache-dir`` says otherwise.
+
+    Never the dataset folder: ``$DEEPLAB_CACHE_DIR``, else ``$XDG_CACHE_HOME/deeplab``, else
+    ``~/.cache/deeplab``.
+    """
+    if os.environ.get("DEEPLAB_CACHE_DIR"):
+        return Path(os.environ["DEEPLAB_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "deeplab"
+
+
+def file_fingerprint(*paths: str | os.PathLike) -> str:
+    """A short key that changes when any of the files changes (path, size and mtime in ns)."""
+    digest = hashlib.sha1()
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def collate_skipping_bad(batch: list[Any]) -> dict[str, Any]:
+    """Collate samples, dropping those a dataset returned as ``None`` (``--skip-bad-images``).
+
+    Returns the default-collated batch plus ``"skipped"``: how many samples were dropped, so the
+    training loop can report the count however many workers produced the batch. A batch whose
+    samples were all skipped has no ``"image"`` key.
+    """
+    kept = [sample for sample in batch if sample is not None]
+    out: dict[str, Any] = torch.utils.data.default_collate(kept) if kept else {}
+    out["skipped"] = len(batch) - len(kept)
+    return out
