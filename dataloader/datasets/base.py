@@ -47,6 +47,14 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """Return ``(RGB image, "L" label)`` for item ``index``; raise DatasetError on bad files."""
         raise NotImplementedError
 
+    def label_at(self, index: int) -> Image.Image:
+        """The label of item ``index`` alone; subclasses override it to skip decoding the image."""
+        return self.load_sample(index)[1]
+
+    def cache_key(self) -> str:
+        """A string that changes whenever the files behind this split change (for caches)."""
+        raise NotImplementedError
+
     def __getitem__(self, index: int) -> Any:
         try:
             image, label = self.load_sample(index)
