@@ -1,0 +1,178 @@
+"""Backbone registry, output-stride settings and weight loading.
+
+Every backbone follows one contract: ``forward(x)`` returns a dict with ``"low_level"`` (stride 4),
+``"aux"`` (the stage before the last) and ``"out"`` (stride ``output_stride``) feature maps, and the
+module exposes ``low_level_channels``, ``aux_channels`` and ``out_channels`` (and, for
+``pretrained``, ``imagenet_weights``: a torchvision ``WeightsEnum``). The heads are sized from those
+numbers only. A new backbone is one builder added to :data:`BACKBONES`.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Callable, Mapping
+from urllib.error import URLError
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+from torchvision.models import WeightsEnum
+
+from modeling.backbone.resnet import resnet18, resnet34, resnet50, resnet101, resnet152
+
+#: name -> builder taking ``layer3_dilation``, ``layer4_dilation`` and ``multi_grid`` keywords.
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+    "resnet101": resnet101,
+    "resnet152": resnet152,
+}
+
+#: Names kept for the original repository's ``--backbone resnet``.
+BACKBONE_ALIASES: dict[str, str] = {"resnet": "resnet101"}
+
+
+class PretrainedWeightsUnavailable(Exception):
+    """ImageNet weights could neither be downloaded nor found in the torch hub cache (offline)."""
+
+
+@dataclass(frozen=True)
+class AtrousSettings:
+    """How one output stride is reached, and the ASPP rates that keep the same field of view.
+
+    Attributes:
+        layer3_dilation: 1 keeps layer3's stride 2; 2 replaces it (output stride 8).
+        layer4_dilation: base dilation of layer4, whose stride 2 is always replaced.
+        multi_grid: layer4 block ``i`` uses ``layer4_dilation * multi_grid[i]`` (DeepLabV3,
+            sec. 3.2; a two-block layer4, as in ResNet-18, uses the first two).
+        aspp_rates: dilations of the three 3x3 ASPP branches.
+    """
+
+    layer3_dilation: int
+    layer4_dilation: int
+    multi_grid: tuple[int, ...]
+    aspp_rates: tuple[int, int, int]
+
+
+def atrous_settings(output_stride: int) -> AtrousSettings:
+    """The one place an output stride becomes dilations (backbone) and atrous rates (ASPP).
+
+    Args:
+        output_stride: input size / high-level feature size; 16 (faster) or 8 (finer).
+
+    Raises:
+        ValueError: for any other value.
+    """
+    if output_stride == 16:
+        return AtrousSettings(layer3_dilation=1, layer4_dilation=2, multi_grid=(1, 2, 4),
+                              aspp_rates=(6, 12, 18))
+    if output_stride == 8:
+        # Twice the resolution, so twice the rates to see the same image area.
+        return AtrousSettings(layer3_dilation=2, layer4_dilation=4, multi_grid=(1, 2, 4),
+                              aspp_rates=(12, 24, 36))
+    raise ValueError(f"output_stride must be 16 or 8, got {output_stride!r}")
+
+
+def canonical_backbone_name(name: str) -> str:
+    """Resolve an alias (``"resnet"`` -> ``"resnet101"``); unknown names raise ``ValueError``."""
+    name = BACKBONE_ALIASES.get(name, name)
+    if name not in BACKBONES:
+        choices = ", ".join(sorted(BACKBONES) + sorted(BACKBONE_ALIASES))
+        raise ValueError(f"unknown backbone {name!r}; choose one of: {choices}")
+    return name
+
+
+def build_backbone(
+    name: str,
+    output_stride: int,
+    pretrained: bool = False,
+    weights_path: str | os.PathLike | None = None,
+) -> nn.Module:
+    """Build a backbone dilated for ``output_stride``, optionally with ImageNet weights.
+
+    Args:
+        name: a key of :data:`BACKBONES` or :data:`BACKBONE_ALIASES`.
+        output_stride: 16 or 8, see :func:`atrous_settings`.
+        pretrained: download (or take from the torch hub cache) torchvision's ImageNet weights.
+        weights_path: a local torchvision ResNet state dict to load instead of downloading
+            (``fc.*`` entries are ignored); wins over ``pretrained``.
+
+    Raises:
+        ValueError: unknown name, unsupported output stride, or a weights file that does not fit.
+        FileNotFoundError: ``weights_path`` does not exist.
+        PretrainedWeightsUnavailable: ``pretrained`` without network and without a cached copy.
+    """
+    name = canonical_backbone_name(name)
+    settings = atrous_settings(output_stride)
+    backbone = BACKBONES[name](
+        layer3_dilation=settings.layer3_dilation,
+        layer4_dilation=settings.layer4_dilation,
+        multi_grid=settings.multi_grid,
+    )
+    if weights_path is not None:
+        _load_into(backbone, _read_local_weights(weights_path), source=os.fspath(weights_path),
+                   name=name)
+    elif pretrained:
+        weights = backbone.imagenet_weights
+        _load_into(backbone, _download_weights(weights), source=weights.url, name=name)
+    return backbone
+
+
+def _read_local_weights(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"backbone weights file not found: {os.fspath(path)}")
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(
+            f"cannot read backbone weights {os.fspath(path)}: {type(error).__name__}: {first_line}"
+        ) from error
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(
+            f"backbone weights {os.fspath(path)} hold a {type(state_dict).__name__}, "
+            "not a state dict (save model.state_dict() of a torchvision ResNet)"
+        )
+    return state_dict
+
+
+def _download_weights(weights: WeightsEnum) -> Mapping[str, torch.Tensor]:
+    """torchvision's ImageNet state dict, from the torch hub cache or downloaded into it."""
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except (URLError, OSError, RuntimeError) as error:
+        cached_file = os.path.join(
+            torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path)
+        )
+        reason = " ".join(str(error).split())
+        raise PretrainedWeightsUnavailable(
+            f"cannot load ImageNet weights from {weights.url} ({type(error).__name__}: {reason}); "
+            f"looked for the cached copy {cached_file}"
+        ) from error
+
+
+def _load_into(
+    backbone: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str, name: str
+) -> None:
+    # The ImageNet classifier has no place in a segmentation backbone.
+    state_dict = {key: value for key, value in state_dict.items() if not key.startswith("fc.")}
+    expected = backbone.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = sorted(
+        key for key in set(expected) & set(state_dict)
+        if tuple(expected[key].shape) != tuple(state_dict[key].shape)
+    )
+    if missing or unexpected or wrong_shape:
+        problems = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected),
+                            ("wrong shape", wrong_shape)):
+            if keys:
+                shown = ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+                problems.append(f"{len(keys)} {label}: {shown}")
+        raise ValueError(
+            f"{source} is not a torchvision {name} state dict ({'; '.join(problems)})"
+        )
+    backbone.load_state_dict(state_dict)

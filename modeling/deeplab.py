@@ -1,0 +1,157 @@
+"""DeepLabV3+: a dilated backbone, ASPP and a decoder with low-level features."""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modeling.aspp import ASPP
+from modeling.backbone import atrous_settings, build_backbone, canonical_backbone_name
+from modeling.decoder import Decoder
+
+
+class DeepLab(nn.Module):
+    """DeepLabV3+ (Chen et al., "Encoder-Decoder with Atrous Separable Convolution for Semantic
+    Image Segmentation", https://arxiv.org/abs/1802.02611) with a torchvision ResNet backbone.
+
+    The ASPP, decoder and auxiliary head are sized from the backbone's channel counts. Training
+    needs at least 2 images per batch (per device): the ASPP image-pooling BatchNorm sees a single
+    value per channel and sample. Evaluation works with any batch size.
+
+    Attributes:
+        backbone_name: canonical backbone name (aliases resolved), e.g. ``"resnet101"``.
+        output_stride: 16 or 8.
+        num_classes: number of output channels.
+        aux_loss: whether ``forward`` also returns ``"aux"`` logits.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: str = "resnet101",
+        output_stride: int = 16,
+        num_classes: int = 21,
+        pretrained_backbone: bool = False,
+        backbone_weights: str | os.PathLike | None = None,
+        aux_loss: bool = False,
+    ) -> None:
+        """
+        Args:
+            backbone: a name of :data:`modeling.backbone.BACKBONES` or an alias.
+            output_stride: input size / ASPP feature size, 16 or 8 (8 is finer and ~4x costlier).
+            num_classes: classes predicted per pixel, background included.
+            pretrained_backbone: start the backbone from torchvision's ImageNet weights.
+            backbone_weights: a local torchvision ResNet state dict to start from instead.
+            aux_loss: add an FCN head on the backbone's ``"aux"`` features (torchvision's recipe).
+
+        Raises:
+            ValueError: unknown backbone, unsupported output stride, weights file that does not fit.
+            FileNotFoundError: ``backbone_weights`` does not exist.
+            modeling.backbone.PretrainedWeightsUnavailable: offline and not cached.
+        """
+        super().__init__()
+        self.backbone_name = canonical_backbone_name(backbone)
+        self.output_stride = output_stride
+        self.num_classes = num_classes
+        self.aux_loss = aux_loss
+
+        settings = atrous_settings(output_stride)
+        self.backbone = build_backbone(
+            self.backbone_name, output_stride,
+            pretrained=pretrained_backbone, weights_path=backbone_weights,
+        )
+        self.aspp = ASPP(self.backbone.out_channels, settings.aspp_rates)
+        self.decoder = Decoder(self.backbone.low_level_channels, num_classes)
+        self.aux_classifier = (
+            _fcn_head(self.backbone.aux_channels, num_classes) if aux_loss else None
+        )
+
+        # The backbone keeps torchvision's init (or its pretrained weights); only the heads are new.
+        for head in (self.aspp, self.decoder, self.aux_classifier):
+            if head is not None:
+                _init_head(head)
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> "DeepLab":
+        """Rebuild the architecture a checkpoint's ``settings`` describe (weights not loaded)."""
+        return cls(
+            backbone=settings["backbone"],
+            output_stride=settings["output_stride"],
+            num_classes=settings["num_classes"],
+            aux_loss=settings.get("aux_loss", False),
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor settings as plain types, for self-describing checkpoints."""
+        return {
+            "backbone": self.backbone_name,
+            "output_stride": self.output_stride,
+            "num_classes": self.num_classes,
+            "aux_loss": self.aux_loss,
+        }
+
+    def classifier_parameter_names(self) -> list[str]:
+        """State-dict keys whose shape depends on ``num_classes`` (re-initialised by fine-tuning)."""
+        heads = {"decoder.classifier": self.decoder.classifier}
+        if self.aux_classifier is not None:
+            heads["aux_classifier." + str(len(self.aux_classifier) - 1)] = self.aux_classifier[-1]
+        return [f"{prefix}.{name}" for prefix, layer in heads.items()
+                for name, _ in layer.named_parameters()]
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-pixel class logits.
+
+        Args:
+            x: ``(N, 3, H, W)`` normalised images; any ``H, W`` (not only multiples of 16).
+
+        Returns:
+            ``{"out": (N, num_classes, H, W)}`` logits, plus ``"aux"`` of the same shape when
+            ``aux_loss``.
+        """
+        input_size = x.shape[-2:]
+        features = self.backbone(x)
+        logits = self.decoder(self.aspp(features["out"]), features["low_level"])
+        result = {"out": _upsample(logits, input_size)}
+        # A constructor setting, not data: torch.compile sees a fixed graph.
+        if self.aux_classifier is not None:
+            result["aux"] = _upsample(self.aux_classifier(features["aux"]), input_size)
+        return result
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the (possibly pretrained) backbone: the base learning rate."""
+        return self.backbone.parameters()
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        """Every other parameter (ASPP, decoder, aux head): trained from scratch at 10x the rate."""
+        backbone_ids = {id(parameter) for parameter in self.backbone.parameters()}
+        return (parameter for parameter in self.parameters() if id(parameter) not in backbone_ids)
+
+
+def _upsample(logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def _fcn_head(in_channels: int, num_classes: int) -> nn.Sequential:
+    """torchvision's FCNHead: 3x3 conv to ``in_channels // 4``, BN, ReLU, Dropout(0.1), 1x1 conv."""
+    inter_channels = in_channels // 4
+    return nn.Sequential(
+        nn.Conv2d(in_channels, inter_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(inter_channels),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.1),
+        nn.Conv2d(inter_channels, num_classes, 1),
+    )
+
+
+def _init_head(module: nn.Module) -> None:
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+        elif isinstance(layer, nn.BatchNorm2d):
+            nn.init.ones_(layer.weight)
+            nn.init.zeros_(layer.bias)

@@ -1,0 +1,301 @@
+"""DeepLab model tests: shapes, strides, gradients, parameter counts, registry and weight loading.
+
+Random weights and tiny inputs only; every download is made to fail (see ``_no_network``).
+"""
+from __future__ import annotations
+
+import math
+import os
+import urllib.error
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from modeling.aspp import ASPP
+from modeling.backbone import (
+    BACKBONE_ALIASES,
+    BACKBONES,
+    PretrainedWeightsUnavailable,
+    atrous_settings,
+    build_backbone,
+    canonical_backbone_name,
+)
+from modeling.deeplab import DeepLab
+
+SMALL_BACKBONES = ("resnet18", "resnet34", "resnet50")
+OUTPUT_STRIDES = (8, 16)
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch, tmp_path):
+    """An empty torch hub cache, and any download fails as it would offline."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError(f"network disabled in tests ({url})")
+
+    # torch.hub.load_state_dict_from_url (which torchvision's weights API calls) looks this up
+    # as a module global at call time.
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+
+
+def _count(parameters) -> int:
+    return sum(parameter.numel() for parameter in parameters)
+
+
+@pytest.fixture(scope="module")
+def resnet101_model() -> DeepLab:
+    # Built through the alias, once: it is the slowest thing in this file.
+    return DeepLab(backbone="resnet", output_stride=16, num_classes=21)
+
+
+# --- shapes and strides --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("output_stride", OUTPUT_STRIDES)
+@pytest.mark.parametrize("backbone", SMALL_BACKBONES)
+def test_output_shapes_and_feature_strides(backbone, output_stride):
+    torch.manual_seed(0)
+    num_classes = 3 + SMALL_BACKBONES.index(backbone)  # 3, 4, 5
+    model = DeepLab(backbone=backbone, output_stride=output_stride, num_classes=num_classes,
+                    aux_loss=True).eval()
+    expected_channels = {"resnet18": (64, 256, 512), "resnet34": (64, 256, 512),
+                         "resnet50": (256, 1024, 2048)}[backbone]
+    assert (model.backbone.low_level_channels, model.backbone.aux_channels,
+            model.backbone.out_channels) == expected_channels
+    # Every stride-2 layer maps n to ceil(n / 2), so stride s gives ceil(n / s).
+    aux_stride = 8 if output_stride == 8 else 16
+    for height, width in ((64, 64), (65, 47)):
+        x = torch.randn(2, 3, height, width)
+        with torch.no_grad():
+            features = model.backbone(x)
+            out = model(x)
+        assert features["low_level"].shape == (2, expected_channels[0], math.ceil(height / 4),
+                                               math.ceil(width / 4))
+        assert features["aux"].shape == (2, expected_channels[1], math.ceil(height / aux_stride),
+                                         math.ceil(width / aux_stride))
+        assert features["out"].shape == (2, expected_channels[2],
+                                         math.ceil(height / output_stride),
+                                         math.ceil(width / output_stride))
+        assert set(out) == {"out", "aux"}
+        for logits in out.values():
+            assert logits.shape == (2, num_classes, height, width)
+            assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("output_stride", OUTPUT_STRIDES)
+@pytest.mark.parametrize("backbone", SMALL_BACKBONES)
+def test_gradient_reaches_every_parameter(backbone, output_stride):
+    torch.manual_seed(0)
+    model = DeepLab(backbone=backbone, output_stride=output_stride, num_classes=4,
+                    aux_loss=True).train()
+    images = torch.randn(2, 3, 64, 64)
+    target = torch.randint(0, 4, (2, 64, 64))
+    out = model(images)
+    loss = F.cross_entropy(out["out"], target) + 0.5 * F.cross_entropy(out["aux"], target)
+    loss.backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None, name
+        assert torch.isfinite(parameter.grad).all(), name
+        assert parameter.grad.abs().sum() > 0, name
+
+
+def test_atrous_settings_and_multi_grid():
+    # DeepLabV3: rates (6, 12, 18) at stride 16, doubled at stride 8; multi-grid (1, 2, 4).
+    assert atrous_settings(16).aspp_rates == (6, 12, 18)
+    assert atrous_settings(8).aspp_rates == (12, 24, 36)
+    for output_stride, layer3, layer4 in ((16, [1] * 6, [2, 4, 8]), (8, [2] * 6, [4, 8, 16])):
+        backbone = build_backbone("resnet50", output_stride)
+        assert [block.conv2.dilation[0] for block in backbone.layer3] == layer3
+        assert [block.conv2.dilation[0] for block in backbone.layer4] == layer4
+        assert [block.conv2.padding[0] for block in backbone.layer4] == layer4
+        assert backbone.layer4[0].downsample[0].stride == (1, 1)
+        assert backbone.layer2[0].conv2.stride == (2, 2)  # never dilated
+    # BasicBlock: both 3x3 convs dilated; ResNet-18's layer4 has two blocks -> grids 1 and 2.
+    backbone = build_backbone("resnet18", 16)
+    assert [(block.conv1.dilation[0], block.conv2.dilation[0]) for block in backbone.layer4] == [
+        (2, 2), (4, 4)]
+    assert backbone.layer4[0].conv1.stride == (1, 1)
+
+
+def test_dilation_keeps_parameter_count():
+    # Published torchvision totals minus the ImageNet classifier (512 or 2048 inputs x 1000 + 1000).
+    resnet18_without_fc = 11_689_512 - (512 * 1000 + 1000)
+    resnet50_without_fc = 25_557_032 - (2048 * 1000 + 1000)
+    for output_stride in OUTPUT_STRIDES:
+        assert _count(build_backbone("resnet18", output_stride).parameters()) == resnet18_without_fc
+        assert _count(build_backbone("resnet50", output_stride).parameters()) == resnet50_without_fc
+
+
+def test_resnet101_parameter_count(resnet101_model):
+    """59,344,309 = ResNet-101 backbone + ASPP + decoder, by hand (BN = 2 x channels, no conv bias).
+
+    Backbone: torchvision ResNet-101 has 44,549,160; minus fc (2048 x 1000 + 1000 = 2,049,000)
+        = 42,500,160.
+    ASPP (2048 -> 256):
+        1x1 branch      2048*256      + 512 =    524,800
+        3 x 3x3 branch  3 * (2048*256*9 + 512) = 14,157,312
+        image pooling   2048*256      + 512 =    524,800
+        projection      5*256*256     + 512 =    328,192
+        total                                 15,535,104
+    Decoder (low level 256, 21 classes):
+        1x1 reduce      256*48        + 96  =     12,384
+        3x3             (256+48)*256*9 + 512 =    700,928
+        3x3             256*256*9     + 512 =    590,336
+        classifier      256*21 + 21         =      5,397
+        total                                  1,309,045
+    """
+    aspp = (2048 * 256 + 512) + 3 * (2048 * 256 * 9 + 512) + (2048 * 256 + 512) \
+        + (5 * 256 * 256 + 512)
+    decoder = (256 * 48 + 96) + ((256 + 48) * 256 * 9 + 512) + (256 * 256 * 9 + 512) \
+        + (256 * 21 + 21)
+    backbone = 44_549_160 - (2048 * 1000 + 1000)
+    assert (backbone, aspp, decoder) == (42_500_160, 15_535_104, 1_309_045)
+    model = resnet101_model
+    assert _count(model.backbone.parameters()) == backbone
+    assert _count(model.aspp.parameters()) == aspp
+    assert _count(model.decoder.parameters()) == decoder
+    assert _count(model.parameters()) == 59_344_309
+
+
+def test_aspp_branches():
+    aspp = ASPP(32, (1, 2, 3), out_channels=8).eval()
+    assert [branch[0].dilation for branch in aspp.convs[1:4]] == [(1, 1), (2, 2), (3, 3)]
+    with torch.no_grad():
+        assert aspp(torch.randn(2, 32, 5, 7)).shape == (2, 8, 5, 7)
+
+
+# --- configuration and registry ------------------------------------------------------------------
+
+def test_aux_head_absent_by_default():
+    model = DeepLab(backbone="resnet18", num_classes=3).eval()
+    assert model.aux_classifier is None and model.aux_loss is False
+    with torch.no_grad():
+        assert set(model(torch.randn(2, 3, 64, 64))) == {"out"}
+    with_aux = DeepLab(backbone="resnet18", num_classes=3, aux_loss=True)
+    # torchvision FCNHead on 256 layer3 channels: 256 -> 64 (3x3, BN) -> 3 (1x1 with bias).
+    aux_parameters = 256 * 64 * 9 + 2 * 64 + 64 * 3 + 3
+    assert _count(with_aux.parameters()) - _count(model.parameters()) == aux_parameters
+
+
+@pytest.mark.parametrize("output_stride", [32, 4])
+def test_unsupported_output_stride(output_stride):
+    with pytest.raises(ValueError, match=str(output_stride)):
+        DeepLab(backbone="resnet18", output_stride=output_stride)
+    with pytest.raises(ValueError, match=str(output_stride)):
+        atrous_settings(output_stride)
+
+
+def test_alias_resolves_to_resnet101(resnet101_model):
+    assert BACKBONE_ALIASES == {"resnet": "resnet101"}
+    assert canonical_backbone_name("resnet") == "resnet101"
+    assert resnet101_model.backbone_name == "resnet101"
+    assert (resnet101_model.output_stride, resnet101_model.num_classes) == (16, 21)
+    assert len(resnet101_model.backbone.layer3) == 23  # ResNet-101: 3, 4, 23, 3 blocks
+
+
+def test_registry_names():
+    assert sorted(BACKBONES) == ["resnet101", "resnet152", "resnet18", "resnet34", "resnet50"]
+
+
+def test_unknown_backbone():
+    with pytest.raises(ValueError, match="xception") as error:
+        DeepLab(backbone="xception")
+    assert "resnet50" in str(error.value)  # the choices are listed
+
+
+def test_backbone_and_head_parameters_partition():
+    model = DeepLab(backbone="resnet18", num_classes=3, aux_loss=True)
+    backbone_ids = [id(p) for p in model.backbone_parameters()]
+    head_ids = [id(p) for p in model.head_parameters()]
+    expected_head = [id(p) for module in (model.aspp, model.decoder, model.aux_classifier)
+                     for p in module.parameters()]
+    assert sorted(backbone_ids) == sorted(id(p) for p in model.backbone.parameters())
+    assert sorted(head_ids) == sorted(expected_head)
+    assert sorted(backbone_ids + head_ids) == sorted(id(p) for p in model.parameters())
+    assert len(set(backbone_ids + head_ids)) == len(backbone_ids) + len(head_ids)
+
+
+def test_head_initialisation():
+    torch.manual_seed(0)
+    model = DeepLab(backbone="resnet18", num_classes=3)
+    for module in list(model.aspp.modules()) + list(model.decoder.modules()):
+        if isinstance(module, nn.BatchNorm2d):
+            assert torch.all(module.weight == 1) and torch.all(module.bias == 0)
+    assert torch.all(model.decoder.classifier.bias == 0)
+    # Kaiming normal, fan_out: std = sqrt(2 / (256 * 3 * 3)) for a 3x3 conv to 256 channels.
+    weight = model.aspp.convs[1][0].weight
+    assert weight.std().item() == pytest.approx(math.sqrt(2 / (256 * 9)), rel=0.05)
+
+
+def test_eval_with_batch_of_one_and_train_needs_two():
+    model = DeepLab(backbone="resnet18", num_classes=3)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 64, 64))["out"].shape == (1, 3, 64, 64)
+    # The image-pooling BatchNorm sees one value per channel: documented, refused by train.py.
+    with pytest.raises(ValueError):
+        model.train()(torch.randn(1, 3, 64, 64))
+
+
+def test_channels_last_matches_contiguous():
+    torch.manual_seed(0)
+    model = DeepLab(backbone="resnet18", num_classes=3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)["out"]
+        model = model.to(memory_format=torch.channels_last)
+        actual = model(x.to(memory_format=torch.channels_last))["out"]
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+# --- weights -------------------------------------------------------------------------------------
+
+def test_pretrained_offline_raises_dedicated_error(tmp_path):
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    cached_file = os.path.join(tmp_path, "torch_home", "hub", "checkpoints", os.path.basename(url))
+    with pytest.raises(PretrainedWeightsUnavailable) as error:
+        DeepLab(backbone="resnet18", pretrained_backbone=True)
+    message = str(error.value)
+    assert "\n" not in message
+    assert url in message and cached_file in message
+    assert isinstance(error.value.__cause__, urllib.error.URLError)
+
+
+def test_pretrained_uses_torch_hub_cache(tmp_path):
+    # A file already in the cache under IMAGENET1K_V1's name is used without any download.
+    torch.manual_seed(1)
+    reference = torchvision.models.resnet18()
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    checkpoints = tmp_path / "torch_home" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save(reference.state_dict(), checkpoints / os.path.basename(url))
+    backbone = build_backbone("resnet18", 16, pretrained=True)
+    torch.testing.assert_close(backbone.conv1.weight, reference.conv1.weight, rtol=0, atol=0)
+
+
+def test_local_weights_round_trip(tmp_path):
+    torch.manual_seed(2)
+    reference = torchvision.models.resnet18()  # fc.* included, as a user would save it
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    model = DeepLab(backbone="resnet18", output_stride=8, num_classes=3, backbone_weights=path)
+    torch.testing.assert_close(model.backbone.layer4[1].conv2.weight,
+                               reference.layer4[1].conv2.weight, rtol=0, atol=0)
+    torch.testing.assert_close(model.backbone.bn1.running_var, reference.bn1.running_var,
+                               rtol=0, atol=0)
+
+
+def test_local_weights_errors_name_the_file(tmp_path):
+    missing = tmp_path / "nowhere.pth"
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        build_backbone("resnet18", 16, weights_path=missing)
+    wrong = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34().state_dict(), wrong)
+    with pytest.raises(ValueError, match="resnet34.pth"):
+        build_backbone("resnet18", 16, weights_path=wrong)
+    not_a_dict = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), not_a_dict)
+    with pytest.raises(ValueError, match="tensor.pth"):
+        build_backbone("resnet18", 16, weights_path=not_a_dict)
