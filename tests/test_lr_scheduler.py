@@ -1,0 +1,174 @@
+"""Learning-rate schedules against their formulas, written out here independently of the code."""
+import importlib.util
+import io
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from utils.lr_scheduler import SCHEDULERS, build_lr_scheduler
+
+BASE_LR = 0.01
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.filterwarnings("error")  # e.g. "step() called before optimizer.step()"
+
+
+def make_optimizer(*base_lrs: float) -> torch.optim.Optimizer:
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in base_lrs]
+    return torch.optim.SGD(groups, lr=base_lrs[0], momentum=0.9)
+
+
+def run_lrs(scheduler, optimizer, iterations: int) -> list[list[float]]:
+    """The rates used for the next ``iterations`` iterations, one list per iteration."""
+    used = []
+    for _ in range(iterations):
+        used.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    return used
+
+
+def expected_warmup(t: int, warmup: int, factor: float) -> float:
+    return BASE_LR * (factor + (1 - factor) * t / warmup)
+
+
+@pytest.mark.parametrize(
+    "t, expected",
+    [
+        (0, BASE_LR * 0.001),  # warmup starts at f * b
+        (5, expected_warmup(5, 10, 0.001)),
+        (9, expected_warmup(9, 10, 0.001)),
+        (10, BASE_LR),  # s = 0
+        (55, BASE_LR * (1 - 45 / 90) ** 0.9),
+        (99, BASE_LR * (1 - 89 / 90) ** 0.9),
+        (100, 0.0),  # s clamped at S = 90
+        (130, 0.0),
+    ],
+)
+def test_poly_with_warmup(t, expected):
+    optimizer = make_optimizer(BASE_LR)
+    scheduler = build_lr_scheduler(optimizer, "poly", total_iters=100, warmup_iters=10, power=0.9)
+    assert run_lrs(scheduler, optimizer, t + 1)[t][0] == pytest.approx(expected, abs=1e-12)
+
+
+def test_poly_without_warmup_starts_at_base_lr_and_decays():
+    optimizer = make_optimizer(BASE_LR)
+    scheduler = build_lr_scheduler(optimizer, "poly", total_iters=50, power=2.0)
+    lrs = [row[0] for row in run_lrs(scheduler, optimizer, 50)]
+    assert lrs[0] == BASE_LR
+    assert lrs[25] == pytest.approx(BASE_LR * (1 - 25 / 50) ** 2)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
+@pytest.mark.parametrize(
+    "t, expected",
+    [
+        (0, BASE_LR * 0.1),  # warmup_factor 0.1
+        (4, BASE_LR * (0.1 + 0.9 * 4 / 5)),
+        (5, BASE_LR),
+        (29, BASE_LR),
+        (30, BASE_LR * 0.5),  # 30 // 30 = 1, counted from t = 0
+        (65, BASE_LR * 0.25),  # 65 // 30 = 2
+        (95, BASE_LR * 0.125),
+    ],
+)
+def test_step_with_warmup(t, expected):
+    optimizer = make_optimizer(BASE_LR)
+    scheduler = build_lr_scheduler(
+        optimizer, "step", total_iters=100, warmup_iters=5, warmup_factor=0.1, step_size=30,
+        gamma=0.5,
+    )
+    assert run_lrs(scheduler, optimizer, t + 1)[t][0] == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "t, expected",
+    [
+        (0, BASE_LR * 0.001),
+        (10, BASE_LR),  # cos(0) = 1
+        (40, BASE_LR * 0.5 * (1 + math.cos(math.pi * 30 / 120))),
+        (70, BASE_LR * 0.5),  # halfway: s = 60 of S = 120
+        (129, BASE_LR * 0.5 * (1 + math.cos(math.pi * 119 / 120))),
+        (131, 0.0),  # clamped at the end, not rising again
+    ],
+)
+def test_cosine_with_warmup(t, expected):
+    optimizer = make_optimizer(BASE_LR)
+    scheduler = build_lr_scheduler(optimizer, "cos", total_iters=130, warmup_iters=10)
+    assert run_lrs(scheduler, optimizer, t + 1)[t][0] == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_each_param_group_keeps_its_own_base_lr(name):
+    optimizer = make_optimizer(BASE_LR, 10 * BASE_LR)  # backbone 1x, head 10x
+    scheduler = build_lr_scheduler(optimizer, name, total_iters=60, warmup_iters=6, step_size=20)
+    for backbone, head in run_lrs(scheduler, optimizer, 60):
+        assert head == pytest.approx(10 * backbone, rel=1e-12)
+    assert scheduler.base_lrs == [BASE_LR, 10 * BASE_LR]
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.parametrize("load_optimizer_state", [True, False])
+def test_resume_from_state_dict_matches_uninterrupted_run(name, load_optimizer_state):
+    kwargs = dict(total_iters=80, warmup_iters=8, step_size=25, power=0.9)
+    optimizer = make_optimizer(BASE_LR, 10 * BASE_LR)
+    scheduler = build_lr_scheduler(optimizer, name, **kwargs)
+    uninterrupted = run_lrs(scheduler, optimizer, 80)
+
+    optimizer = make_optimizer(BASE_LR, 10 * BASE_LR)
+    scheduler = build_lr_scheduler(optimizer, name, **kwargs)
+    first_part = run_lrs(scheduler, optimizer, 37)
+    buffer = io.BytesIO()
+    torch.save({"scheduler": scheduler.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)  # plain types only
+
+    resumed_optimizer = make_optimizer(BASE_LR, 10 * BASE_LR)
+    resumed = build_lr_scheduler(resumed_optimizer, name, **kwargs)
+    if load_optimizer_state:
+        resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    resumed.load_state_dict(checkpoint["scheduler"])
+    assert resumed.last_epoch == 37
+    second_part = run_lrs(resumed, resumed_optimizer, 43)
+    assert first_part + second_part == uninterrupted  # exactly, float for float
+
+
+def test_bad_arguments_raise_value_error():
+    optimizer = make_optimizer(BASE_LR)
+    with pytest.raises(ValueError, match="poly, step, cos"):
+        build_lr_scheduler(optimizer, "linear", total_iters=10)
+    with pytest.raises(ValueError, match="step_size"):
+        build_lr_scheduler(optimizer, "step", total_iters=10)
+    with pytest.raises(ValueError, match="warmup_iters"):
+        build_lr_scheduler(optimizer, "poly", total_iters=10, warmup_iters=10)
+    with pytest.raises(ValueError, match="total_iters"):
+        build_lr_scheduler(optimizer, "cos", total_iters=0)
+
+
+def test_plot_script_writes_readable_pngs(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "plot_lr_schedules", REPO_ROOT / "scripts" / "plot_lr_schedules.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--out-dir", str(tmp_path)])
+    for name in ("poly.png", "stepdecay.png", "cosine.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG"
+            assert image.width >= 400 and image.height >= 250
+            assert len(image.convert("RGB").getcolors(maxcolors=1 << 16)) > 2  # not blank
+
+
+def test_resume_keeps_the_checkpoint_schedule_and_says_so(caplog):
+    optimizer = make_optimizer(BASE_LR)
+    scheduler = build_lr_scheduler(optimizer, "poly", total_iters=100)
+    run_lrs(scheduler, optimizer, 10)
+    resumed_optimizer = make_optimizer(BASE_LR)
+    resumed = build_lr_scheduler(resumed_optimizer, "poly", total_iters=200)
+    with caplog.at_level("WARNING", logger="utils.lr_scheduler"):
+        resumed.load_state_dict(scheduler.state_dict())
+    assert "total_iters 200 -> 100" in caplog.text
+    assert resumed_optimizer.param_groups[0]["lr"] == pytest.approx(BASE_LR * (1 - 10 / 100) ** 0.9)

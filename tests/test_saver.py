@@ -1,0 +1,212 @@
+"""Atomic checkpoints, safe loading, RNG capture and the run folder layout."""
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from utils.saver import (
+    CheckpointError,
+    Saver,
+    get_rng_state,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+
+
+def make_state(value: float) -> dict:
+    return {
+        "epoch": 3,
+        "model": {"conv.weight": torch.full((2, 3), value), "bn.num_batches": torch.tensor(7)},
+        "settings": {"backbone": "resnet50", "class_names": ["a", "b"], "mean": (0.5, 0.5, 0.5)},
+        "best_miou": None,
+    }
+
+
+def assert_state_equal(loaded: dict, expected: dict) -> None:
+    assert loaded["epoch"] == expected["epoch"]
+    assert loaded["settings"] == expected["settings"]
+    assert loaded["best_miou"] is None
+    for key, tensor in expected["model"].items():
+        assert torch.equal(loaded["model"][key], tensor)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    path = tmp_path / "sub" / "checkpoint.pth.tar"  # folder created on demand
+    save_checkpoint(make_state(1.0), path)
+    assert_state_equal(load_checkpoint(path), make_state(1.0))
+    assert sorted(os.listdir(path.parent)) == ["checkpoint.pth.tar"]
+
+
+def test_failed_replace_keeps_old_checkpoint_and_removes_temp_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth.tar"
+    save_checkpoint(make_state(1.0), path)
+
+    def failing_replace(source, target):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(make_state(2.0), path)
+    monkeypatch.undo()
+    assert_state_equal(load_checkpoint(path), make_state(1.0))
+    assert os.listdir(tmp_path) == ["checkpoint.pth.tar"]
+
+
+def test_crash_while_writing_leaves_no_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth.tar"
+    save_checkpoint(make_state(1.0), path)
+    real_save = torch.save
+
+    def save_half_then_crash(state, handle):
+        real_save(state, handle)
+        handle.seek(handle.tell() // 2)
+        handle.truncate()
+        raise KeyboardInterrupt  # even a Ctrl-C mid-write must not leave a temp file behind
+
+    monkeypatch.setattr(torch, "save", save_half_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(make_state(2.0), path)
+    monkeypatch.undo()
+    assert_state_equal(load_checkpoint(path), make_state(1.0))
+    assert os.listdir(tmp_path) == ["checkpoint.pth.tar"]
+
+
+class _RunsCodeWhenUnpickled:
+    """Unpickling this calls os.mkdir(marker): proof of whether unsafe loading happened."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
+    path = tmp_path / "unsafe.pth.tar"
+    marker = tmp_path / "code_was_executed"
+    torch.save({"model": {}, "extra": _RunsCodeWhenUnpickled(str(marker))}, path)
+    with pytest.raises(CheckpointError) as raised:
+        load_checkpoint(path)
+    message = str(raised.value)
+    assert str(path) in message and "unsafe" in message and "refused" in message
+    assert "\n" not in message
+    assert not marker.exists()
+
+
+def test_missing_checkpoint_names_the_path(tmp_path):
+    path = tmp_path / "nope.pth.tar"
+    with pytest.raises(CheckpointError, match="not found") as raised:
+        load_checkpoint(path)
+    assert str(path) in str(raised.value) and "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_checkpoint_names_the_path(tmp_path, damage):
+    path = tmp_path / "checkpoint.pth.tar"
+    save_checkpoint(make_state(1.0), path)
+    data = path.read_bytes()
+    damaged = {"truncated": data[: len(data) // 2], "garbage": b"not a checkpoint", "empty": b""}
+    path.write_bytes(damaged[damage])
+    with pytest.raises(CheckpointError, match="corrupt") as raised:
+        load_checkpoint(path)
+    assert str(path) in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_non_dict_checkpoint_is_rejected(tmp_path):
+    path = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(2), path)
+    with pytest.raises(CheckpointError, match="expected a dict"):
+        load_checkpoint(path)
+
+
+def draw_numbers() -> tuple:
+    return (
+        [random.random() for _ in range(3)],
+        random.gauss(0.0, 1.0),
+        np.random.rand(3).tolist(),
+        np.random.standard_normal(),
+        torch.rand(3).tolist(),
+    )
+
+
+def test_rng_state_round_trip_through_weights_only_checkpoint(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    # Odd numbers of normal draws leave a cached Gaussian in both Python's and NumPy's states.
+    random.gauss(0.0, 1.0)
+    np.random.standard_normal()
+    path = tmp_path / "rng.pth.tar"
+    save_checkpoint({"rng": get_rng_state()}, path)
+    first = draw_numbers()
+    set_rng_state(load_checkpoint(path)["rng"])
+    second = draw_numbers()
+    assert first == second
+    # And the draws after a restore are not simply a replay of a fixed seed.
+    assert draw_numbers() != first
+
+
+def test_experiment_folders_are_numbered(tmp_path):
+    first = Saver(dataset="coco", checkname="deeplab-resnet", run_root=tmp_path)
+    second = Saver(dataset="coco", checkname="deeplab-resnet", run_root=tmp_path)
+    parent = tmp_path / "coco" / "deeplab-resnet"
+    assert first.experiment_dir == parent / "experiment_0"
+    assert second.experiment_dir == parent / "experiment_1"
+    (parent / "experiment_7").mkdir()
+    (parent / "notes").mkdir()
+    (parent / "experiment_x").mkdir()
+    third = Saver(dataset="coco", checkname="deeplab-resnet", run_root=tmp_path)
+    assert third.experiment_dir == parent / "experiment_8"
+
+
+def test_experiment_created_concurrently_is_skipped(tmp_path, monkeypatch):
+    parent = tmp_path / "voc" / "net"
+    (parent / "experiment_0").mkdir(parents=True)
+    # Another run creates experiment_0 between our listing and our mkdir: the listing is stale.
+    monkeypatch.setattr(Path, "iterdir", lambda self: iter(()))
+    saver = Saver(dataset="voc", checkname="net", run_root=tmp_path)
+    assert saver.experiment_dir == parent / "experiment_1"
+
+
+def test_resume_reuses_the_given_folder(tmp_path):
+    folder = tmp_path / "somewhere" / "experiment_3"
+    saver = Saver(dataset="coco", checkname="net", run_root=tmp_path, experiment_dir=folder)
+    assert saver.experiment_dir == folder and folder.is_dir()
+    saver.save(make_state(1.0), is_best=False)
+    assert saver.checkpoint_path == folder / "checkpoint.pth.tar"
+    # A second Saver on the same folder (resuming twice) is fine too.
+    again = Saver(dataset="coco", checkname="net", run_root=tmp_path, experiment_dir=folder)
+    assert_state_equal(load_checkpoint(again.checkpoint_path), make_state(1.0))
+
+
+def test_save_writes_best_only_when_best(tmp_path):
+    saver = Saver(dataset="coco", checkname="net", run_root=tmp_path)
+    saver.save(make_state(1.0), is_best=True)
+    saver.save(make_state(2.0), is_best=False)
+    assert saver.best_path == saver.experiment_dir / "model_best.pth.tar"
+    assert_state_equal(load_checkpoint(saver.checkpoint_path), make_state(2.0))
+    assert_state_equal(load_checkpoint(saver.best_path), make_state(1.0))
+    saver.save(make_state(3.0), is_best=True)
+    assert_state_equal(load_checkpoint(saver.best_path), make_state(3.0))
+    assert sorted(os.listdir(saver.experiment_dir)) == ["checkpoint.pth.tar", "model_best.pth.tar"]
+
+
+def test_settings_json_sorted_and_atomic(tmp_path):
+    saver = Saver(dataset="coco", checkname="net", run_root=tmp_path)
+    settings = {"lr": 0.01, "backbone": "resnet101", "data_root": tmp_path / "coco", "epochs": 30}
+    saver.save_settings(settings)
+    text = saver.settings_path.read_text()
+    assert saver.settings_path == saver.experiment_dir / "settings.json"
+    assert json.loads(text) == {**settings, "data_root": str(tmp_path / "coco")}
+    keys = [line.split('"')[1] for line in text.splitlines() if line.startswith('  "')]
+    assert keys == sorted(settings)
+    with pytest.raises(TypeError, match="object"):
+        saver.save_settings({"bad": object()})
+    assert json.loads(saver.settings_path.read_text()) == json.loads(text)  # old file intact
+    assert sorted(os.listdir(saver.experiment_dir)) == ["settings.json"]
+

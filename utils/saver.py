@@ -1,0 +1,276 @@
+"""Crash-safe checkpoints, the run folder layout and RNG state capture for exact resumes.
+
+Every file is written to a temporary file in the same folder, flushed and fsync'ed, then renamed
+over the target with ``os.replace`` (atomic on POSIX and Windows) and the folder is fsync'ed, so a
+crash or a full disk leaves either the previous file or the new one, never half of one.
+
+Checkpoints are read with ``torch.load(..., weights_only=True)`` only: a checkpoint must hold
+plain types (tensors, numbers, strings, lists, tuples, dicts), never pickled Python objects.
+
+Run layout::
+
+    <run_root>/<dataset>/<checkname>/experiment_<k>/
+        settings.json        the run's settings, sorted keys
+        checkpoint.pth.tar   the latest state
+        model_best.pth.tar   the state with the best validation score so far
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pth.tar"
+BEST_NAME = "model_best.pth.tar"
+SETTINGS_NAME = "settings.json"
+_EXPERIMENT = re.compile(r"experiment_(\d+)")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used (missing, corrupt, unsafe); the message is one line."""
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable; platforms without directory fds skip it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Call ``write`` on a temporary file next to ``path``, then atomically move it to ``path``."""
+    path = Path(path)
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    # Same folder as the target: os.replace is only atomic within one file system.
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        try:
+            os.unlink(temp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_directory(directory)
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Atomically ``torch.save`` ``state`` to ``path``.
+
+    Args:
+        state: plain types only (tensors, numbers, strings, lists, tuples, dicts), so that
+            :func:`load_checkpoint` can read it back with ``weights_only=True``.
+        path: target file; its folder is created if needed. An existing file is replaced only once
+            the new one is completely on disk.
+    """
+    _atomic_write(path, lambda handle: torch.save(state, handle))
+    logger.debug("saved checkpoint %s", path)
+
+
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device | None = "cpu"
+) -> dict[str, Any]:
+    """Load a checkpoint with ``torch.load(..., weights_only=True)``; never unsafely.
+
+    Args:
+        path: a file written by :func:`save_checkpoint` (or any plain-types ``torch.save`` file).
+        map_location: where tensors go, as in :func:`torch.load`.
+
+    Raises:
+        CheckpointError: the file is missing, is corrupt or truncated, or holds pickled Python
+            objects that only unsafe loading could rebuild (refused: unpickling can run code).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only load failed" in str(error).lower():
+            raise CheckpointError(
+                f"checkpoint {path} holds Python objects that need unsafe (weights_only=False) "
+                "loading; refused. Re-save it with plain types (tensors, numbers, strings, "
+                "lists, dicts)"
+            ) from error
+        raise CheckpointError(_unreadable(path, error)) from error
+    except Exception as error:  # noqa: BLE001 - torch reports corruption with many types
+        raise CheckpointError(_unreadable(path, error)) from error
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"checkpoint {path} holds a {type(state).__name__}, expected a dict of named entries"
+        )
+    return state
+
+
+def _unreadable(path: Path, error: BaseException) -> str:
+    reason = (str(error).strip().splitlines() or [""])[0][:200]
+    return (
+        f"cannot read checkpoint {path}: corrupt, truncated or not a PyTorch file "
+        f"({type(error).__name__}: {reason})"
+    )
+
+
+def get_rng_state() -> dict[str, Any]:
+    """Capture Python's, NumPy's (global) and torch's CPU and CUDA random states.
+
+    Returns:
+        A dict of plain types and tensors, storable in a checkpoint loaded with
+        ``weights_only=True``; give it back to :func:`set_rng_state`.
+    """
+    version, internal_state, gauss_next = random.getstate()
+    bit_generator, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal_state), gauss_next],
+        "numpy": {
+            "bit_generator": str(bit_generator),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the random states captured by :func:`get_rng_state`.
+
+    CUDA states are restored for as many devices as both the saved state and this machine have;
+    a mismatch in the device count is logged as a warning.
+    """
+    version, internal_state, gauss_next = state["python"]
+    random.setstate((int(version), tuple(int(value) for value in internal_state), gauss_next))
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["bit_generator"],
+            np.asarray(torch.as_tensor(numpy_state["keys"]).cpu().numpy(), dtype=np.uint32),
+            int(numpy_state["position"]),
+            int(numpy_state["has_gauss"]),
+            float(numpy_state["cached_gaussian"]),
+        )
+    )
+    # set_rng_state needs a CPU ByteTensor, whatever map_location the checkpoint was loaded with.
+    torch.set_rng_state(torch.as_tensor(state["torch"]).to("cpu", torch.uint8))
+    cuda_states = list(state.get("cuda", []))
+    device_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if len(cuda_states) != device_count:
+        logger.warning(
+            "checkpoint has CUDA random states for %d devices, this machine has %d; restoring %d",
+            len(cuda_states), device_count, min(len(cuda_states), device_count),
+        )
+    for device, cuda_state in enumerate(cuda_states[:device_count]):
+        torch.cuda.set_rng_state(torch.as_tensor(cuda_state).to("cpu", torch.uint8), device)
+
+
+class Saver:
+    """The folder of one training run: settings, latest and best checkpoints.
+
+    Args:
+        dataset: dataset name, the second level of the layout.
+        checkname: name of the model configuration, the third level.
+        run_root: top folder of all runs.
+        experiment_dir: reuse this folder (resuming a run); by default a new
+            ``run_root/dataset/checkname/experiment_<k>`` is created, ``k`` one more than the
+            largest existing number (0 for the first run). Creation is race-free: two runs
+            started together get different folders.
+    """
+
+    def __init__(
+        self,
+        *,
+        dataset: str,
+        checkname: str,
+        run_root: str | os.PathLike = "run",
+        experiment_dir: str | os.PathLike | None = None,
+    ):
+        if experiment_dir is not None:
+            self.experiment_dir = Path(experiment_dir)
+            self.experiment_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            self.experiment_dir = self._new_experiment_dir(Path(run_root) / dataset / checkname)
+        logger.info("run folder: %s", self.experiment_dir)
+
+    @staticmethod
+    def _new_experiment_dir(parent: Path) -> Path:
+        parent.mkdir(parents=True, exist_ok=True)
+        numbers = [
+            int(match.group(1))
+            for match in (_EXPERIMENT.fullmatch(entry.name) for entry in parent.iterdir())
+            if match
+        ]
+        number = max(numbers, default=-1) + 1
+        while True:
+            candidate = parent / f"experiment_{number}"
+            try:
+                candidate.mkdir()  # atomic: exactly one concurrent caller creates it
+                return candidate
+            except FileExistsError:
+                number += 1
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """``experiment_dir/checkpoint.pth.tar``: the latest state."""
+        return self.experiment_dir / CHECKPOINT_NAME
+
+    @property
+    def best_path(self) -> Path:
+        """``experiment_dir/model_best.pth.tar``: the best state so far."""
+        return self.experiment_dir / BEST_NAME
+
+    @property
+    def settings_path(self) -> Path:
+        """``experiment_dir/settings.json``."""
+        return self.experiment_dir / SETTINGS_NAME
+
+    def save_settings(self, settings: dict[str, Any]) -> None:
+        """Atomically write ``settings`` as indented JSON with sorted keys.
+
+        Paths are written as strings; any other value JSON cannot hold raises ``TypeError``.
+        """
+        text = json.dumps(settings, sort_keys=True, indent=2, default=_json_path) + "\n"
+        _atomic_write(self.settings_path, lambda handle: handle.write(text.encode("utf-8")))
+
+    def save(self, state: dict[str, Any], is_best: bool) -> None:
+        """Atomically write ``state`` as the latest checkpoint and, if ``is_best``, as the best.
+
+        The best checkpoint is a byte copy of the file just written (not a second
+        serialisation), made atomically too.
+        """
+        save_checkpoint(state, self.checkpoint_path)
+        if is_best:
+            with open(self.checkpoint_path, "rb") as source:
+                _atomic_write(self.best_path, lambda handle: shutil.copyfileobj(source, handle))
+            logger.info("new best checkpoint: %s", self.best_path)
+
+
+def _json_path(value: Any) -> str:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"setting of type {type(value).__name__} is not JSON serialisable: {value!r}")

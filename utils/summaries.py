@@ -1,0 +1,137 @@
+"""TensorBoard logging for training and validation.
+
+Stable tag names (dashboards and comparisons across runs rely on them):
+
+- ``train/loss``: mean training loss (written by the training loop via ``add_scalar``)
+- ``train/lr``: learning rate of the first parameter group (training loop)
+- ``train/images_per_second``: training throughput (training loop)
+- ``val/mIoU``, ``val/pixel_accuracy``, ``val/mean_class_accuracy``, ``val/fwIoU``: validation
+  scores in ``[0, 1]`` (:meth:`TensorboardSummary.log_metrics`)
+- ``val_iou/<class name>``: validation IoU per class in ``[0, 1]``; classes whose IoU is undefined
+  are not written (:meth:`TensorboardSummary.log_metrics`)
+- ``val/input_gt_prediction``: image grid, one row per sample: input, ground truth, prediction
+  (:meth:`TensorboardSummary.visualize`)
+
+Steps are whatever the caller counts (iterations for ``train/*``, epochs or iterations for
+``val*``); pass ``purge_step`` when resuming so events logged after the checkpoint by the
+interrupted run are hidden instead of duplicated.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid
+
+logger = logging.getLogger(__name__)
+
+#: Summary scores of :meth:`utils.metrics.Evaluator.results` and the tags they are written under.
+METRIC_TAGS = {
+    "mean_iou": "val/mIoU",
+    "pixel_accuracy": "val/pixel_accuracy",
+    "mean_class_accuracy": "val/mean_class_accuracy",
+    "fw_iou": "val/fwIoU",
+}
+IMAGE_TAG = "val/input_gt_prediction"
+
+#: Label value drawn white; the same ignore value the losses and metrics skip.
+IGNORE_INDEX = 255
+_IGNORE_COLOR = (255, 255, 255)
+
+
+class TensorboardSummary:
+    """A thin wrapper over :class:`~torch.utils.tensorboard.SummaryWriter` with the run's tags.
+
+    Args:
+        log_dir: folder for the event files (usually the experiment folder).
+        purge_step: when resuming from a checkpoint taken at step ``k``, pass ``k``: TensorBoard
+            then discards events with step ``>= k`` from earlier event files in ``log_dir``, so
+            the resumed run's curves have no duplicated steps.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, purge_step: int | None = None):
+        self.log_dir = os.fspath(log_dir)
+        self.writer = SummaryWriter(log_dir=self.log_dir, purge_step=purge_step)
+
+    def add_scalar(self, tag: str, value: float | Tensor, step: int) -> None:
+        """Write one scalar (a 0-d tensor is read with ``float``, one host sync)."""
+        self.writer.add_scalar(tag, float(value), global_step=step)
+
+    def log_metrics(
+        self, results: dict[str, Any], step: int, class_names: Sequence[str] | None = None
+    ) -> None:
+        """Write the validation scores of :meth:`utils.metrics.Evaluator.results`.
+
+        Args:
+            results: the ``results()`` dict; ``None`` scores (undefined) are skipped.
+            step: global step (epoch or iteration) of this validation.
+            class_names: which classes to write, in order; all of ``results["per_class_iou"]``
+                by default.
+        """
+        for key, tag in METRIC_TAGS.items():
+            if results.get(key) is not None:
+                self.add_scalar(tag, results[key], step)
+        per_class = results.get("per_class_iou", {})
+        for name in class_names if class_names is not None else per_class:
+            if per_class.get(name) is not None:
+                self.add_scalar(f"val_iou/{name}", per_class[name], step)
+
+    @torch.no_grad()
+    def visualize(
+        self,
+        images: Tensor,
+        targets: Tensor,
+        predictions: Tensor,
+        palette: Sequence[Sequence[int]],
+        mean: Sequence[float],
+        std: Sequence[float],
+        step: int,
+        max_images: int = 4,
+    ) -> None:
+        """Write an image grid: per sample, the input, the ground truth and the prediction.
+
+        Args:
+            images: ``(N, 3, H, W)`` float inputs normalised with ``mean`` and ``std``.
+            targets: ``(N, H, W)`` class ids; 255 (ignore) and ids without a palette colour are
+                drawn white.
+            predictions: ``(N, H, W)`` predicted class ids.
+            palette: RGB triple (0-255) per class id.
+            mean, std: per-channel normalisation applied to ``images`` (values in ``[0, 1]`` scale).
+            step: global step of this validation.
+            max_images: at most this many samples (rows) are drawn.
+        """
+        count = min(max_images, images.shape[0])
+        if count == 0:
+            return
+        images = images[:count].detach().float().cpu()
+        mean_tensor = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std_tensor = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        inputs = (images * std_tensor + mean_tensor).clamp(0.0, 1.0)
+        # Palette colours by id; the ignore value 255 and ids the palette lacks are drawn white.
+        size = max(256, len(palette))
+        colors = torch.tensor(_IGNORE_COLOR, dtype=torch.float32).repeat(size, 1)
+        if len(palette):
+            colors[: len(palette)] = torch.tensor(palette, dtype=torch.float32).view(-1, 3)
+        colors[IGNORE_INDEX] = torch.tensor(_IGNORE_COLOR, dtype=torch.float32)
+        colors /= 255.0
+
+        def colorize(labels: Tensor) -> Tensor:
+            labels = labels[:count].detach().cpu().long()
+            labels = torch.where((labels >= 0) & (labels < len(palette)), labels, IGNORE_INDEX)
+            return colors[labels].permute(0, 3, 1, 2)  # (count, 3, H, W)
+
+        rows = torch.stack([inputs, colorize(targets), colorize(predictions)], dim=1)
+        grid = make_grid(rows.flatten(0, 1), nrow=3, padding=2)
+        self.writer.add_image(IMAGE_TAG, grid, global_step=step)
+
+    def flush(self) -> None:
+        """Push pending events to disk."""
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        self.writer.close()
