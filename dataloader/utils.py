@@ -82,9 +82,15 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB, scaling 16/32-bit data instead of clipping it."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
-        max_value = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
-        if image.mode in ("I", "F") and array.max() <= 255:
+        # 16-bit data may arrive as "I;16" or (older Pillow) as 32-bit "I": scale by the range
+        # of the data type the values fit, never by the image's own maximum.
+        peak = float(array.max()) if array.size else 0.0
+        if image.mode.startswith("I;16") or 255 < peak <= 65535:
+            max_value = 65535.0
+        elif peak <= 255:
             max_value = 255.0
+        else:
+            max_value = peak
         array = np.clip(array / max_value * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(array, mode="L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -112,7 +118,10 @@ def load_image(path: str | os.PathLike, index: int | None = None) -> Image.Image
         with Image.open(path) as image:
             image.load()
             return _to_rgb(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    # DecompressionBombError is not an OSError: without it a huge image escaped as a traceback.
+    except (
+        UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError
+    ) as error:
         raise DatasetError(f"cannot decode image {path}{where}: {error}") from error
 
 
@@ -142,7 +151,9 @@ def load_label(
                     "(a palette or grayscale PNG)"
                 )
             array = np.asarray(mask)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except (
+        UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError
+    ) as error:
         raise DatasetError(f"cannot decode mask {path}{where}: {error}") from error
     if (array.shape[1], array.shape[0]) != tuple(size):
         raise DatasetError(
@@ -190,3 +201,92 @@ def collate_skipping_bad(batch: list[Any]) -> dict[str, Any]:
     out: dict[str, Any] = torch.utils.data.default_collate(kept) if kept else {}
     out["skipped"] = len(batch) - len(kept)
     return out
+
+
+def require_path(path: str | os.PathLike, kind: str, hint: str) -> Path:
+    """Return ``path`` if it exists, else raise a one-line :class:`DatasetError`.
+
+    Args:
+        path: the folder or file a dataset needs.
+        kind: ``"folder"`` or ``"file"``; what ``path`` must be.
+        hint: the fix, e.g. ``"set DEEPLAB_VOC_ROOT=... or pass --data-root"``.
+    """
+    path = Path(path)
+    exists = path.is_dir() if kind == "folder" else path.is_file()
+    if not exists:
+        raise DatasetError(f"{kind} not found: {path}; {hint}")
+    return path
+
+
+def image_size(path: str | os.PathLike, index: int | None = None) -> tuple[int, int]:
+    """``(width, height)`` of an image or mask from its header alone, without decoding pixels."""
+    where = f" (sample {index})" if index is not None else ""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except FileNotFoundError as error:
+        raise DatasetError(f"file not found: {path}{where}") from error
+    except (
+        UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError
+    ) as error:
+        raise DatasetError(f"cannot read {path}{where}: {error}") from error
+
+
+def summarize_names(names: Sequence[str], limit: int = 5) -> str:
+    """``"a, b, c, ... (12 in all)"``: the first ``limit`` names for a one-line error message."""
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def pair_by_stem(
+    image_dir: Path,
+    mask_dir: Path,
+    image_suffixes: Sequence[str],
+    mask_suffixes: Sequence[str] = (".png",),
+) -> list[tuple[str, str]]:
+    """Pair ``image_dir/<name>.<image suffix>`` with ``mask_dir/<name>.<mask suffix>``.
+
+    Suffixes match case-insensitively; hidden files and other suffixes are ignored. An image
+    without a mask, a mask without an image, or two images with one name raise a one-line
+    :class:`DatasetError` that lists the first few names.
+
+    Returns:
+        ``(image path, mask path)`` pairs as strings, sorted by name.
+    """
+
+    def by_stem(folder: Path, suffixes: Sequence[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                stem, suffix = os.path.splitext(entry.name)
+                if entry.name.startswith(".") or suffix.lower() not in suffixes:
+                    continue
+                if stem in found:
+                    raise DatasetError(
+                        f"two files named {stem} in {folder}: {os.path.basename(found[stem])} and "
+                        f"{entry.name}; keep one"
+                    )
+                found[stem] = entry.path
+        return found
+
+    images = by_stem(image_dir, [s.lower() for s in image_suffixes])
+    masks = by_stem(mask_dir, [s.lower() for s in mask_suffixes])
+    if not images:
+        raise DatasetError(
+            f"no images ({', '.join(image_suffixes)}) found in {image_dir}; check --data-root"
+        )
+    without_mask = sorted(set(images) - set(masks))
+    if without_mask:
+        raise DatasetError(
+            f"{len(without_mask)} image(s) in {image_dir} have no mask in {mask_dir}: "
+            f"{summarize_names(without_mask)}; add <name>{mask_suffixes[0]} masks or remove "
+            "the images"
+        )
+    without_image = sorted(set(masks) - set(images))
+    if without_image:
+        raise DatasetError(
+            f"{len(without_image)} mask(s) in {mask_dir} have no image in {image_dir}: "
+            f"{summarize_names(without_image)}; image files must end in "
+            f"{', '.join(image_suffixes)}"
+        )
+    return [(images[stem], masks[stem]) for stem in sorted(images)]
