@@ -1,0 +1,30 @@
+# make test  - create .venv if needed, install, run the test suite
+# make demo  - train on the generated demo dataset (CPU, minutes) and segment its val images
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_RUN := run/demo/make-demo
+
+.PHONY: test demo install clean-demo
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt -c constraints.txt
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	rm -rf $(DEMO_RUN) inference_results/demo
+	$(PY) train.py --dataset demo --backbone resnet18 --no-pretrained --out-stride 16 \
+		--epochs 30 --batch-size 8 --lr 0.02 --crop-size 96 --base-size 96 --workers 1 \
+		--amp off --eval-interval 10 --run-dir $(DEMO_RUN)
+	$(PY) inference.py --ckpt $(DEMO_RUN)/model_best.pth.tar \
+		--in-path data/demo/val2017 --out-path inference_results/demo
+
+clean-demo:
+	rm -rf run/demo data/demo inference_results/demo

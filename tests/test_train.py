@@ -1,0 +1,210 @@
+"""End-to-end runs of train.py and inference.py on generated demo data (CPU, tiny sizes)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import inference
+import train
+from dataloader.datasets.coco import COCOSegmentation
+from dataloader.datasets.demo import generate_demo_dataset
+
+pytestmark = pytest.mark.slow
+
+# resnet18 at output stride 16 on 64-pixel crops: about a second per iteration on 2 cores.
+TINY = ["--backbone", "resnet18", "--no-pretrained", "--amp", "off", "--workers", "0",
+        "--crop-size", "64", "--base-size", "64", "--eval-size", "64", "--print-freq", "1"]
+
+
+def scalars(run_dir: str | Path, tag: str) -> list[tuple[int, float]]:
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    return [(event.step, event.value) for event in accumulator.Scalars(tag)]
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo") / "demo"
+    generate_demo_dataset(root, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(demo_root, tmp_path_factory) -> dict:
+    run_dir = tmp_path_factory.mktemp("run") / "exp"
+    args = train.get_args_parser().parse_args(
+        TINY + ["--dataset", "demo", "--data-root", str(demo_root), "--epochs", "12",
+                "--batch-size", "8", "--lr", "0.02", "--eval-interval", "4",
+                "--run-dir", str(run_dir)])
+    result = train.main(args)
+    return dict(result, run_dir=run_dir)
+
+
+def all_background_miou(root: Path) -> float:
+    """mIoU of predicting background everywhere, computed from the val labels by hand:
+    background IoU = background pixels / valid pixels, every other present class scores 0."""
+    dataset = COCOSegmentation(str(root), split="val")
+    counts = np.zeros(256, dtype=np.int64)
+    for i in range(len(dataset)):
+        counts += np.bincount(np.asarray(dataset[i]["label"]).ravel(), minlength=256)
+    valid = counts[:21]
+    present = int((valid > 0).sum())
+    return valid[0] / valid.sum() / present
+
+
+def test_training_learns_and_writes_its_run(trained, demo_root):
+    run_dir = trained["run_dir"]
+    losses = [value for _, value in scalars(run_dir, "train/loss")]
+    assert len(losses) == trained["iteration"]
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
+    baseline = all_background_miou(demo_root)
+    assert trained["best_pred"] > 2 * baseline, (trained["best_pred"], baseline)
+    for name in ("checkpoint.pth.tar", "model_best.pth.tar", "settings.json", "metrics.json"):
+        assert (run_dir / name).is_file()
+    settings = json.loads((run_dir / "settings.json").read_text())
+    assert settings["model"]["backbone"] == "resnet18"
+    assert settings["model"]["num_classes"] == 21
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["iteration"] == trained["iteration"]
+    step, value = scalars(run_dir, "val/mIoU")[-1]
+    assert step == trained["iteration"]
+    assert value == pytest.approx(metrics["mean_iou"], rel=1e-6)
+    checkpoint = torch.load(run_dir / "checkpoint.pth.tar", weights_only=True)
+    assert checkpoint["iteration"] == trained["iteration"]
+    assert checkpoint["settings"]["class_names"][15] == "person"
+
+
+def test_inference_from_the_trained_checkpoint(trained, demo_root, tmp_path):
+    images = sorted((demo_root / "val2017").glob("*.jpg"))[:3]
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    for image in images:
+        (in_dir / image.name).write_bytes(image.read_bytes())
+    (in_dir / "broken.jpg").write_bytes(b"not a jpeg")
+    out_dir = tmp_path / "out"
+    status = inference.cli(["--in-path", str(in_dir), "--out-path", str(out_dir),
+                            "--ckpt", str(trained["run_dir"] / "model_best.pth.tar")])
+    assert status == 1  # the broken file is reported...
+    for image in images:  # ...and every good one still gets its mask
+        mask = Image.open(out_dir / f"{image.stem}.png")
+        assert mask.mode == "P"
+        assert mask.size == Image.open(image).size
+        assert np.asarray(mask).max() < 21
+        # palette entry 15 (person) is the VOC colour
+        assert mask.getpalette()[15 * 3: 15 * 3 + 3] == [192, 128, 128]
+    assert not (out_dir / "broken.png").exists()
+
+
+def test_eval_only_matches_training_metrics(trained, demo_root, tmp_path):
+    out = tmp_path / "eval.json"
+    result = train.main(train.get_args_parser().parse_args(
+        TINY + ["--dataset", "demo", "--data-root", str(demo_root), "--eval-only",
+                "--resume", str(trained["run_dir"] / "checkpoint.pth.tar"),
+                "--eval-json", str(out)]))
+    written = json.loads(out.read_text())
+    last = json.loads((trained["run_dir"] / "metrics.json").read_text())
+    assert written["mean_iou"] == last["mean_iou"]
+    assert result["metrics"]["pixel_accuracy"] == last["pixel_accuracy"]
+
+
+def test_finetune_reinitialises_a_classifier_of_another_size(trained, tmp_path, capsys):
+    from modeling.deeplab import DeepLab
+
+    model = DeepLab(backbone="resnet18", num_classes=5)
+    reinit = train.load_finetune_weights(
+        model, torch.load(trained["run_dir"] / "checkpoint.pth.tar", weights_only=True)["model"])
+    assert reinit == ["decoder.classifier.weight", "decoder.classifier.bias"]
+    source = torch.load(trained["run_dir"] / "checkpoint.pth.tar", weights_only=True)["model"]
+    assert torch.equal(model.state_dict()["backbone.conv1.weight"], source["backbone.conv1.weight"])
+
+
+# ---------------------------------------------------------------- user errors: one line, exit 2
+
+
+def test_missing_dataset_root_names_the_variable(monkeypatch, capsys):
+    monkeypatch.delenv("DEEPLAB_COCO_ROOT", raising=False)
+    monkeypatch.setattr("mypath.DEFAULT_ROOTS", {"coco": ("DEEPLAB_COCO_ROOT", "/nope/coco")})
+    assert train.cli(TINY + ["--dataset", "coco"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "DEEPLAB_COCO_ROOT" in err and "--data-root" in err
+
+
+def test_batch_of_one_is_refused(demo_root, tmp_path, capsys):
+    assert train.cli(TINY + ["--dataset", "demo", "--data-root", str(demo_root),
+                             "--batch-size", "1", "--run-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size" in err and len(err.strip().splitlines()) == 1
+
+
+def test_offline_pretrained_download_names_the_flags(demo_root, tmp_path, monkeypatch, capsys):
+    from urllib.error import URLError
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    args = [a for a in TINY if a != "--no-pretrained"]
+    assert train.cli(args + ["--dataset", "demo", "--data-root", str(demo_root),
+                             "--run-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "--no-pretrained" in err and "--backbone-weights" in err
+
+
+def test_missing_checkpoint_for_inference(tmp_path, capsys):
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    assert inference.cli(["--in-path", str(image), "--ckpt", str(tmp_path / "none.pth.tar")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "none.pth.tar" in err and "train.py" in err
+
+
+class Payload:
+    """An arbitrary object: loading it would need unsafe unpickling."""
+
+
+def test_unsafe_checkpoint_is_refused(tmp_path, capsys):
+    path = tmp_path / "unsafe.pth.tar"
+    torch.save({"settings": Payload()}, path)
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    assert inference.cli(["--in-path", str(image), "--ckpt", str(path)]) == 2
+    assert "unsafe.pth.tar" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_good_checkpoint(
+        demo_root, tmp_path, monkeypatch, capsys):
+    real_build_loss = train.build_loss
+
+    def poisoned_build_loss(*args, **kwargs):
+        criterion = real_build_loss(*args, **kwargs)
+        calls = {"n": 0}
+
+        def loss(logits, target):
+            calls["n"] += 1
+            value = criterion(logits, target)
+            return value * math.nan if calls["n"] == 3 else value
+
+        return loss
+
+    monkeypatch.setattr(train, "build_loss", poisoned_build_loss)
+    run_dir = tmp_path / "nan"
+    status = train.cli(TINY + ["--dataset", "demo", "--data-root", str(demo_root), "--epochs", "1",
+                               "--batch-size", "8", "--save-interval", "2",
+                               "--run-dir", str(run_dir)])
+    assert status == 3
+    err = capsys.readouterr().err
+    assert "iteration 3" in err
+    checkpoint = torch.load(run_dir / "checkpoint.pth.tar", weights_only=True)
+    assert checkpoint["iteration"] == 2
+    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values()
+               if t.is_floating_point())

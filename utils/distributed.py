@@ -1,0 +1,81 @@
+"""Process-group plumbing for runs launched by torchrun (one process per GPU, or per CPU slot)."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process stands: ``rank`` of ``world_size``, on GPU ``local_rank`` if any."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(use_cuda: bool) -> DistributedContext:
+    """Join the process group torchrun describes through RANK / WORLD_SIZE / LOCAL_RANK.
+
+    Without those variables this is a single-process run and nothing is initialised. NCCL is used
+    when the process drives a GPU, gloo on CPU.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistributedContext()
+    context = DistributedContext(
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+    if use_cuda:
+        torch.cuda.set_device(context.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    logger.info("process %d of %d (local rank %d)", context.rank, context.world_size,
+                context.local_rank)
+    return context
+
+
+def barrier(context: DistributedContext) -> None:
+    if context.enabled:
+        dist.barrier()
+
+
+def any_true(flag: bool, context: DistributedContext, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on at least one (so all ranks stop together)."""
+    if not context.enabled:
+        return flag
+    tensor = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def broadcast_buffers(module: torch.nn.Module, context: DistributedContext) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    DDP broadcasts buffers at the start of each forward, so after the last training step each
+    rank holds statistics updated by its own batch; evaluating or saving after this call gives
+    the same numbers on every rank as rank 0's checkpoint gives in a single process.
+    """
+    if context.enabled:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def cleanup(context: DistributedContext) -> None:
+    if context.enabled and dist.is_initialized():
+        dist.destroy_process_group()
