@@ -456,6 +456,14 @@ def _data_root(dataset: str, data_root: str | None) -> str:
         raise UserError(str(error)) from None
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Data workers leave SIGINT/SIGTERM to the training process, which saves a checkpoint and
+    shuts them down; a worker killed by Ctrl-C first would abort the run before it can save."""
+    del worker_id
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _loader(dataset, *, batch_size: int, shuffle: bool, seed: int, context: DistributedContext,
             workers: int, pin_memory: bool, drop_last: bool) -> tuple[Any, ResumableSampler]:
     sampler = ResumableSampler(len(dataset), shuffle=shuffle, seed=seed, rank=context.rank,
@@ -463,7 +471,7 @@ def _loader(dataset, *, batch_size: int, shuffle: bool, seed: int, context: Dist
     loader = torch.utils.data.DataLoader(
         SeededDataset(dataset), batch_size=batch_size, sampler=sampler, num_workers=workers,
         pin_memory=pin_memory, drop_last=drop_last, collate_fn=collate_skipping_bad,
-        persistent_workers=False,
+        persistent_workers=False, worker_init_fn=_ignore_stop_signals,
         # A private generator: creating an iterator must not consume the global RNG, or a
         # resumed run's dropout would drift from the uninterrupted one.
         generator=torch.Generator().manual_seed(seed),

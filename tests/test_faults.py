@@ -95,10 +95,12 @@ def test_killed_run_resumes_exactly(small_demo, tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_exits(small_demo, tmp_path):
     run_dir = tmp_path / "term"
-    process = start(TINY + ["--data-root", str(small_demo), "--epochs", "50", "--workers", "0",
-                            "--save-interval", "1", "--run-dir", str(run_dir)])
+    process = start(TINY + ["--data-root", str(small_demo), "--epochs", "50", "--workers", "1",
+                            "--save-interval", "1", "--run-dir", str(run_dir)],
+                    start_new_session=True)
     wait_for_checkpoint(process, run_dir / "checkpoint.pth.tar")
-    process.send_signal(signal.SIGTERM)
+    # The whole process group, data workers included, as a cluster scheduler or Ctrl-C does.
+    os.killpg(process.pid, signal.SIGTERM)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM, err
     assert "SIGTERM" in err and "--resume" in err
