@@ -1,0 +1,184 @@
+"""train.py options end to end on each dataset kind, and the small pieces behind them."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from dataloader.utils import palette_for
+from modeling.predict import predict_probabilities
+
+TINY = ["--backbone", "resnet18", "--no-pretrained", "--workers", "0", "--crop-size", "48",
+        "--base-size", "48", "--epochs", "1", "--batch-size", "4", "--print-freq", "1"]
+
+
+def draw_pair(seed: int, class_ids: list[int], size=(48, 40)) -> tuple[Image.Image, np.ndarray]:
+    """An image with one coloured square per class and its class-index mask (0 elsewhere)."""
+    rng = np.random.default_rng(seed)
+    image = np.full((size[1], size[0], 3), 120, dtype=np.uint8)
+    mask = np.zeros((size[1], size[0]), dtype=np.uint8)
+    for class_id in class_ids:
+        x, y = rng.integers(0, size[0] - 12), rng.integers(0, size[1] - 12)
+        image[y:y + 12, x:x + 12] = (40 * class_id) % 256
+        mask[y:y + 12, x:x + 12] = class_id
+    return Image.fromarray(image), mask
+
+
+def make_folder_dataset(root: Path, bad_train_image: bool = False) -> Path:
+    root.mkdir(parents=True)
+    (root / "classes.txt").write_text("background\nsquare\ndisc\n")
+    for split, count in (("train", 9), ("val", 2)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "masks" / split).mkdir(parents=True)
+        for i in range(count):
+            image, mask = draw_pair(i, [1, 2])
+            image.save(root / "images" / split / f"{i:03d}.jpg")
+            Image.fromarray(mask).save(root / "masks" / split / f"{i:03d}.png")
+    if bad_train_image:
+        (root / "images" / "train" / "008.jpg").write_bytes(b"\xff\xd8 truncated")
+    return root
+
+
+def make_voc_dataset(root: Path) -> Path:
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / folder).mkdir(parents=True)
+    names = {"train": [f"2007_{i:06d}" for i in range(8)], "val": ["2008_000001"]}
+    flat = sum(palette_for(21), [])
+    for split, stems in names.items():
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(stems) + "\n")
+        for i, stem in enumerate(stems):
+            image, mask = draw_pair(i, [8, 15])
+            mask[0, :] = 255  # VOC's border value
+            image.save(root / "JPEGImages" / f"{stem}.jpg")
+            png = Image.fromarray(mask, mode="P")
+            png.putpalette(flat + [0] * (768 - len(flat)))
+            png.save(root / "SegmentationClass" / f"{stem}.png")
+    return root
+
+
+def make_cocostuff_dataset(root: Path) -> Path:
+    for split, count in (("train2017", 8), ("val2017", 1)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        for i in range(count):
+            image, mask = draw_pair(i, [1, 3])
+            # raw value = COCO id - 1: classes 1 and 3 become COCO-Stuff ids 124 (grass), 126 (ground-other)
+            raw = np.where(mask == 0, 255, mask - 1 + 123).astype(np.uint8)
+            image.save(root / "images" / split / f"{i:012d}.jpg")
+            Image.fromarray(raw).save(root / "annotations" / split / f"{i:012d}.png")
+    return root
+
+
+def run(args: list[str], tmp_path: Path) -> tuple[dict, dict]:
+    run_dir = tmp_path / "run"
+    result = train.main(train.get_args_parser().parse_args(
+        TINY + args + ["--run-dir", str(run_dir), "--cache-dir", str(tmp_path / "cache")]))
+    return result, json.loads((run_dir / "settings.json").read_text())
+
+
+def test_folder_dataset_with_focal_aux_weights_bf16_and_a_bad_image(tmp_path, capsys):
+    root = make_folder_dataset(tmp_path / "mine", bad_train_image=True)
+    result, settings = run(["--dataset", "folder", "--data-root", str(root), "--loss-type",
+                            "focal", "--aux-loss", "--use-balanced-weights", "--skip-bad-images",
+                            "--amp", "bf16", "--channels-last", "--lr-scheduler", "cos",
+                            "--warmup-iters", "1"], tmp_path)
+    assert settings["model"]["class_names"] == ["background", "square", "disc"]
+    assert settings["model"]["aux_loss"] is True
+    assert settings["amp_dtype"] == "torch.bfloat16"
+    assert result["iteration"] == 9 // 4
+    assert "skipped 1 bad samples" in capsys.readouterr().out
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pth.tar", weights_only=True)
+    assert checkpoint["model"]["decoder.classifier.weight"].shape[0] == 3
+    assert "aux_classifier.4.weight" in checkpoint["model"]
+    # class weights were cached in --cache-dir, nothing was written into the dataset
+    assert any((tmp_path / "cache").rglob("*"))
+    assert sorted(p.name for p in root.iterdir()) == ["classes.txt", "images", "masks"]
+
+
+def test_finetune_from_a_21_class_checkpoint_to_3_classes(tmp_path, capsys):
+    voc = make_voc_dataset(tmp_path / "VOC2012")
+    run(["--dataset", "pascal", "--data-root", str(voc), "--amp", "off"], tmp_path / "a")
+    source = tmp_path / "a" / "run" / "checkpoint.pth.tar"
+    folder = make_folder_dataset(tmp_path / "mine")
+    result, settings = run(["--dataset", "folder", "--data-root", str(folder), "--amp", "off",
+                            "--resume", str(source), "--ft"], tmp_path / "b")
+    out = capsys.readouterr().out
+    assert "re-initialised decoder.classifier.weight, decoder.classifier.bias" in out
+    assert "21 -> 3" in out
+    assert settings["model"]["num_classes"] == 3
+    assert result["iteration"] == 2  # a fine-tune starts at iteration 0, not the source's
+    tuned = torch.load(tmp_path / "b" / "run" / "checkpoint.pth.tar", weights_only=True)
+    assert tuned["settings"]["num_classes"] == 3
+
+
+def test_cocostuff_runs_with_171_classes(tmp_path):
+    root = make_cocostuff_dataset(tmp_path / "cocostuff")
+    result, settings = run(["--dataset", "cocostuff", "--data-root", str(root), "--amp", "off",
+                            "--eval-scales", "0.75", "1.0", "--eval-flip"], tmp_path)
+    assert settings["model"]["num_classes"] == 171
+    assert len(settings["model"]["palette"]) == 171
+    # 11 unused ids lie below 124, so grass and ground-other are contiguous classes 112 and 114
+    names = settings["model"]["class_names"]
+    assert (names[112], names[114]) == ("grass", "ground-other")
+    scored = {name for name, value in result["metrics"]["per_class_iou"].items()
+              if value is not None}
+    assert {"grass", "ground-other"} <= scored
+
+
+# ------------------------------------------------------------------------- pieces
+
+
+def test_resolve_amp():
+    cpu = torch.device("cpu")
+    assert train.resolve_amp("off", cpu) is None
+    assert train.resolve_amp("bf16", cpu) is torch.bfloat16
+    with pytest.raises(train.UserError, match="--amp fp16"):
+        train.resolve_amp("fp16", cpu)
+
+
+def test_out_of_memory_names_the_flags(tmp_path, monkeypatch, capsys):
+    root = make_folder_dataset(tmp_path / "mine")
+
+    def out_of_memory(self, x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("modeling.deeplab.DeepLab.forward", out_of_memory)
+    status = train.cli(TINY + ["--dataset", "folder", "--data-root", str(root), "--amp", "off",
+                               "--run-dir", str(tmp_path / "run")])
+    assert status == 4
+    # the progress bar may precede it; the error itself is one line and no traceback
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    last = err.splitlines()[-1]
+    assert last.startswith("error: GPU out of memory")
+    assert "--batch-size" in last and "--crop-size" in last
+
+
+class PositionModel(torch.nn.Module):
+    """Logits that depend on position, so flipping changes them: out = x[:, :2] * column ramp."""
+
+    def forward(self, x):
+        ramp = torch.linspace(0.0, 1.0, x.shape[-1])
+        return {"out": x[:, :2] * ramp}
+
+
+def test_flip_averages_the_unflipped_prediction():
+    x = torch.randn(1, 3, 4, 6)
+    model = PositionModel()
+    got = predict_probabilities(model, x, (4, 6), flip=True)
+    plain = (x[:, :2] * torch.linspace(0, 1, 6)).softmax(1)
+    flipped_logits = (torch.flip(x, dims=[3])[:, :2] * torch.linspace(0, 1, 6))
+    mirrored = torch.flip(flipped_logits, dims=[3]).softmax(1)
+    torch.testing.assert_close(got, (plain + mirrored) / 2)
+
+
+def test_scales_are_resized_to_the_output_and_averaged():
+    x = torch.randn(2, 3, 8, 8)
+    got = predict_probabilities(PositionModel(), x, (5, 7), scales=(0.5, 1.0, 2.0))
+    assert got.shape == (2, 2, 5, 7)
+    torch.testing.assert_close(got.sum(1), torch.ones(2, 5, 7))
