@@ -5,8 +5,9 @@ Every geometric transform moves the image and the label together; labels are res
 scored, while the image is padded with 0. The work stays on PIL images until
 :class:`ToTensorNormalize`, the last step: PIL's resampling and filters are several times faster
 than round trips through tensors, and the train pipeline must keep up with the GPU on few cores.
-Randomness comes from torch's generator, which the DataLoader seeds per worker, so a seeded run
-draws the same augmentations.
+Randomness comes from torch's global generator only; train.py seeds it for every sample from
+(seed, epoch, position) (see dataloader/samplers.py), so a run, or a resumed run, draws the same
+augmentations whatever the number of workers.
 """
 from __future__ import annotations
 
