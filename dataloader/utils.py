@@ -148,7 +148,7 @@ def load_label(
             if mask.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L"):
                 raise DatasetError(
                     f"mask {path}{where} has mode {mask.mode}; expected one class index per pixel "
-                    "(a palette or grayscale PNG)"
+                    "(a palette or grayscale PNG; see doc/custom_dataset.md to convert colour masks)"
                 )
             array = np.asarray(mask)
     except (

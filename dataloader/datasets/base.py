@@ -2,12 +2,20 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
 
-from dataloader.utils import DatasetError, palette_for
+from dataloader.utils import (
+    DatasetError,
+    file_fingerprint,
+    image_size,
+    load_image,
+    load_label,
+    palette_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,3 +73,37 @@ class SegmentationDataset(torch.utils.data.Dataset):
             return None
         sample: Sample = {"image": image, "label": label}
         return self.transform(sample) if self.transform is not None else sample
+
+
+class PairedFileDataset(SegmentationDataset):
+    """A dataset whose items are ``(image file, mask file)`` pairs listed in ``self.samples``.
+
+    Subclasses fill ``samples`` in their constructor; :meth:`read_label` turns a mask file into
+    the label (override it to remap raw values) and :meth:`extra_cache_files` names the files
+    besides the pairs (a split list, ``classes.txt``) whose change must invalidate caches.
+    """
+
+    samples: list[tuple[str, str]]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def read_label(self, index: int, size: tuple[int, int]) -> Image.Image:
+        """The label of item ``index``, whose image is ``size`` = ``(width, height)``."""
+        return load_label(self.samples[index][1], size, self.num_classes, index=index)
+
+    def load_sample(self, index: int) -> tuple[Image.Image, Image.Image]:
+        image = load_image(self.samples[index][0], index=index)
+        return image, self.read_label(index, image.size)
+
+    def label_at(self, index: int) -> Image.Image:
+        """The label alone; its size comes from the mask itself, so it is not checked against
+        the image here (loading the sample does that)."""
+        return self.read_label(index, image_size(self.samples[index][1], index))
+
+    def extra_cache_files(self) -> list[str | os.PathLike]:
+        return []
+
+    def cache_key(self) -> str:
+        return file_fingerprint(*self.extra_cache_files(),
+                                *(path for pair in self.samples for path in pair))

@@ -19,13 +19,10 @@ import numpy as np
 from PIL import Image
 
 import mypath
-from dataloader.datasets.base import SegmentationDataset
+from dataloader.datasets.base import PairedFileDataset
 from dataloader.utils import (
     IGNORE_INDEX,
     DatasetError,
-    file_fingerprint,
-    image_size,
-    load_image,
     load_label,
     pair_by_stem,
     require_path,
@@ -81,7 +78,7 @@ assert int((RAW_TO_CLASS != IGNORE_INDEX).sum()) == len(COCOSTUFF_CLASS_NAMES)
 _SPLIT_FOLDERS = {"train": "train2017", "val": "val2017"}
 
 
-class COCOStuffSegmentation(SegmentationDataset):
+class COCOStuffSegmentation(PairedFileDataset):
     """COCO-Stuff 164k with labels remapped to 171 contiguous classes (255 = ignore).
 
     Images and masks are paired by file name. An image without a mask (or the reverse) is an error
@@ -116,10 +113,7 @@ class COCOStuffSegmentation(SegmentationDataset):
         mask_dir = require_path(self.root / "annotations" / folder, "folder", hint)
         self.samples = pair_by_stem(image_dir, mask_dir, image_suffixes=(".jpg",))
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def _read_label(self, index: int, size: tuple[int, int]) -> Image.Image:
+    def read_label(self, index: int, size: tuple[int, int]) -> Image.Image:
         mask_path = self.samples[index][1]
         # Range-check the raw values here, so the message speaks of COCO ids, not 182 "classes".
         raw = np.asarray(load_label(mask_path, size, 256, index=index))
@@ -131,14 +125,3 @@ class COCOStuffSegmentation(SegmentationDataset):
                 f"{IGNORE_INDEX} = unlabeled)"
             )
         return Image.fromarray(RAW_TO_CLASS[raw], mode="L")
-
-    def load_sample(self, index: int) -> tuple[Image.Image, Image.Image]:
-        image = load_image(self.samples[index][0], index=index)
-        return image, self._read_label(index, image.size)
-
-    def label_at(self, index: int) -> Image.Image:
-        """The remapped label alone; the mask is not checked against its image size here."""
-        return self._read_label(index, image_size(self.samples[index][1], index))
-
-    def cache_key(self) -> str:
-        return file_fingerprint(*(path for pair in self.samples for path in pair))

@@ -19,16 +19,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 import mypath
-from dataloader.datasets.base import SegmentationDataset
+from dataloader.datasets.base import PairedFileDataset
 from dataloader.utils import (
     IGNORE_INDEX,
     DatasetError,
     file_fingerprint,
     image_size,
-    load_image,
     load_label,
     pair_by_stem,
     require_path,
@@ -94,31 +92,15 @@ def largest_class_id(masks_root: Path, skip_bad_images: bool = False) -> int:
     largest = -1
     for path in paths:
         try:
-            with Image.open(path) as mask:
-                mask.load()
-                if mask.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L"):
-                    raise DatasetError(
-                        f"mask {path} has mode {mask.mode}; expected one class index per pixel "
-                        "(see doc/custom_dataset.md to convert colour masks)"
-                    )
-                values = np.unique(np.asarray(mask))
-        except (
-            UnidentifiedImageError, OSError, SyntaxError, ValueError,
-            Image.DecompressionBombError, DatasetError,
-        ) as error:
+            # MAX_CLASSES as the class count: load_label rejects ids above it (255 = ignore).
+            values = np.unique(np.asarray(load_label(path, image_size(path), MAX_CLASSES)))
+        except DatasetError as error:
             if not skip_bad_images:
-                if isinstance(error, DatasetError):
-                    raise
-                raise DatasetError(f"cannot decode mask {path}: {error}") from error
-            logger.warning("skipping bad mask while counting classes: %s: %s", path, error)
+                raise
+            logger.warning("skipping bad mask while counting classes: %s", error)
             continue
         values = values[values != IGNORE_INDEX]
         if values.size:
-            if int(values.max()) >= MAX_CLASSES:
-                raise DatasetError(
-                    f"mask {path} has class index {int(values.max())}; at most {MAX_CLASSES} "
-                    f"classes (0-{MAX_CLASSES - 1}) are supported, {IGNORE_INDEX} = ignore"
-                )
             largest = max(largest, int(values.max()))
     if largest < 0:
         raise DatasetError(
@@ -129,7 +111,7 @@ def largest_class_id(masks_root: Path, skip_bad_images: bool = False) -> int:
     return largest
 
 
-class FolderSegmentation(SegmentationDataset):
+class FolderSegmentation(PairedFileDataset):
     """Images and index masks in ``root/images/<split>`` and ``root/masks/<split>``.
 
     ``class_names`` come from ``root/classes.txt`` or, without it, from the largest id in the
@@ -165,21 +147,5 @@ class FolderSegmentation(SegmentationDataset):
             largest = largest_class_id(self.root / "masks", skip_bad_images=skip_bad_images)
             self.class_names = tuple(f"class_{i}" for i in range(largest + 1))
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def load_sample(self, index: int) -> tuple[Image.Image, Image.Image]:
-        image_path, mask_path = self.samples[index]
-        image = load_image(image_path, index=index)
-        return image, load_label(mask_path, image.size, self.num_classes, index=index)
-
-    def label_at(self, index: int) -> Image.Image:
-        """The label alone; the mask is not checked against its image size here."""
-        mask_path = self.samples[index][1]
-        return load_label(mask_path, image_size(mask_path, index), self.num_classes, index=index)
-
-    def cache_key(self) -> str:
-        paths = [path for pair in self.samples for path in pair]
-        if self.classes_file is not None:
-            paths.append(os.fspath(self.classes_file))
-        return file_fingerprint(*paths)
+    def extra_cache_files(self) -> list[str | os.PathLike]:
+        return [self.classes_file] if self.classes_file is not None else []

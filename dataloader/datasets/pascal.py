@@ -12,23 +12,17 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from PIL import Image
-
 import mypath
-from dataloader.datasets.base import SegmentationDataset
+from dataloader.datasets.base import PairedFileDataset
 from dataloader.utils import (
     VOC_CLASS_NAMES,
     DatasetError,
-    file_fingerprint,
-    image_size,
-    load_image,
-    load_label,
     require_path,
     summarize_names,
 )
 
 
-class VOCSegmentation(SegmentationDataset):
+class VOCSegmentation(PairedFileDataset):
     """Pascal VOC 2012 segmentation split, read from its ``ImageSets/Segmentation`` list.
 
     Args:
@@ -85,18 +79,5 @@ class VOCSegmentation(SegmentationDataset):
                 f"files listed in {self.list_file} are missing: {summarize_names(missing, 3)}"
             )
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def load_sample(self, index: int) -> tuple[Image.Image, Image.Image]:
-        image_path, mask_path = self.samples[index]
-        image = load_image(image_path, index=index)
-        return image, load_label(mask_path, image.size, self.num_classes, index=index)
-
-    def label_at(self, index: int) -> Image.Image:
-        """The label alone; the mask is not checked against its image size here."""
-        mask_path = self.samples[index][1]
-        return load_label(mask_path, image_size(mask_path, index), self.num_classes, index=index)
-
-    def cache_key(self) -> str:
-        return file_fingerprint(self.list_file, *(path for pair in self.samples for path in pair))
+    def extra_cache_files(self) -> list[str | os.PathLike]:
+        return [self.list_file]
