@@ -188,6 +188,17 @@ class Hardware:
     def devices_per_process(self) -> int:
         return max(len(self.gpu_ids), 1)
 
+    def inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's images (in the chosen memory format) and labels, on the device."""
+        images = batch["image"].to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, batch["label"].to(self.device, non_blocking=True)
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype,
+                              enabled=self.amp_dtype is not None)
+
 
 def _cpu_supports_bf16() -> bool:
     try:
@@ -356,12 +367,8 @@ def train_one_epoch(
         skipped += int(batch["skipped"])
         # BatchNorm in the image-pooling branch needs two samples per device.
         if "image" in batch and len(batch["image"]) >= 2 * hardware.devices_per_process:
-            images = batch["image"].to(hardware.device, non_blocking=True)
-            if hardware.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            targets = batch["label"].to(hardware.device, non_blocking=True)
-            with torch.autocast(hardware.device.type, dtype=hardware.amp_dtype,
-                                enabled=hardware.amp_dtype is not None):
+            images, targets = hardware.inputs(batch)
+            with hardware.autocast():
                 outputs = model(images)
                 loss = criterion(outputs["out"].float(), targets)
                 if "aux" in outputs:
@@ -423,12 +430,8 @@ def evaluate(
     for batch in tqdm(loader, desc="val", disable=not show_progress, dynamic_ncols=True):
         if "image" not in batch:
             continue
-        image = batch["image"].to(hardware.device, non_blocking=True)
-        if hardware.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
-        target = batch["label"].to(hardware.device, non_blocking=True)
-        with torch.autocast(hardware.device.type, dtype=hardware.amp_dtype,
-                            enabled=hardware.amp_dtype is not None):
+        image, target = hardware.inputs(batch)
+        with hardware.autocast():
             probabilities = predict_probabilities(model, image, tuple(target.shape[-2:]),
                                                   scales, flip)
         prediction = probabilities.argmax(dim=1)
