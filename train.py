@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -169,7 +170,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--save-interval", type=int, default=0,
                      help="also save the latest checkpoint every N iterations (0: per epoch)")
     run.add_argument("--print-freq", type=int, default=20,
-                     help="iterations between loss logs and NaN checks")
+                     help="iterations between progress updates, TensorBoard writes and NaN "
+                          "checks (every iteration's loss is logged)")
     run.add_argument("--seed", type=int, default=1)
     return parser
 
@@ -308,30 +310,30 @@ class StopFlag:
 
 
 class LossWindow:
-    """Losses of the last few iterations kept on the device, so that the NaN check and the loss
-    log cost one host-device synchronisation per window instead of one per iteration."""
+    """Per-iteration losses kept on the device until the next log point, so that the NaN check
+    and per-iteration TensorBoard scalars cost one host-device synchronisation per window."""
 
     def __init__(self) -> None:
-        self.losses: list[torch.Tensor] = []
-        self.first_iteration = 0
+        self.entries: list[tuple[int, torch.Tensor, float]] = []
 
-    def add(self, loss: torch.Tensor, iteration: int) -> None:
-        if not self.losses:
-            self.first_iteration = iteration
-        self.losses.append(loss.detach().float())
+    def add(self, step: int, loss: torch.Tensor, lr: float) -> None:
+        self.entries.append((step, loss.detach().float(), lr))
 
-    def check(self) -> float | None:
-        """Mean of the window; raises NonFiniteLoss naming the first bad iteration."""
-        if not self.losses:
-            return None
-        values = torch.stack(self.losses).cpu()
-        self.losses = []
-        finite = torch.isfinite(values)
-        if not bool(finite.all()):
-            first = int((~finite).nonzero()[0, 0])
-            raise NonFiniteLoss(f"loss is {values[first].item()} at iteration "
-                                f"{self.first_iteration + first + 1}")
-        return float(values.mean())
+    def drain(self) -> list[tuple[int, float, float]]:
+        """``(step, loss, lr)`` of every iteration since the last drain.
+
+        Raises:
+            NonFiniteLoss: naming the first iteration whose loss is NaN or infinite.
+        """
+        if not self.entries:
+            return []
+        values = torch.stack([loss for _, loss, _ in self.entries]).cpu().tolist()
+        entries = [(step, value, lr) for (step, _, lr), value in zip(self.entries, values)]
+        self.entries = []
+        for step, value, _ in entries:
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"loss is {value} at iteration {step}")
+        return entries
 
 
 def train_one_epoch(
@@ -363,6 +365,22 @@ def train_one_epoch(
     progress = tqdm(loader, desc=f"epoch {state.epoch}", disable=not show_progress,
                     initial=state.iteration % iters_per_epoch, total=iters_per_epoch,
                     dynamic_ncols=True)
+
+    def log_window() -> None:
+        # Also before every save: weights a NaN has reached are never written.
+        nonlocal images_seen, tic
+        entries = window.drain()
+        if entries and summary is not None:
+            for step, value, lr in entries:
+                summary.add_scalar("train/loss", value, step)
+                summary.add_scalar("train/lr", lr, step)
+            elapsed = time.perf_counter() - tic
+            summary.add_scalar("train/images_per_second",
+                               images_seen * context.world_size / max(elapsed, 1e-9),
+                               state.iteration)
+            progress.set_postfix(loss=f"{entries[-1][1]:.4f}")
+        images_seen, tic = 0, time.perf_counter()
+
     for batch in progress:
         skipped += int(batch["skipped"])
         # BatchNorm in the image-pooling branch needs two samples per device.
@@ -381,31 +399,21 @@ def train_one_epoch(
             else:
                 loss.backward()
                 optimizer.step()
-            window.add(loss, state.iteration)
+            window.add(state.iteration + 1, loss, optimizer.param_groups[0]["lr"])
             images_seen += len(images)
         scheduler.step()
         state.iteration += 1
 
         at_epoch_end = state.iteration % iters_per_epoch == 0
         if state.iteration % print_freq == 0 or at_epoch_end:
-            mean_loss = window.check()
-            if mean_loss is not None and summary is not None:
-                elapsed = time.perf_counter() - tic
-                summary.add_scalar("train/loss", mean_loss, state.iteration)
-                summary.add_scalar("train/lr", optimizer.param_groups[0]["lr"], state.iteration)
-                summary.add_scalar("train/images_per_second",
-                                   images_seen * context.world_size / max(elapsed, 1e-9),
-                                   state.iteration)
-                progress.set_postfix(loss=f"{mean_loss:.4f}")
-            images_seen, tic = 0, time.perf_counter()
+            log_window()
         if save_interval and state.iteration % save_interval == 0 and not at_epoch_end:
-            window.check()  # never write weights that a NaN has already reached
+            log_window()
             save(is_best=False)
         if any_true(stop.signum is not None, context, hardware.device):
-            window.check()
+            log_window()
             save(is_best=False)
             raise Interrupted(stop.signum or signal.SIGTERM)
-    window.check()
     return skipped
 
 

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "resnet18", "--no-pretrained", "--amp", "off", "--crop-size", "64",
-        "--base-size", "64", "--eval-size", "48", "--print-freq", "1", "--dataset", "demo",
+        "--base-size", "64", "--eval-size", "48", "--dataset", "demo",
         "--batch-size", "4", "--lr", "0.01"]
 
 

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 # resnet18 at output stride 16 on 64-pixel crops: about a second per iteration on 2 cores.
 TINY = ["--backbone", "resnet18", "--no-pretrained", "--amp", "off", "--workers", "0",
-        "--crop-size", "64", "--base-size", "64", "--eval-size", "64", "--print-freq", "1"]
+        "--crop-size", "64", "--base-size", "64", "--eval-size", "64"]
 
 
 def scalars(run_dir: str | Path, tag: str) -> list[tuple[int, float]]:
