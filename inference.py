@@ -64,7 +64,7 @@ def load_model(ckpt: str, device: torch.device) -> tuple[DeepLab, dict]:
         raise FileNotFoundError(
             f"checkpoint {ckpt} not found: train one with `python train.py` (or `make demo`) and "
             f"pass --ckpt run/<dataset>/<checkname>/experiment_<k>/model_best.pth.tar")
-    checkpoint = load_checkpoint(ckpt, map_location="cpu")
+    checkpoint = load_checkpoint(ckpt, map_location="cpu", required_keys=("model", "settings"))
     settings = checkpoint["settings"]
     model = DeepLab.from_settings(settings)
     model.load_state_dict(checkpoint["model"])

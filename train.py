@@ -148,7 +148,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     hw.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                     help="torch.compile the model")
     hw.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
-                    help="SyncBatchNorm across processes (default: on with torchrun and >1 process)")
+                    help="SyncBatchNorm across processes (default: on with torchrun, >1 process "
+                         "and GPUs)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--resume", metavar="CKPT", help="continue training from a checkpoint")
@@ -512,7 +513,8 @@ def _main(args: argparse.Namespace, context: DistributedContext) -> dict:
     checkpoint = None
     if args.resume:
         try:
-            checkpoint = load_checkpoint(args.resume, map_location="cpu")
+            checkpoint = load_checkpoint(args.resume, map_location="cpu",
+                                         required_keys=("model", "settings"))
         except CheckpointError as error:
             raise UserError(f"--resume: {error}") from None
 
@@ -573,7 +575,8 @@ def _main(args: argparse.Namespace, context: DistributedContext) -> dict:
     on_gpu = hardware.device.type == "cuda"
     sync_bn = args.sync_bn if args.sync_bn is not None else context.enabled and on_gpu
     if sync_bn and not on_gpu:
-        raise UserError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm is CUDA-only): drop it on CPUs")
+        raise UserError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm is CUDA-only): "
+                        "drop it on CPUs")
     if sync_bn and context.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(hardware.device)

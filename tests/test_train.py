@@ -168,6 +168,16 @@ def test_missing_checkpoint_for_inference(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "none.pth.tar" in err and "train.py" in err
 
 
+def test_bare_state_dict_is_not_taken_for_a_checkpoint(tmp_path, capsys):
+    path = tmp_path / "weights.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, path)
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    assert inference.cli(["--in-path", str(image), "--ckpt", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "weights.pth" in err and "'settings'" in err
+
+
 class Payload:
     """An arbitrary object: loading it would need unsafe unpickling."""
 

@@ -92,13 +92,17 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, map_location: str | torch.device | None = "cpu"
+    path: str | os.PathLike,
+    map_location: str | torch.device | None = "cpu",
+    required_keys: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Load a checkpoint with ``torch.load(..., weights_only=True)``; never unsafely.
 
     Args:
         path: a file written by :func:`save_checkpoint` (or any plain-types ``torch.save`` file).
         map_location: where tensors go, as in :func:`torch.load`.
+        required_keys: entries the caller needs (e.g. ``("model", "settings")``); a file without
+            them (a bare state dict, another project's checkpoint) is a CheckpointError.
 
     Raises:
         CheckpointError: the file is missing, is corrupt or truncated, or holds pickled Python
@@ -122,6 +126,12 @@ def load_checkpoint(
     if not isinstance(state, dict):
         raise CheckpointError(
             f"checkpoint {path} holds a {type(state).__name__}, expected a dict of named entries"
+        )
+    missing = [key for key in required_keys if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} has no {', '.join(repr(k) for k in missing)} entry: it was not "
+            "written by this project's train.py"
         )
     return state
 
