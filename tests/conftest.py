@@ -86,11 +86,11 @@ def write_tiny_coco(root: str | Path, images: dict | None = None) -> Path:
                        for i, name in TINY_COCO_CATEGORIES],
     }
     annotation_id = 1
-    for image_id, (width, height, annotations) in images.items():
+    for image_id, (width, height, objects) in images.items():
         document["images"].append(
             {"id": image_id, "file_name": f"{image_id:012d}.jpg", "width": width, "height": height}
         )
-        for category_id, segmentation, area, iscrowd in annotations:
+        for category_id, segmentation, area, iscrowd in objects:
             document["annotations"].append({
                 "id": annotation_id, "image_id": image_id, "category_id": category_id,
                 "segmentation": segmentation, "area": area, "iscrowd": iscrowd,
@@ -128,3 +128,12 @@ def demo_coco_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("demo") / "demo"
     generate_demo_dataset(root, seed=0)
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_caches(tmp_path_factory: pytest.TempPathFactory):
+    """Index caches and class weights of every test (and of the scripts the tests start) go to a
+    temporary folder, never into the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DEEPLAB_CACHE_DIR", str(tmp_path_factory.mktemp("deeplab-cache")))
+        yield

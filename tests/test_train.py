@@ -14,7 +14,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import inference
 import train
 from dataloader.datasets.coco import COCOSegmentation
-from dataloader.datasets.demo import generate_demo_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -30,10 +29,8 @@ def scalars(run_dir: str | Path, tag: str) -> list[tuple[int, float]]:
 
 
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("demo") / "demo"
-    generate_demo_dataset(root, seed=0)
-    return root
+def demo_root(demo_coco_root) -> Path:
+    return demo_coco_root
 
 
 @pytest.fixture(scope="module")
