@@ -406,12 +406,16 @@ def train_one_epoch(
         state.iteration += 1
 
         at_epoch_end = state.iteration % iters_per_epoch == 0
-        if state.iteration % print_freq == 0 or at_epoch_end:
+        at_log_point = state.iteration % print_freq == 0 or at_epoch_end
+        if at_log_point:
             log_window()
         if save_interval and state.iteration % save_interval == 0 and not at_epoch_end:
             log_window()
             save(is_best=False)
-        if any_true(stop.signum is not None, context, hardware.device):
+        # One process reads its flag for free; under DDP all ranks must agree to stop at the same
+        # iteration, which costs a collective, so they compare flags at log points only.
+        if (stop.signum is not None if not context.enabled else
+                at_log_point and any_true(stop.signum is not None, context, hardware.device)):
             log_window()
             save(is_best=False)
             raise Interrupted(stop.signum or signal.SIGTERM)
