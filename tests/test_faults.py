@@ -133,3 +133,22 @@ def test_torchrun_two_processes_on_cpu(small_demo, tmp_path):
     single = json.loads(out.read_text())
     assert single["mean_iou"] == ddp_metrics["mean_iou"]
     assert single["pixel_accuracy"] == ddp_metrics["pixel_accuracy"]
+
+
+def test_sigterm_under_torchrun_saves_once_all_ranks_agree(small_demo, tmp_path):
+    run_dir = tmp_path / "ddp-term"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO / "train.py"), *TINY, "--data-root", str(small_demo), "--epochs", "100",
+         "--workers", "0", "--batch-size", "2", "--no-cuda", "--save-interval", "1",
+         "--print-freq", "1", "--run-dir", str(run_dir)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    wait_for_checkpoint(process, run_dir / "checkpoint.pth.tar")
+    first = torch.load(run_dir / "checkpoint.pth.tar", weights_only=True)["iteration"]
+    os.killpg(process.pid, signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert "interrupted by SIGTERM: checkpoint saved" in err, err[-2000:]
+    checkpoint = torch.load(run_dir / "checkpoint.pth.tar", weights_only=True)
+    assert first <= checkpoint["iteration"] < 100 * 4
