@@ -38,6 +38,13 @@ def start(args: list[str], **kwargs) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+def torchrun(args: list[str]) -> list[str]:
+    """Two CPU processes of train.py under torchrun, on the small demo set."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(REPO / "train.py"), *TINY, "--workers", "0", "--batch-size", "2", "--no-cuda",
+            *args]
+
+
 def wait_for_checkpoint(process: subprocess.Popen, path: Path, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -113,9 +120,7 @@ def test_torchrun_two_processes_on_cpu(small_demo, tmp_path):
     run_dir = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     completed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(REPO / "train.py"), *TINY, "--data-root", str(small_demo), "--epochs", "1",
-         "--workers", "0", "--batch-size", "2", "--no-cuda", "--run-dir", str(run_dir)],
+        torchrun(["--data-root", str(small_demo), "--epochs", "1", "--run-dir", str(run_dir)]),
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "weights identical across 2 ranks: yes" in completed.stdout
@@ -139,10 +144,8 @@ def test_sigterm_under_torchrun_saves_once_all_ranks_agree(small_demo, tmp_path)
     run_dir = tmp_path / "ddp-term"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(REPO / "train.py"), *TINY, "--data-root", str(small_demo), "--epochs", "100",
-         "--workers", "0", "--batch-size", "2", "--no-cuda", "--save-interval", "1",
-         "--print-freq", "1", "--run-dir", str(run_dir)],
+        torchrun(["--data-root", str(small_demo), "--epochs", "100", "--save-interval", "1",
+                  "--print-freq", "1", "--run-dir", str(run_dir)]),
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
     wait_for_checkpoint(process, run_dir / "checkpoint.pth.tar")
