@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from dataloader.utils import DatasetError, colorize, load_image
 from modeling.deeplab import DeepLab
 from modeling.predict import predict_probabilities
+from utils.fileio import atomic_write
 from utils.saver import CheckpointError, load_checkpoint
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -84,19 +84,6 @@ def segment(model: DeepLab, image, settings: dict, device: torch.device, size: i
     return probabilities.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
 
 
-def write_png_atomically(image, path: Path) -> None:
-    """Write to a temporary file beside ``path`` and rename, so no half-written mask remains."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def main(args: argparse.Namespace) -> int:
     """Segment every input; returns the number of inputs that failed."""
     device = torch.device("cuda" if torch.cuda.is_available() and not args.no_cuda else "cpu")
@@ -117,7 +104,9 @@ def main(args: argparse.Namespace) -> int:
             failures += 1
             continue
         label = segment(model, image, settings, device, args.size, args.scales, args.flip)
-        write_png_atomically(colorize(label, settings["palette"]), out_dir / f"{path.stem}.png")
+        # Atomic: an interrupted run never leaves a half-written mask behind.
+        mask = colorize(label, settings["palette"])
+        atomic_write(out_dir / f"{path.stem}.png", lambda file: mask.save(file, format="PNG"))
     print(f"{len(images) - failures} masks written to {out_dir}"
           + (f"; {failures} inputs failed" if failures else ""))
     return failures

@@ -54,6 +54,7 @@ from utils.distributed import (
     cleanup,
     init_distributed,
 )
+from utils.fileio import atomic_write_text
 from utils.losses import LOSSES, build_loss
 from utils.lr_scheduler import SCHEDULERS, build_lr_scheduler
 from utils.metrics import Evaluator
@@ -609,8 +610,7 @@ def _main(args: argparse.Namespace, context: DistributedContext) -> dict:
             print(evaluator.format_table(class_names))
             path = args.eval_json or os.path.join(os.path.dirname(os.path.abspath(args.resume)),
                                                   "eval_metrics.json")
-            with open(path, "w") as f:
-                json.dump(results, f, indent=2, sort_keys=True)
+            atomic_write_text(path, json.dumps(results, indent=2, sort_keys=True))
             print(f"metrics written to {path}")
         return {"metrics": results}
 
@@ -751,9 +751,10 @@ def _main(args: argparse.Namespace, context: DistributedContext) -> dict:
                         summary.visualize(first["image"], first["target"], first["prediction"],
                                           palette=settings["palette"], mean=IMAGENET_MEAN,
                                           std=IMAGENET_STD, step=state.iteration)
-                    with open(os.path.join(saver.experiment_dir, "metrics.json"), "w") as f:
-                        json.dump(dict(last_results, epoch=state.epoch,
-                                       iteration=state.iteration), f, indent=2, sort_keys=True)
+                    atomic_write_text(
+                        os.path.join(saver.experiment_dir, "metrics.json"),
+                        json.dumps(dict(last_results, epoch=state.epoch, iteration=state.iteration),
+                                   indent=2, sort_keys=True))
             save(is_best=is_best)
             if summary is not None:
                 summary.flush()

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from dataloader.utils import IGNORE_INDEX, DatasetError, default_cache_dir
+from utils.fileio import atomic_write_text
 
 if TYPE_CHECKING:
     from dataloader.datasets.base import SegmentationDataset
@@ -89,19 +89,6 @@ def _read_cache(path: Path, key: str, num_classes: int) -> torch.Tensor | None:
         return None
 
 
-def _write_atomically(path: Path, content: str) -> None:
-    """Write via a temporary file and a rename, so no reader ever sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(content)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
 def compute_class_weights(
     dataset: SegmentationDataset,
     num_classes: int,
@@ -140,7 +127,7 @@ def compute_class_weights(
         {"key": key, "weights": weights.tolist(), "pixel_counts": counts.tolist()}, indent=1
     )
     try:
-        _write_atomically(path, content)
+        atomic_write_text(path, content)
         logger.info("class weights cached in %s", path)
     except OSError as error:
         # The weights are still right; only the next run has to count again.

@@ -1,8 +1,7 @@
 """Crash-safe checkpoints, the run folder layout and RNG state capture for exact resumes.
 
-Every file is written to a temporary file in the same folder, flushed and fsync'ed, then renamed
-over the target with ``os.replace`` (atomic on POSIX and Windows) and the folder is fsync'ed, so a
-crash or a full disk leaves either the previous file or the new one, never half of one.
+Every file is written with :func:`utils.fileio.atomic_write`, so a crash or a full disk leaves
+either the previous file or the new one, never half of one.
 
 Checkpoints are read with ``torch.load(..., weights_only=True)`` only: a checkpoint must hold
 plain types (tensors, numbers, strings, lists, tuples, dicts), never pickled Python objects.
@@ -23,12 +22,13 @@ import pickle
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
+
+from utils.fileio import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -42,42 +42,6 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used (missing, corrupt, unsafe); the message is one line."""
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename inside ``directory`` durable; platforms without directory fds skip it."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open a directory
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
-    """Call ``write`` on a temporary file next to ``path``, then atomically move it to ``path``."""
-    path = Path(path)
-    directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    # Same folder as the target: os.replace is only atomic within one file system.
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        try:
-            os.unlink(temp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_directory(directory)
-
-
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Atomically ``torch.save`` ``state`` to ``path``.
 
@@ -87,7 +51,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
         path: target file; its folder is created if needed. An existing file is replaced only once
             the new one is completely on disk.
     """
-    _atomic_write(path, lambda handle: torch.save(state, handle))
+    atomic_write(path, lambda handle: torch.save(state, handle))
     logger.debug("saved checkpoint %s", path)
 
 
@@ -265,7 +229,7 @@ class Saver:
         Paths are written as strings; any other value JSON cannot hold raises ``TypeError``.
         """
         text = json.dumps(settings, sort_keys=True, indent=2, default=_json_path) + "\n"
-        _atomic_write(self.settings_path, lambda handle: handle.write(text.encode("utf-8")))
+        atomic_write_text(self.settings_path, text)
 
     def save(self, state: dict[str, Any], is_best: bool) -> None:
         """Atomically write ``state`` as the latest checkpoint and, if ``is_best``, as the best.
@@ -276,7 +240,7 @@ class Saver:
         save_checkpoint(state, self.checkpoint_path)
         if is_best:
             with open(self.checkpoint_path, "rb") as source:
-                _atomic_write(self.best_path, lambda handle: shutil.copyfileobj(source, handle))
+                atomic_write(self.best_path, lambda handle: shutil.copyfileobj(source, handle))
             logger.info("new best checkpoint: %s", self.best_path)
 
 

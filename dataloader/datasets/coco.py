@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -36,6 +35,7 @@ from dataloader.utils import (
     file_fingerprint,
     load_image,
 )
+from utils.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -266,18 +266,10 @@ def _load_cached_index(path: Path) -> dict[str, np.ndarray] | None:
 def _save_cached_index(path: Path, index: dict[str, np.ndarray]) -> None:
     """Write atomically (temporary file + rename) so a crash or a parallel run never leaves half a
     cache; a cache that cannot be written only costs the next start its speed."""
-    temporary: Path | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp",
-                                         delete=False) as file:
-            temporary = Path(file.name)
-            np.savez(file, **index)
-        os.replace(temporary, path)
+        atomic_write(path, lambda file: np.savez(file, **index))
     except OSError as error:
         logger.warning("cannot write index cache %s: %s", path, error)
-        if temporary is not None:
-            temporary.unlink(missing_ok=True)
         return
     # Older caches of the same annotation file are stale now.
     for stale in path.parent.glob(path.name.rsplit("-", 1)[0] + "-*.npz"):
