@@ -2,8 +2,9 @@
 
 Stable tag names (dashboards and comparisons across runs rely on them):
 
-- ``train/loss``: mean training loss (written by the training loop via ``add_scalar``)
-- ``train/lr``: learning rate of the first parameter group (training loop)
+- ``train/loss``: training loss of every iteration (written by the training loop via
+  ``add_scalar``)
+- ``train/lr``: learning rate of the first parameter group, every iteration (training loop)
 - ``train/images_per_second``: training throughput (training loop)
 - ``val/mIoU``, ``val/pixel_accuracy``, ``val/mean_class_accuracy``, ``val/fwIoU``: validation
   scores in ``[0, 1]`` (:meth:`TensorboardSummary.log_metrics`)
@@ -38,8 +39,7 @@ METRIC_TAGS = {
 }
 IMAGE_TAG = "val/input_gt_prediction"
 
-#: Label value drawn white; the same ignore value the losses and metrics skip.
-IGNORE_INDEX = 255
+#: Colour of ignored pixels (255) and of any id without a palette entry.
 _IGNORE_COLOR = (255, 255, 255)
 
 
@@ -48,9 +48,10 @@ class TensorboardSummary:
 
     Args:
         log_dir: folder for the event files (usually the experiment folder).
-        purge_step: when resuming from a checkpoint taken at step ``k``, pass ``k``: TensorBoard
-            then discards events with step ``>= k`` from earlier event files in ``log_dir``, so
-            the resumed run's curves have no duplicated steps.
+        purge_step: TensorBoard discards events with step ``>= purge_step`` from earlier event
+            files in ``log_dir``. When resuming from a checkpoint taken after step ``k`` was
+            logged (and flushed), pass ``k + 1``: the interrupted run's later events disappear
+            and the resumed run's curves have no duplicated steps.
     """
 
     def __init__(self, log_dir: str | os.PathLike, purge_step: int | None = None):
@@ -111,17 +112,14 @@ class TensorboardSummary:
         mean_tensor = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         std_tensor = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         inputs = (images * std_tensor + mean_tensor).clamp(0.0, 1.0)
-        # Palette colours by id; the ignore value 255 and ids the palette lacks are drawn white.
-        size = max(256, len(palette))
-        colors = torch.tensor(_IGNORE_COLOR, dtype=torch.float32).repeat(size, 1)
-        if len(palette):
-            colors[: len(palette)] = torch.tensor(palette, dtype=torch.float32).view(-1, 3)
-        colors[IGNORE_INDEX] = torch.tensor(_IGNORE_COLOR, dtype=torch.float32)
-        colors /= 255.0
+        # Palette colours by id, plus one white entry for every id the palette lacks: the ignore
+        # value (255) among them.
+        white = len(palette)
+        colors = torch.tensor([*palette, _IGNORE_COLOR], dtype=torch.float32).view(-1, 3) / 255.0
 
         def colorize(labels: Tensor) -> Tensor:
             labels = labels[:count].detach().cpu().long()
-            labels = torch.where((labels >= 0) & (labels < len(palette)), labels, IGNORE_INDEX)
+            labels = torch.where((labels >= 0) & (labels < white), labels, white)
             return colors[labels].permute(0, 3, 1, 2)  # (count, 3, H, W)
 
         rows = torch.stack([inputs, colorize(targets), colorize(predictions)], dim=1)
