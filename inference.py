@@ -100,7 +100,7 @@ def main(args: argparse.Namespace) -> int:
             image = load_image(path)
         except DatasetError as error:
             # One bad file must not cost the others their masks.
-            tqdm.write(f"error: {error}; skipped")
+            tqdm.write(f"error: {error}; skipped", file=sys.stderr)
             failures += 1
             continue
         label = segment(model, image, settings, device, args.size, args.scales, args.flip)
