@@ -21,13 +21,19 @@ DEFAULT_ROOTS: dict[str, tuple[str, str]] = {
 }
 
 
-def db_root_dir(dataset: str, must_exist: bool = True) -> str:
-    """The root folder of ``dataset``: its environment variable if set, else the default.
+def db_root_dir(dataset: str, root: str | None = None) -> str:
+    """The root folder of ``dataset``: ``root`` (``--data-root``) if given, else its environment
+    variable if set, else the default. The demo dataset's folder need not exist (it is generated).
 
     Raises:
-        FileNotFoundError: with one line naming the variable and ``--data-root`` when the folder
-            does not exist (and ``must_exist``).
+        FileNotFoundError: with one line naming ``--data-root`` (and the variable) when the folder
+            does not exist.
     """
+    must_exist = dataset != "demo"
+    if root:
+        if must_exist and not os.path.isdir(root):
+            raise FileNotFoundError(f"--data-root {root} does not exist")
+        return root
     if dataset not in DEFAULT_ROOTS:
         raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(sorted(DEFAULT_ROOTS))}")
     variable, default = DEFAULT_ROOTS[dataset]

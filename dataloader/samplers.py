@@ -7,9 +7,12 @@ reads its own slice of the same permutation.
 """
 from __future__ import annotations
 
+import signal
 from typing import Any, Iterator
 
 import torch
+
+from dataloader.utils import collate_skipping_bad
 
 
 def _mix(*values: int) -> int:
@@ -95,3 +98,41 @@ class SeededDataset(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.dataset[index]
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Data workers leave SIGINT/SIGTERM to the training process, which saves a checkpoint and
+    shuts them down; a worker killed by Ctrl-C first would abort the run before it can save."""
+    del worker_id
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def resumable_loader(
+    dataset: torch.utils.data.Dataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 0,
+    pin_memory: bool = False,
+    drop_last: bool = False,
+) -> tuple[torch.utils.data.DataLoader, ResumableSampler]:
+    """A DataLoader whose batches depend only on ``(seed, epoch, position)``: resumes are exact.
+
+    Bad samples (``--skip-bad-images``) are dropped by the collate function and counted in the
+    batch's ``"skipped"`` entry. Call ``sampler.set_epoch`` before each epoch.
+    """
+    sampler = ResumableSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank,
+                               world_size=world_size, drop_uneven=drop_last)
+    loader = torch.utils.data.DataLoader(
+        SeededDataset(dataset), batch_size=batch_size, sampler=sampler, num_workers=workers,
+        pin_memory=pin_memory, drop_last=drop_last, collate_fn=collate_skipping_bad,
+        persistent_workers=False, worker_init_fn=_ignore_stop_signals,
+        # A private generator: creating an iterator must not consume the global RNG, or a
+        # resumed run's dropout would drift from the uninterrupted one.
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return loader, sampler

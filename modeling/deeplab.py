@@ -101,6 +101,29 @@ class DeepLab(nn.Module):
         return [f"{prefix}.{name}" for prefix, layer in heads.items()
                 for name, _ in layer.named_parameters()]
 
+    def load_finetune_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+        """Load another run's weights to fine-tune from; classifier layers whose shape differs
+        (another class count) keep their fresh initialisation.
+
+        Returns:
+            The names of the tensors left re-initialised.
+
+        Raises:
+            ValueError: any other tensor is missing, unexpected or of another shape.
+        """
+        own = self.state_dict()
+        reinit = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+        classifier = set(self.classifier_parameter_names())
+        for key in reinit:
+            if key not in classifier:
+                raise ValueError(f"{key} {tuple(state_dict[key].shape)} vs {tuple(own[key].shape)}")
+        filtered = {k: v for k, v in state_dict.items() if k not in reinit}
+        missing, unexpected = self.load_state_dict(filtered, strict=False)
+        missing = [k for k in missing if k not in reinit]
+        if missing or unexpected:
+            raise ValueError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        return reinit
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-pixel class logits.
 

@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 
 import train
+from utils.errors import UserError
+from utils.hardware import resolve_amp
 from dataloader.utils import palette_for
 from modeling.predict import predict_probabilities
 
@@ -135,10 +137,10 @@ def test_cocostuff_runs_with_171_classes(tmp_path):
 
 def test_resolve_amp():
     cpu = torch.device("cpu")
-    assert train.resolve_amp("off", cpu) is None
-    assert train.resolve_amp("bf16", cpu) is torch.bfloat16
-    with pytest.raises(train.UserError, match="--amp fp16"):
-        train.resolve_amp("fp16", cpu)
+    assert resolve_amp("off", cpu) is None
+    assert resolve_amp("bf16", cpu) is torch.bfloat16
+    with pytest.raises(UserError, match="--amp fp16"):
+        resolve_amp("fp16", cpu)
 
 
 def test_out_of_memory_names_the_flags(tmp_path, monkeypatch, capsys):

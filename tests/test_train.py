@@ -115,8 +115,8 @@ def test_finetune_reinitialises_a_classifier_of_another_size(trained, tmp_path, 
     from modeling.deeplab import DeepLab
 
     model = DeepLab(backbone="resnet18", num_classes=5)
-    reinit = train.load_finetune_weights(
-        model, torch.load(trained["run_dir"] / "checkpoint.pth.tar", weights_only=True)["model"])
+    reinit = model.load_finetune_state_dict(
+        torch.load(trained["run_dir"] / "checkpoint.pth.tar", weights_only=True)["model"])
     assert reinit == ["decoder.classifier.weight", "decoder.classifier.bias"]
     source = torch.load(trained["run_dir"] / "checkpoint.pth.tar", weights_only=True)["model"]
     assert torch.equal(model.state_dict()["backbone.conv1.weight"], source["backbone.conv1.weight"])

@@ -1,9 +1,11 @@
 """Process-group plumbing for runs launched by torchrun (one process per GPU, or per CPU slot)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -55,6 +57,16 @@ def barrier(context: DistributedContext) -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def main_process_first(context: DistributedContext) -> Iterator[None]:
+    """Rank 0 runs the block first (it may write caches or generated data), the others after."""
+    if not context.is_main:
+        barrier(context)
+    yield
+    if context.is_main:
+        barrier(context)
+
+
 def any_true(flag: bool, context: DistributedContext, device: torch.device) -> bool:
     """True on every rank when ``flag`` is true on at least one (so all ranks stop together)."""
     if not context.enabled:
@@ -79,3 +91,14 @@ def broadcast_buffers(module: torch.nn.Module, context: DistributedContext) -> N
 def cleanup(context: DistributedContext) -> None:
     if context.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def ranks_in_sync(model: torch.nn.Module, context: DistributedContext) -> bool:
+    """Whether every rank holds the same parameters and buffers (compared by their sums)."""
+    if not context.enabled:
+        return True
+    local = torch.stack([t.detach().double().sum() for t in model.state_dict().values()
+                         if t.is_floating_point()])
+    gathered = [torch.empty_like(local) for _ in range(context.world_size)]
+    dist.all_gather(gathered, local)
+    return all(torch.equal(gathered[0], g) for g in gathered[1:])

@@ -1,0 +1,174 @@
+"""Device, precision and model wrapping, shared by train.py and inference.py.
+
+One place decides where a model runs (CPU, one GPU, DataParallel over several, one GPU per
+torchrun process), in which precision (``--amp``) and memory format (``--channels-last``), and
+wraps it accordingly (SyncBatchNorm, DistributedDataParallel / DataParallel, ``torch.compile``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from utils.distributed import DistributedContext
+from utils.errors import UserError
+
+AMP_CHOICES = ("auto", "off", "bf16", "fp16")
+
+
+@dataclass
+class Hardware:
+    """Where this process computes and how.
+
+    Attributes:
+        device: the device inputs and the model go to.
+        gpu_ids: DataParallel devices in this process (empty on CPU).
+        amp_dtype: the autocast dtype, or None for full precision.
+        channels_last: whether inputs and the model use the channels_last memory format.
+    """
+
+    device: torch.device
+    gpu_ids: list[int]
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+
+    @property
+    def devices_per_process(self) -> int:
+        return max(len(self.gpu_ids), 1)
+
+    def images(self, images: torch.Tensor) -> torch.Tensor:
+        """A ``(N, 3, H, W)`` batch on the device, in the chosen memory format."""
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's images (in the chosen memory format) and labels, on the device."""
+        return self.images(batch["image"]), batch["label"].to(self.device, non_blocking=True)
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype,
+                              enabled=self.amp_dtype is not None)
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 / AMX), where autocast pays off."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """Map ``--amp auto|off|bf16|fp16`` to an autocast dtype (None = full precision).
+
+    Raises:
+        UserError: ``fp16`` on a CPU.
+    """
+    if amp == "off":
+        return None
+    if device.type == "cuda":
+        if amp == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if amp == "bf16" else torch.float16
+    if amp == "fp16":
+        raise UserError("--amp fp16 needs a GPU; use --amp bf16 or --amp off on the CPU")
+    if amp == "bf16" or (amp == "auto" and cpu_supports_bf16()):
+        return torch.bfloat16
+    return None
+
+
+def _gpu_ids(spec: str | None, available: int) -> list[int]:
+    try:
+        ids = list(range(available)) if spec is None else [
+            int(i) for i in spec.split(",") if i.strip()]
+    except ValueError:
+        raise UserError(f"--gpu-ids {spec!r} is not a comma-separated list of integers") from None
+    bad = [i for i in ids if not 0 <= i < available]
+    if bad or not ids:
+        raise UserError(f"--gpu-ids {spec} names GPUs {bad}, but this machine has "
+                        f"{available} (ids 0-{available - 1})")
+    return ids
+
+
+def resolve_hardware(
+    *,
+    no_cuda: bool,
+    gpu_ids: str | None,
+    amp: str,
+    channels_last: bool | None,
+    context: DistributedContext,
+) -> Hardware:
+    """The device(s), precision and memory format the flags ask for on this machine.
+
+    Args:
+        no_cuda: stay on the CPU even when a GPU is present.
+        gpu_ids: ``--gpu-ids`` as typed (``"0,1"``), or None for every GPU; ignored under torchrun,
+            where each process drives the GPU of its local rank.
+        amp: ``--amp`` (see :func:`resolve_amp`).
+        channels_last: ``--channels-last``; None means on for GPUs.
+        context: this process's place in a torchrun job.
+    """
+    use_cuda = torch.cuda.is_available() and not no_cuda
+    if context.enabled:
+        device = torch.device("cuda", context.local_rank) if use_cuda else torch.device("cpu")
+        ids = [context.local_rank] if use_cuda else []
+    elif use_cuda:
+        ids = _gpu_ids(gpu_ids, torch.cuda.device_count())
+        device = torch.device("cuda", ids[0])
+    else:
+        device, ids = torch.device("cpu"), []
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return Hardware(
+        device=device,
+        gpu_ids=ids,
+        amp_dtype=resolve_amp(amp, device),
+        channels_last=device.type == "cuda" if channels_last is None else channels_last,
+    )
+
+
+def prepare_model(
+    model: nn.Module,
+    hardware: Hardware,
+    *,
+    context: DistributedContext,
+    sync_bn: bool | None,
+    compile_model: bool,
+) -> tuple[nn.Module, nn.Module, bool]:
+    """Move ``model`` to the device and wrap it for this hardware.
+
+    Args:
+        sync_bn: SyncBatchNorm across processes; None means on under torchrun with GPUs.
+        compile_model: ``torch.compile`` the wrapped model.
+
+    Returns:
+        ``(model to call, plain model, sync_bn used)``: the plain model shares its parameters with
+        the wrapped one and is what evaluation and checkpoints use.
+
+    Raises:
+        UserError: ``sync_bn`` asked for on CPUs.
+    """
+    # PyTorch's SyncBatchNorm runs on GPUs only; CPU processes keep per-process statistics
+    # (DDP still broadcasts rank 0's running statistics, so the ranks stay identical).
+    on_gpu = hardware.device.type == "cuda"
+    sync_bn = sync_bn if sync_bn is not None else context.enabled and on_gpu
+    if sync_bn and not on_gpu:
+        raise UserError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm is CUDA-only): "
+                        "drop it on CPUs")
+    if sync_bn and context.enabled:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(hardware.device)
+    if hardware.channels_last:
+        model.to(memory_format=torch.channels_last)
+    plain_model = model
+    if context.enabled:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=hardware.gpu_ids or None)
+    elif len(hardware.gpu_ids) > 1:
+        model = nn.DataParallel(model, device_ids=hardware.gpu_ids)
+    if compile_model:
+        model = torch.compile(model)
+    return model, plain_model, sync_bn
