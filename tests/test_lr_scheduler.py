@@ -162,13 +162,32 @@ def test_plot_script_writes_readable_pngs(tmp_path):
             assert len(image.convert("RGB").getcolors(maxcolors=1 << 16)) > 2  # not blank
 
 
-def test_resume_keeps_the_checkpoint_schedule_and_says_so(caplog):
+def test_resume_for_more_epochs_follows_the_new_schedule_and_says_so(caplog):
+    # A 100-iteration poly run resumed at iteration 100 for 200 iterations: the old curve is at
+    # rate 0 there, the new one at (1 - 100/200)^0.9 of the base rate.
     optimizer = make_optimizer(BASE_LR)
     scheduler = build_lr_scheduler(optimizer, "poly", total_iters=100)
-    run_lrs(scheduler, optimizer, 10)
+    run_lrs(scheduler, optimizer, 100)
+    assert optimizer.param_groups[0]["lr"] == 0.0
     resumed_optimizer = make_optimizer(BASE_LR)
     resumed = build_lr_scheduler(resumed_optimizer, "poly", total_iters=200)
     with caplog.at_level("WARNING", logger="utils.lr_scheduler"):
         resumed.load_state_dict(scheduler.state_dict())
-    assert "total_iters 200 -> 100" in caplog.text
+    assert "total_iters 100 -> 200" in caplog.text
+    assert resumed.total_iters == 200 and resumed.last_epoch == 100
+    assert resumed_optimizer.param_groups[0]["lr"] == pytest.approx(BASE_LR * 0.5 ** 0.9)
+    resumed_optimizer.step()
+    resumed.step()
+    assert resumed_optimizer.param_groups[0]["lr"] == pytest.approx(BASE_LR * (99 / 200) ** 0.9)
+
+
+def test_resume_with_the_same_schedule_is_silent(caplog):
+    optimizer = make_optimizer(BASE_LR)
+    scheduler = build_lr_scheduler(optimizer, "poly", total_iters=100)
+    run_lrs(scheduler, optimizer, 10)
+    resumed_optimizer = make_optimizer(BASE_LR)
+    resumed = build_lr_scheduler(resumed_optimizer, "poly", total_iters=100)
+    with caplog.at_level("WARNING", logger="utils.lr_scheduler"):
+        resumed.load_state_dict(scheduler.state_dict())
+    assert caplog.text == ""
     assert resumed_optimizer.param_groups[0]["lr"] == pytest.approx(BASE_LR * (1 - 10 / 100) ** 0.9)

@@ -106,21 +106,27 @@ class WarmupLRScheduler(LRScheduler):
     _get_closed_form_lr = get_lr
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the schedule and write the resumed iteration's rate into the optimizer.
+        """Restore the iteration and write the resumed iteration's rate into the optimizer.
 
-        The checkpoint's schedule wins over the one this scheduler was built with (a warning says
-        so when they differ), so a resumed run continues the curve it started on.
+        The schedule this scheduler was built with (the resumed run's flags: ``--epochs``,
+        ``--lr-scheduler``, ...) wins over the checkpoint's, so a run resumed for more epochs
+        continues along the curve of the new length instead of training the extra iterations at
+        the old curve's end (rate 0 for poly). A warning names what changed.
         """
+        schedule = {key: getattr(self, key) for key in _SCHEDULE_KEYS}
         changed = [
-            f"{key} {getattr(self, key)!r} -> {state_dict[key]!r}"
-            for key in _SCHEDULE_KEYS
-            if key in state_dict and state_dict[key] != getattr(self, key)
+            f"{key} {state_dict[key]!r} -> {value!r}"
+            for key, value in schedule.items()
+            if key in state_dict and state_dict[key] != value
         ]
+        super().load_state_dict(state_dict)
+        for key, value in schedule.items():
+            setattr(self, key, value)
         if changed:
             logger.warning(
-                "resuming the checkpoint's learning-rate schedule: %s", ", ".join(changed)
+                "learning-rate schedule changed since the checkpoint (%s): continuing at "
+                "iteration %d of the new schedule", ", ".join(changed), self.last_epoch
             )
-        super().load_state_dict(state_dict)
         # Without this the optimizer would use the rate of iteration 0 (set when this scheduler was
         # built) until the next step() if its own state was not loaded.
         for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
