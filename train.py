@@ -5,9 +5,8 @@
     torchrun --nproc_per_node 8 train.py --backbone resnet              # DDP on one machine
     python train.py --eval-only --resume run/coco/deeplab-resnet101/experiment_0/model_best.pth.tar
 
-This script is the only place (with inference.py) that reads command-line flags; everything below
-it takes plain keyword arguments. ``main`` reads as the list of steps a run takes; the loop itself
-lives in utils/engine.py, device and precision in utils/hardware.py.
+Only the scripts read command-line flags. ``main`` lists the steps of a run; the loop lives in
+utils/engine.py, device and precision in utils/hardware.py.
 """
 from __future__ import annotations
 
@@ -26,18 +25,20 @@ from dataloader import custom_transforms as tr
 from dataloader.class_weights import compute_class_weights
 from dataloader.datasets import DATASETS, build_dataset
 from dataloader.samplers import ResumableSampler, resumable_loader
-from dataloader.utils import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, DatasetError
+from dataloader.utils import IGNORE_INDEX, DatasetError
 from modeling.backbone import (BACKBONE_ALIASES, BACKBONES, PretrainedWeightsUnavailable,
                                canonical_backbone_name)
 from modeling.deeplab import DeepLab
-from utils.distributed import DistributedContext, cleanup, init_distributed, main_process_first
+from utils.distributed import (DEFAULT_TIMEOUT_MINUTES, DistributedContext, cleanup,
+                               init_distributed, main_process_first)
 from utils.engine import (Checkpointer, Interrupted, LoopSettings, NonFiniteLoss, Optimisation,
                           TrainState, evaluate_checkpoint, fit, restore_training_state)
 from utils.errors import UserError
-from utils.hardware import AMP_CHOICES, Hardware, prepare_model, resolve_hardware
+from utils.hardware import (AMP_CHOICES, Hardware, dataparallel_chunks, prepare_model,
+                            resolve_hardware, usable_batch_size)
 from utils.losses import LOSSES, build_loss
 from utils.lr_scheduler import SCHEDULERS, build_lr_scheduler
-from utils.saver import CheckpointError, Saver, load_checkpoint
+from utils.saver import CHECKPOINT_NAME, CheckpointError, Saver, load_checkpoint
 from utils.summaries import TensorboardSummary
 
 logger = logging.getLogger("train")
@@ -65,9 +66,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
-    model.add_argument("--backbone", default="resnet101",
-                       choices=sorted(BACKBONES) + sorted(BACKBONE_ALIASES),
-                       help="ResNet depth; 'resnet' means resnet101")
+    model.add_argument("--backbone", default="resnet101", choices=sorted(BACKBONES) + sorted(
+        BACKBONE_ALIASES), help="ResNet depth; 'resnet' means resnet101")
     model.add_argument("--out-stride", type=int, default=16, choices=(8, 16),
                        help="output stride of the backbone (16: faster, 8: finer)")
     model.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
@@ -84,8 +84,7 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--dataset", default="coco", choices=sorted(DATASETS))
     data.add_argument("--data-root", help="dataset folder (overrides mypath.py and its variable)")
     data.add_argument("--workers", type=int, default=4, help="data loading processes per GPU")
-    data.add_argument("--base-size", type=int, default=513,
-                      help="short side before random scaling by 0.5-2.0")
+    data.add_argument("--base-size", type=int, default=513, help="short side before 0.5-2x scaling")
     data.add_argument("--crop-size", type=int, default=513, help="square training crop")
     data.add_argument("--skip-bad-images", action=argparse.BooleanOptionalAction, default=False,
                       help="skip unreadable images (counted per epoch) instead of stopping")
@@ -99,9 +98,8 @@ def _optimisation_args(parser: argparse.ArgumentParser) -> None:
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, help="default: by dataset, " + ", ".join(
         f"{k} {v}" for k, v in sorted(DEFAULT_EPOCHS.items())))
-    optim.add_argument("--batch-size", type=int,
-                       help=f"images per step in this process (default {DEFAULT_BATCH_PER_DEVICE}"
-                            " per GPU used by it)")
+    optim.add_argument("--batch-size", type=int, help=f"images per step in this process "
+                       f"(default {DEFAULT_BATCH_PER_DEVICE} per GPU used by it)")
     optim.add_argument("--lr", type=float, help=f"backbone learning rate; the head gets 10x "
                        f"(default {REFERENCE_LR} x total batch / {REFERENCE_BATCH})")
     optim.add_argument("--lr-scheduler", default="poly", choices=SCHEDULERS)
@@ -118,22 +116,24 @@ def _optimisation_args(parser: argparse.ArgumentParser) -> None:
 def _hardware_args(parser: argparse.ArgumentParser) -> None:
     hw = parser.add_argument_group("hardware")
     hw.add_argument("--no-cuda", action="store_true", help="train on the CPU even with a GPU")
-    hw.add_argument("--gpu-ids", default=None,
-                    help="comma-separated GPUs for DataParallel, e.g. 0,1 (default: all)")
+    hw.add_argument("--gpu-ids", help="GPUs for DataParallel, e.g. 0,1 (default: all)")
     hw.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                     help="mixed precision; auto: bf16 where supported, else fp16 on GPU, else off")
     hw.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                     help="channels_last memory format (default: on for GPUs)")
-    hw.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                    help="torch.compile the model")
+    hw.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    hw.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_MINUTES,
+                    help="minutes a torchrun rank may wait in a collective before failing")
     hw.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
-                    help="SyncBatchNorm across processes (default: on with torchrun, >1 process "
-                         "and GPUs)")
+                    help="SyncBatchNorm across processes (default: on under torchrun on GPUs)")
 
 
 def _run_args(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument("--resume", metavar="CKPT", help="continue training from a checkpoint")
+    run.add_argument("--auto-resume", action="store_true", help="continue from the run folder's "
+                     "checkpoint if it has one (--run-dir, else the newest experiment of "
+                     "--checkname), else start there: a requeued job needs no edited command")
     run.add_argument("--ft", action="store_true",
                      help="with --resume: fine-tune from its weights only (new optimiser, epoch 0)")
     run.add_argument("--checkname", help="run name (default deeplab-<backbone>)")
@@ -141,8 +141,7 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--run-dir", help="exact experiment folder (default: next experiment_<k>)")
     run.add_argument("--eval-interval", type=int, default=1, help="evaluate every N epochs")
     run.add_argument("--eval-only", action="store_true", help="evaluate --resume and exit")
-    run.add_argument("--eval-size", type=int,
-                     help="resize the short side of val inputs (labels stay full size)")
+    run.add_argument("--eval-size", type=int, help="short side of val inputs (labels: full size)")
     run.add_argument("--eval-scales", type=float, nargs="+", default=[1.0],
                      help="multi-scale testing: input scales whose softmax is averaged")
     run.add_argument("--eval-flip", action=argparse.BooleanOptionalAction, default=False,
@@ -170,6 +169,20 @@ def check_flags(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------- the steps of a run
+
+
+def auto_resume(args: argparse.Namespace) -> argparse.Namespace:
+    """``--auto-resume``: the flags with ``--resume`` set to the run folder's checkpoint (no
+    ``--ft``: that was the first start's), or ``--run-dir`` set to the folder to start in."""
+    if not args.auto_resume:
+        return args
+    checkname = args.checkname or f"deeplab-{canonical_backbone_name(args.backbone)}"
+    folder = args.run_dir or Saver.latest_experiment_dir(
+        os.path.join(args.run_root, args.dataset, checkname))
+    if folder is not None and os.path.isfile(os.path.join(folder, CHECKPOINT_NAME)):
+        return argparse.Namespace(**dict(vars(args), resume=os.path.join(folder, CHECKPOINT_NAME),
+                                         ft=False, run_dir=str(folder)))
+    return argparse.Namespace(**dict(vars(args), run_dir=folder and str(folder)))
 
 
 def read_checkpoint(path: str | None) -> dict | None:
@@ -200,17 +213,6 @@ def build_datasets(args: argparse.Namespace, context: DistributedContext) -> tup
                                                                       args.crop_size),
             skip_bad_images=args.skip_bad_images, cache_dir=args.cache_dir)
     return train_set, val_set
-
-
-def run_settings(model: DeepLab, class_names: list[str], palette: list[list[int]]) -> dict:
-    """What inference.py and --eval-only need to rebuild and use the model: plain types only."""
-    return dict(
-        model.settings(),
-        class_names=list(class_names),
-        palette=[[int(c) for c in color] for color in palette],
-        mean=list(IMAGENET_MEAN),
-        std=list(IMAGENET_STD),
-    )
 
 
 def build_model(args: argparse.Namespace, checkpoint: dict | None, num_classes: int,
@@ -264,10 +266,11 @@ def plan_schedule(args: argparse.Namespace, train_size: int, hardware: Hardware,
                   context: DistributedContext) -> Schedule:
     devices = hardware.devices_per_process
     batch_size = args.batch_size or DEFAULT_BATCH_PER_DEVICE * devices
-    if batch_size < 2 * devices:
-        raise UserError(f"--batch-size {batch_size} gives fewer than 2 images per device on "
-                        f"{devices} device(s); BatchNorm in ASPP's image pooling needs 2: use "
-                        f"--batch-size {2 * devices} or more")
+    if usable_batch_size(batch_size, devices) != batch_size:
+        good = max(2, -(-batch_size // devices)) * devices  # chunks of equal size, >= 2
+        raise UserError(f"--batch-size {batch_size} splits over {devices} device(s) as "
+                        f"{dataparallel_chunks(batch_size, devices)}; BatchNorm in ASPP's image "
+                        f"pooling needs 2 per device: use --batch-size {good}")
     total_batch = batch_size * context.world_size
     iters_per_epoch = train_size // context.world_size // batch_size
     if iters_per_epoch == 0:
@@ -351,7 +354,9 @@ def loader(dataset, *, batch_size: int, shuffle: bool, args: argparse.Namespace,
 def main(args: argparse.Namespace) -> dict:
     """Train (or with ``--eval-only`` evaluate) as the flags say; returns a summary dict."""
     check_flags(args)
-    context = init_distributed(use_cuda=torch.cuda.is_available() and not args.no_cuda)
+    args = auto_resume(args)
+    context = init_distributed(use_cuda=torch.cuda.is_available() and not args.no_cuda,
+                               timeout_minutes=args.dist_timeout)
     try:
         hardware = resolve_hardware(no_cuda=args.no_cuda, gpu_ids=args.gpu_ids, amp=args.amp,
                                     channels_last=args.channels_last, context=context)
@@ -359,7 +364,7 @@ def main(args: argparse.Namespace) -> dict:
         checkpoint = read_checkpoint(args.resume)
         train_set, val_set = build_datasets(args, context)
         model = build_model(args, checkpoint, len(val_set.class_names), context)
-        settings = run_settings(model, val_set.class_names, val_set.palette)
+        settings = dict(model.settings(), **val_set.metadata())  # a self-describing checkpoint
         # Same initial weights on every rank (DDP also broadcasts them), different dropout masks.
         torch.manual_seed(args.seed + context.rank)
         model, plain_model, sync_bn = prepare_model(
@@ -398,7 +403,8 @@ def train(args: argparse.Namespace, *, model: nn.Module, plain_model: DeepLab, s
         total_iters=schedule.total_iters, iters_per_epoch=schedule.iters_per_epoch,
         batch_size=schedule.batch_size, print_freq=args.print_freq,
         save_interval=args.save_interval, eval_interval=args.eval_interval,
-        eval_scales=tuple(args.eval_scales), eval_flip=args.eval_flip)
+        eval_scales=tuple(args.eval_scales), eval_flip=args.eval_flip,
+        skip_bad_images=args.skip_bad_images)
     checkpointer = Checkpointer(saver=saver, summary=summary, model=plain_model,
                                 optimisation=optimisation,
                                 iters_per_epoch=schedule.iters_per_epoch, settings=settings)

@@ -73,6 +73,11 @@ class DeepLab(nn.Module):
         for head in (self.aspp, self.decoder, self.aux_classifier):
             if head is not None:
                 _init_head(head)
+        # The classifiers keep PyTorch's default init, as torchvision's segmentation heads do:
+        # kaiming fan_out over the class count gave logits of std ~2.8 and a first loss near 6
+        # instead of ln(num_classes).
+        for layer in self._classifiers().values():
+            layer.reset_parameters()
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> "DeepLab":
@@ -93,12 +98,16 @@ class DeepLab(nn.Module):
             "aux_loss": self.aux_loss,
         }
 
-    def classifier_parameter_names(self) -> list[str]:
-        """State-dict keys whose shape depends on ``num_classes`` (re-initialised by fine-tuning)."""
+    def _classifiers(self) -> dict[str, nn.Conv2d]:
+        """The layers producing class logits, by state-dict prefix."""
         heads = {"decoder.classifier": self.decoder.classifier}
         if self.aux_classifier is not None:
             heads["aux_classifier." + str(len(self.aux_classifier) - 1)] = self.aux_classifier[-1]
-        return [f"{prefix}.{name}" for prefix, layer in heads.items()
+        return heads
+
+    def classifier_parameter_names(self) -> list[str]:
+        """State-dict keys whose shape depends on ``num_classes`` (re-initialised by fine-tuning)."""
+        return [f"{prefix}.{name}" for prefix, layer in self._classifiers().items()
                 for name, _ in layer.named_parameters()]
 
     def load_finetune_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> list[str]:

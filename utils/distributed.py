@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 from dataclasses import dataclass
@@ -30,11 +31,18 @@ class DistributedContext:
         return self.rank == 0
 
 
-def init_distributed(use_cuda: bool) -> DistributedContext:
+#: Collective timeout: rank 0's first start (the COCO index, class weights over 118k masks) can
+#: keep the other ranks at a barrier far longer than PyTorch's default 10 minutes.
+DEFAULT_TIMEOUT_MINUTES = 60
+
+
+def init_distributed(use_cuda: bool,
+                     timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistributedContext:
     """Join the process group torchrun describes through RANK / WORLD_SIZE / LOCAL_RANK.
 
     Without those variables this is a single-process run and nothing is initialised. NCCL is used
-    when the process drives a GPU, gloo on CPU.
+    when the process drives a GPU, gloo on CPU; a collective that waits longer than
+    ``timeout_minutes`` fails instead of hanging.
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistributedContext()
@@ -46,7 +54,8 @@ def init_distributed(use_cuda: bool) -> DistributedContext:
     if use_cuda:
         torch.cuda.set_device(context.local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     logger.info("process %d of %d (local rank %d)", context.rank, context.world_size,
                 context.local_rank)
     return context

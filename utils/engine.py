@@ -23,7 +23,7 @@ from tqdm import tqdm
 from utils.distributed import DistributedContext, any_true, broadcast_buffers, ranks_in_sync
 from utils.errors import UserError
 from utils.fileio import atomic_write_text
-from utils.hardware import Hardware
+from utils.hardware import Hardware, cudnn_benchmark, usable_batch_size
 from utils.metrics import Evaluator
 from utils.saver import Saver, get_rng_state, set_rng_state
 from utils.summaries import TensorboardSummary
@@ -155,6 +155,26 @@ def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
     return loss
 
 
+def step_batch(batch: dict[str, Any], hardware: Hardware, context: DistributedContext,
+               agree: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The part of a loaded batch one step trains on (on the device), or None to skip the step.
+
+    BatchNorm in ASPP's image pooling needs 2 images per device: a batch that
+    ``--skip-bad-images`` shrank is cut to the largest size DataParallel splits into chunks of
+    at least 2, or skipped. With ``agree`` (DDP with skipping), the ranks skip together: a rank
+    that sat out would leave the others waiting in SyncBatchNorm and the gradient all-reduce.
+    """
+    size = len(batch["image"]) if "image" in batch else 0
+    usable = usable_batch_size(size, hardware.devices_per_process)
+    if agree and any_true(usable == 0, context, hardware.device):
+        return None
+    if usable == 0:
+        return None
+    images, targets = hardware.inputs({"image": batch["image"][:usable],
+                                       "label": batch["label"][:usable]})
+    return images, targets
+
+
 def train_one_epoch(
     *,
     model: nn.Module,
@@ -170,6 +190,7 @@ def train_one_epoch(
     stop: StopFlag,
     context: DistributedContext,
     show_progress: bool,
+    agree_on_skips: bool = False,
 ) -> int:
     """Run the rest of epoch ``state.epoch``; returns how many bad samples were skipped.
 
@@ -178,6 +199,8 @@ def train_one_epoch(
             the ranks' agreement on a stop signal).
         save_interval: also save every this many iterations (0: only at the epoch's end).
         save: ``save(is_best)`` writes the training state (a no-op on ranks other than 0).
+        agree_on_skips: under DDP with ``--skip-bad-images``, agree on skipped steps (one small
+            collective per iteration; see :func:`step_batch`).
 
     Raises:
         NonFiniteLoss: the loss became NaN or infinite.
@@ -191,12 +214,11 @@ def train_one_epoch(
     log = TrainLog(summary, progress, context.world_size)
     for batch in progress:
         skipped += int(batch["skipped"])
-        # BatchNorm in the image-pooling branch needs two samples per device.
-        if "image" in batch and len(batch["image"]) >= 2 * hardware.devices_per_process:
-            images, targets = hardware.inputs(batch)
-            loss = train_step(model, images, targets, optimisation, hardware)
+        inputs = step_batch(batch, hardware, context, agree_on_skips)
+        if inputs is not None:
+            loss = train_step(model, *inputs, optimisation, hardware)
             log.add(state.iteration + 1, loss, optimisation.optimizer.param_groups[0]["lr"],
-                    len(images))
+                    len(inputs[0]))
         optimisation.scheduler.step()
         state.iteration += 1
 
@@ -217,6 +239,24 @@ def train_one_epoch(
     return skipped
 
 
+#: Under DDP the ranks compare stop flags every this many evaluation batches (a collective).
+EVAL_STOP_CHECK_INTERVAL = 10
+
+
+def _stop_requested(stop: StopFlag | None, index: int, common_batches: int,
+                    context: DistributedContext, device: torch.device) -> bool:
+    """Whether evaluation should stop before batch ``index``. One process reads its flag; DDP
+    ranks agree every :data:`EVAL_STOP_CHECK_INTERVAL` batches, while every rank still has
+    batches (``common_batches``), so that all of them take part in the collective."""
+    if stop is None:
+        return False
+    if not context.enabled:
+        return stop.signum is not None
+    if index % EVAL_STOP_CHECK_INTERVAL or index >= common_batches:
+        return False
+    return any_true(stop.signum is not None, context, device)
+
+
 @torch.no_grad()
 def evaluate(
     *,
@@ -227,27 +267,41 @@ def evaluate(
     scales: list[float],
     flip: bool,
     show_progress: bool,
+    stop: StopFlag | None = None,
+    context: DistributedContext = DistributedContext(),
 ) -> tuple[Evaluator, dict | None]:
     """Score full-resolution predictions on every val image (summed over ranks).
 
-    Returns the evaluator and, for the TensorBoard grid, the first batch's tensors.
+    A stop signal (``stop``) ends evaluation within a few batches: a full COCO val takes
+    minutes, longer than a pre-emption grace period.
+
+    Returns:
+        The evaluator and, for the TensorBoard grid, the first batch's tensors.
+
+    Raises:
+        Interrupted: ``stop`` was set during evaluation.
     """
     model.eval()
     evaluator = Evaluator(num_classes, device=hardware.device)
     first = None
-    for batch in tqdm(loader, desc="val", disable=not show_progress, dynamic_ncols=True):
-        if "image" not in batch:
-            continue
-        image, target = hardware.inputs(batch)
-        with hardware.autocast():
-            probabilities = predict_probabilities(model, image, tuple(target.shape[-2:]),
-                                                  scales, flip)
-        prediction = probabilities.argmax(dim=1)
-        evaluator.add_batch(target, prediction)
-        if first is None:
-            first = {"image": F.interpolate(image.float(), size=tuple(target.shape[-2:]),
-                                            mode="bilinear", align_corners=False).cpu(),
-                     "target": target.cpu(), "prediction": prediction.cpu()}
+    common_batches = len(loader.dataset) // context.world_size // (loader.batch_size or 1)
+    progress = tqdm(loader, desc="val", disable=not show_progress, dynamic_ncols=True)
+    with cudnn_benchmark(False):  # every full-resolution image has its own size
+        for index, batch in enumerate(progress):
+            if _stop_requested(stop, index, common_batches, context, hardware.device):
+                raise Interrupted(stop.signum or signal.SIGTERM)
+            if "image" not in batch:
+                continue
+            image, target = hardware.inputs(batch)
+            with hardware.autocast():
+                probabilities = predict_probabilities(model, image, tuple(target.shape[-2:]),
+                                                      scales, flip)
+            prediction = probabilities.argmax(dim=1)
+            evaluator.add_batch(target, prediction)
+            if first is None:
+                first = {"image": F.interpolate(image.float(), size=tuple(target.shape[-2:]),
+                                                mode="bilinear", align_corners=False).cpu(),
+                         "target": target.cpu(), "prediction": prediction.cpu()}
     evaluator.all_reduce()
     return evaluator, first
 
@@ -337,19 +391,20 @@ class LoopSettings:
     eval_interval: int = 1  # epochs
     eval_scales: tuple[float, ...] = (1.0,)
     eval_flip: bool = False
+    skip_bad_images: bool = False  # batches may shrink: DDP ranks agree on skipped steps
 
 
 def evaluate_and_report(*, model: nn.Module, loader: torch.utils.data.DataLoader,
                         class_names: list[str], hardware: Hardware, scales: list[float],
                         flip: bool, context: DistributedContext, header: str | None = None,
-                        ) -> tuple[dict, dict | None]:
+                        stop: StopFlag | None = None) -> tuple[dict, dict | None]:
     """Evaluate and print the per-class table on rank 0 (after ``header``).
 
     Returns the metrics of :meth:`Evaluator.results` and the first batch (see :func:`evaluate`).
     """
     evaluator, first = evaluate(model=model, loader=loader, num_classes=len(class_names),
                                 hardware=hardware, scales=scales, flip=flip,
-                                show_progress=context.is_main)
+                                show_progress=context.is_main, stop=stop, context=context)
     if context.is_main:
         if header:
             print(header)
@@ -409,17 +464,23 @@ def fit(*, model: nn.Module, plain_model: nn.Module, optimisation: Optimisation,
                 state=state, iters_per_epoch=loop.iters_per_epoch,
                 print_freq=max(loop.print_freq, 1), save_interval=loop.save_interval,
                 save=functools.partial(checkpointer.save, state), summary=summary, stop=stop,
-                context=context, show_progress=context.is_main)
+                context=context, show_progress=context.is_main,
+                agree_on_skips=context.enabled and loop.skip_bad_images)
             if skipped and context.is_main:
                 print(f"epoch {state.epoch}: skipped {skipped} bad samples (--skip-bad-images)")
             is_best = False
             broadcast_buffers(plain_model, context)
             if ((state.epoch + 1) % max(loop.eval_interval, 1) == 0
                     or state.iteration >= loop.total_iters):
-                last_results, first = evaluate_and_report(
-                    model=plain_model, loader=val_loader, class_names=settings["class_names"],
-                    hardware=hardware, scales=list(loop.eval_scales), flip=loop.eval_flip,
-                    context=context, header=f"epoch {state.epoch} (iteration {state.iteration}):")
+                try:
+                    last_results, first = evaluate_and_report(
+                        model=plain_model, loader=val_loader,
+                        class_names=settings["class_names"], hardware=hardware,
+                        scales=list(loop.eval_scales), flip=loop.eval_flip, context=context,
+                        header=f"epoch {state.epoch} (iteration {state.iteration}):", stop=stop)
+                except Interrupted:  # the epoch's training is kept; its evaluation is not
+                    checkpointer.save(state, is_best=False)
+                    raise
                 miou = last_results["mean_iou"]  # None when nothing could be scored
                 is_best = miou is not None and miou > state.best_pred
                 state.best_pred = miou if is_best else state.best_pred

@@ -6,8 +6,9 @@ wraps it accordingly (SyncBatchNorm, DistributedDataParallel / DataParallel, ``t
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -62,6 +63,20 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
+def auto_amp_dtype(device_type: str, *, cuda_capability: tuple[int, int] | None = None,
+                   cpu_bf16: bool = False) -> torch.dtype | None:
+    """What ``--amp auto`` picks: bf16 where the hardware computes it natively (GPUs of compute
+    capability 8.0 and later, CPUs with AVX512-BF16 / AMX), fp16 on older GPUs, else fp32.
+
+    ``torch.cuda.is_bf16_supported()`` also counts emulated bf16, which on a V100 or T4
+    (capability 7.x) is far slower than fp16, so the capability decides.
+    """
+    if device_type == "cuda":
+        return torch.bfloat16 if cuda_capability is not None and cuda_capability >= (8, 0) \
+            else torch.float16
+    return torch.bfloat16 if cpu_bf16 else None
+
+
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """Map ``--amp auto|off|bf16|fp16`` to an autocast dtype (None = full precision).
 
@@ -72,14 +87,43 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
         return None
     if device.type == "cuda":
         if amp == "auto":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return auto_amp_dtype("cuda", cuda_capability=torch.cuda.get_device_capability(device))
         return torch.bfloat16 if amp == "bf16" else torch.float16
     if amp == "fp16":
         raise UserError("--amp fp16 needs a GPU; use --amp bf16 or --amp off on the CPU")
-    if amp == "bf16" or (amp == "auto" and cpu_supports_bf16()):
+    if amp == "bf16":
         return torch.bfloat16
-    return None
+    return auto_amp_dtype("cpu", cpu_bf16=cpu_supports_bf16())
 
+
+@contextlib.contextmanager
+def cudnn_benchmark(enabled: bool) -> Iterator[None]:
+    """Set ``torch.backends.cudnn.benchmark`` inside the block, restore it after.
+
+    Training crops have one size, where tuning pays; full-resolution evaluation sees a new size
+    with nearly every image, and would re-tune the convolutions for each.
+    """
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+def dataparallel_chunks(batch_size: int, devices: int) -> list[int]:
+    """The images each device gets when DataParallel scatters a batch (``torch.chunk``'s
+    split: 10 over 4 GPUs is 3, 3, 3, 1; some devices may get none)."""
+    return [len(chunk) for chunk in torch.arange(batch_size).chunk(devices)]
+
+
+def usable_batch_size(batch_size: int, devices: int) -> int:
+    """The largest number of a batch's images, at most ``batch_size``, that gives every device
+    that receives any at least 2 (the ASPP image-pooling BatchNorm needs 2); 0 if none does."""
+    for size in range(batch_size, 1, -1):
+        if min(dataparallel_chunks(size, devices)) >= 2:
+            return size
+    return 0
 
 def _gpu_ids(spec: str | None, available: int) -> list[int]:
     try:

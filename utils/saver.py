@@ -192,6 +192,15 @@ class Saver:
         logger.info("run folder: %s", self.experiment_dir)
 
     @staticmethod
+    def latest_experiment_dir(parent: str | os.PathLike) -> Path | None:
+        """The ``experiment_<k>`` folder with the largest ``k`` under ``parent``, or None."""
+        parent = Path(parent)
+        numbered = [(int(match.group(1)), entry) for entry in
+                    (parent.iterdir() if parent.is_dir() else [])
+                    if (match := _EXPERIMENT.fullmatch(entry.name)) and entry.is_dir()]
+        return max(numbered)[1] if numbered else None
+
+    @staticmethod
     def _new_experiment_dir(parent: Path) -> Path:
         parent.mkdir(parents=True, exist_ok=True)
         numbers = [

@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 
 from dataloader.utils import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     DatasetError,
     file_fingerprint,
     image_size,
@@ -50,6 +52,16 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def palette(self) -> list[list[int]]:
         """Per-class RGB colours (plain lists)."""
         return palette_for(self.num_classes)
+
+    def metadata(self) -> dict[str, Any]:
+        """What a checkpoint needs besides the model to be used on new images: class names,
+        palette and the input normalisation (plain types only)."""
+        return {
+            "class_names": list(self.class_names),
+            "palette": [[int(c) for c in color] for color in self.palette],
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+        }
 
     def load_sample(self, index: int) -> tuple[Image.Image, Image.Image]:
         """Return ``(RGB image, "L" label)`` for item ``index``; raise DatasetError on bad files."""

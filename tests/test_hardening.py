@@ -1,0 +1,185 @@
+"""Faults that hit real clusters, tested through their decision logic on the CPU: DataParallel
+chunks, agreed skips under DDP, the autocast dtype per GPU generation, cudnn tuning during
+evaluation, the process-group timeout and the classifier's initial loss."""
+from __future__ import annotations
+
+import datetime
+import math
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import train
+from modeling.deeplab import DeepLab
+from utils import distributed
+from utils.distributed import DistributedContext
+from utils.engine import evaluate, step_batch
+from utils.errors import UserError
+from utils.hardware import (Hardware, auto_amp_dtype, dataparallel_chunks, resolve_amp,
+                            usable_batch_size)
+
+CPU = Hardware(device=torch.device("cpu"), gpu_ids=[], amp_dtype=None, channels_last=False)
+
+
+def gpus(count: int) -> Hardware:
+    """A DataParallel set-up of ``count`` GPUs, as far as batch planning is concerned."""
+    return Hardware(device=torch.device("cpu"), gpu_ids=list(range(count)), amp_dtype=None,
+                    channels_last=False)
+
+
+def batch_of(size: int, skipped: int = 0) -> dict:
+    if size == 0:  # what collate_skipping_bad gives when every sample of a batch was bad
+        return {"skipped": skipped}
+    return {"image": torch.arange(size, dtype=torch.float32).view(size, 1, 1, 1).expand(
+        size, 3, 4, 4), "label": torch.zeros(size, 4, 4, dtype=torch.long), "skipped": skipped}
+
+
+# ------------------------------------------------------------------ 1. DataParallel chunk sizes
+
+
+def test_dataparallel_splits_like_torch_chunk():
+    # The splits the issue measured: one GPU would get a single image.
+    assert dataparallel_chunks(10, 4) == [3, 3, 3, 1]
+    assert dataparallel_chunks(22, 8) == [3] * 7 + [1]
+    assert dataparallel_chunks(8, 4) == [2, 2, 2, 2]
+    assert usable_batch_size(10, 4) == 9  # 3, 3, 3
+    assert usable_batch_size(22, 8) == 21  # seven 3s
+    assert usable_batch_size(3, 2) == 0  # 2 + 1 or 1 + 1
+    assert usable_batch_size(1, 1) == 0 and usable_batch_size(2, 1) == 2
+
+
+@pytest.mark.parametrize("batch, devices, suggestion", [(10, 4, 12), (22, 8, 24), (1, 1, 2)])
+def test_a_batch_that_leaves_a_gpu_one_image_is_refused(batch, devices, suggestion):
+    args = train.get_args_parser().parse_args(["--dataset", "demo", "--batch-size", str(batch)])
+    with pytest.raises(UserError, match=f"use --batch-size {suggestion}$"):
+        train.plan_schedule(args, 1000, gpus(devices), DistributedContext())
+    suggested = train.get_args_parser().parse_args(
+        ["--dataset", "demo", "--batch-size", str(suggestion)])
+    schedule = train.plan_schedule(suggested, 1000, gpus(devices), DistributedContext())
+    assert min(dataparallel_chunks(schedule.batch_size, devices)) >= 2
+
+
+def test_a_batch_shrunk_by_skipped_images_is_cut_to_chunks_of_two():
+    # 10 images on 4 GPUs would give the last one a single image: train on 9 (3, 3, 3).
+    images, targets = step_batch(batch_of(10), gpus(4), DistributedContext(), agree=False)
+    assert len(images) == len(targets) == 9
+    assert images[:, 0, 0, 0].tolist() == list(range(9))
+    assert step_batch(batch_of(3), gpus(2), DistributedContext(), agree=False) is None
+    assert step_batch(batch_of(0, skipped=4), CPU, DistributedContext(), agree=False) is None
+    assert len(step_batch(batch_of(3), CPU, DistributedContext(), agree=False)[0]) == 3
+
+
+# ------------------------------------------------------------------ 2. DDP ranks skip together
+
+
+def _step_on_rank(rank: int, port: int, sizes: list[int], results) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=len(sizes), timeout=datetime.timedelta(seconds=60))
+    try:
+        context = DistributedContext(rank=rank, world_size=len(sizes))
+        inputs = step_batch(batch_of(sizes[rank], skipped=4 - sizes[rank]), CPU, context,
+                            agree=True)
+        results[rank] = 0 if inputs is None else len(inputs[0])
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("sizes, expected", [([4, 0], [0, 0]), ([1, 4], [0, 0]),
+                                             ([4, 3], [4, 3])])
+def test_ddp_ranks_agree_to_skip_a_step_one_of_them_cannot_take(sizes, expected):
+    # A rank whose batch lost its images (or kept one) must not leave the other in the
+    # collectives of a step it does not take: both skip, or both train.
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(_step_on_rank, args=(free_port(), sizes, results),
+                           nprocs=len(sizes), start_method="spawn")
+        assert [results[rank] for rank in range(len(sizes))] == expected
+
+
+# ------------------------------------------------------------------ 3. autocast dtype per GPU
+
+
+@pytest.mark.parametrize("capability, dtype", [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                               ((8, 0), torch.bfloat16), ((8, 6), torch.bfloat16),
+                                               ((9, 0), torch.bfloat16)])
+def test_amp_auto_picks_native_bf16_only_from_ampere_on(capability, dtype, monkeypatch):
+    assert auto_amp_dtype("cuda", cuda_capability=capability) is dtype
+    # torch.cuda.is_bf16_supported() counts emulation (True on a V100): it must not decide.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_amp("auto", torch.device("cuda", 0)) is dtype
+    assert resolve_amp("fp16", torch.device("cuda", 0)) is torch.float16
+    assert resolve_amp("off", torch.device("cuda", 0)) is None
+
+
+def test_amp_auto_on_cpus():
+    assert auto_amp_dtype("cpu", cpu_bf16=True) is torch.bfloat16
+    assert auto_amp_dtype("cpu", cpu_bf16=False) is None
+
+
+# ------------------------------------------------------------------ 6. no cudnn tuning in eval
+
+
+class _RecordsCudnnBenchmark(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[bool] = []
+
+    def forward(self, x):
+        self.seen.append(torch.backends.cudnn.benchmark)
+        return {"out": torch.zeros(x.shape[0], 2, *x.shape[-2:])}
+
+
+def test_evaluation_turns_cudnn_benchmark_off_and_restores_it(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    model = _RecordsCudnnBenchmark()
+    data = [{"image": torch.zeros(3, 5 + i, 7), "label": torch.zeros(5 + i, 7, dtype=torch.long)}
+            for i in range(3)]
+    loader = torch.utils.data.DataLoader(data, batch_size=1)
+    evaluator, _ = evaluate(model=model, loader=loader, num_classes=2, hardware=CPU,
+                            scales=[1.0], flip=False, show_progress=False)
+    assert model.seen == [False, False, False]
+    assert torch.backends.cudnn.benchmark is True
+    assert evaluator.confusion_matrix.sum().item() == 5 * 7 + 6 * 7 + 7 * 7
+
+
+# ------------------------------------------------------------------ 7. process-group timeout
+
+
+def test_process_group_gets_a_timeout_longer_than_rank_zeros_first_start(monkeypatch):
+    seen = {}
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: seen.update(kwargs))
+    context = distributed.init_distributed(use_cuda=False, timeout_minutes=90)
+    assert context.rank == 1 and context.world_size == 2
+    assert seen == {"backend": "gloo", "timeout": datetime.timedelta(minutes=90)}
+    # The default is well past PyTorch's 10 minutes, and --dist-timeout sets it.
+    assert train.get_args_parser().parse_args([]).dist_timeout == 60
+    assert train.get_args_parser().parse_args(["--dist-timeout", "5"]).dist_timeout == 5
+
+
+# ------------------------------------------------------------------ 9. the first loss is ln(C)
+
+
+@pytest.mark.parametrize("num_classes", [21, 171])
+def test_initial_loss_is_near_log_of_the_class_count(num_classes):
+    torch.manual_seed(0)
+    model = DeepLab(backbone="resnet18", num_classes=num_classes, aux_loss=True).train()
+    images = torch.randn(4, 3, 96, 96)
+    targets = torch.randint(0, num_classes, (4, 96, 96))
+    outputs = model(images)
+    for name in ("out", "aux"):
+        loss = torch.nn.functional.cross_entropy(outputs[name], targets).item()
+        assert loss == pytest.approx(math.log(num_classes), abs=0.25), name
+        assert outputs[name].std().item() < 1.0, name
