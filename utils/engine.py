@@ -47,6 +47,7 @@ class TrainState:
     epoch: int = 0  # epoch in progress
     iteration: int = 0  # optimiser steps completed since the start of training
     best_pred: float = 0.0  # best val mIoU so far
+    eval_pending: bool = False  # the epoch has trained; its evaluation was interrupted
 
 
 @dataclass
@@ -323,6 +324,7 @@ def training_state(*, model: nn.Module, optimisation: Optimisation, state: Train
         "iteration": state.iteration,
         "iters_per_epoch": iters_per_epoch,
         "best_pred": state.best_pred,
+        "eval_pending": state.eval_pending,
         "rng": get_rng_state(),
         "settings": settings,
     }
@@ -350,8 +352,11 @@ def restore_training_state(checkpoint: dict[str, Any], *, optimisation: Optimisa
     set_rng_state(checkpoint["rng"])
     if rank:
         torch.manual_seed(seed + rank + checkpoint["iteration"])
-    return TrainState(epoch=checkpoint["iteration"] // iters_per_epoch,
-                      iteration=checkpoint["iteration"], best_pred=checkpoint["best_pred"])
+    pending = bool(checkpoint.get("eval_pending", False))
+    return TrainState(epoch=checkpoint["epoch"] if pending else
+                      checkpoint["iteration"] // iters_per_epoch,
+                      iteration=checkpoint["iteration"], best_pred=checkpoint["best_pred"],
+                      eval_pending=pending)
 
 
 @dataclass
@@ -440,6 +445,26 @@ def log_evaluation(results: dict, first: dict | None, *, state: TrainState, sett
                                  indent=2, sort_keys=True))
 
 
+def _train_epoch(*, model: nn.Module, plain_model: nn.Module, optimisation: Optimisation,
+                 loader: torch.utils.data.DataLoader, sampler: Any, state: TrainState,
+                 checkpointer: Checkpointer, loop: LoopSettings, hardware: Hardware,
+                 context: DistributedContext, stop: StopFlag) -> None:
+    """Train the epoch ``state.iteration`` is in, from where it stands, and leave every rank
+    with rank 0's BatchNorm statistics."""
+    state.epoch = state.iteration // loop.iters_per_epoch
+    sampler.set_epoch(state.epoch, start=(state.iteration % loop.iters_per_epoch)
+                      * loop.batch_size)
+    skipped = train_one_epoch(
+        model=model, optimisation=optimisation, loader=loader, hardware=hardware, state=state,
+        iters_per_epoch=loop.iters_per_epoch, print_freq=max(loop.print_freq, 1),
+        save_interval=loop.save_interval, save=functools.partial(checkpointer.save, state),
+        summary=checkpointer.summary, stop=stop, context=context,
+        show_progress=context.is_main, agree_on_skips=context.enabled and loop.skip_bad_images)
+    if skipped and context.is_main:
+        print(f"epoch {state.epoch}: skipped {skipped} bad samples (--skip-bad-images)")
+    broadcast_buffers(plain_model, context)
+
+
 def fit(*, model: nn.Module, plain_model: nn.Module, optimisation: Optimisation,
         train_loader: torch.utils.data.DataLoader, train_sampler: Any,
         val_loader: torch.utils.data.DataLoader, state: TrainState, checkpointer: Checkpointer,
@@ -452,40 +477,33 @@ def fit(*, model: nn.Module, plain_model: nn.Module, optimisation: Optimisation,
         plain_model: the unwrapped model, for evaluation and checkpoints.
         train_sampler: the train loader's ``ResumableSampler``.
     """
-    settings, summary = checkpointer.settings, checkpointer.summary
     last_results = None
     with StopFlag().installed() as stop:
-        while state.iteration < loop.total_iters:
-            state.epoch = state.iteration // loop.iters_per_epoch
-            train_sampler.set_epoch(state.epoch, start=(
-                state.iteration % loop.iters_per_epoch) * loop.batch_size)
-            skipped = train_one_epoch(
-                model=model, optimisation=optimisation, loader=train_loader, hardware=hardware,
-                state=state, iters_per_epoch=loop.iters_per_epoch,
-                print_freq=max(loop.print_freq, 1), save_interval=loop.save_interval,
-                save=functools.partial(checkpointer.save, state), summary=summary, stop=stop,
-                context=context, show_progress=context.is_main,
-                agree_on_skips=context.enabled and loop.skip_bad_images)
-            if skipped and context.is_main:
-                print(f"epoch {state.epoch}: skipped {skipped} bad samples (--skip-bad-images)")
+        while state.iteration < loop.total_iters or state.eval_pending:
+            if not state.eval_pending:  # else a resumed run owes the last epoch's evaluation
+                _train_epoch(model=model, plain_model=plain_model, optimisation=optimisation,
+                             loader=train_loader, sampler=train_sampler, state=state,
+                             checkpointer=checkpointer, loop=loop, hardware=hardware,
+                             context=context, stop=stop)
+                state.eval_pending = ((state.epoch + 1) % max(loop.eval_interval, 1) == 0
+                                      or state.iteration >= loop.total_iters)
             is_best = False
-            broadcast_buffers(plain_model, context)
-            if ((state.epoch + 1) % max(loop.eval_interval, 1) == 0
-                    or state.iteration >= loop.total_iters):
+            if state.eval_pending:
                 try:
                     last_results, first = evaluate_and_report(
                         model=plain_model, loader=val_loader,
-                        class_names=settings["class_names"], hardware=hardware,
+                        class_names=checkpointer.settings["class_names"], hardware=hardware,
                         scales=list(loop.eval_scales), flip=loop.eval_flip, context=context,
                         header=f"epoch {state.epoch} (iteration {state.iteration}):", stop=stop)
-                except Interrupted:  # the epoch's training is kept; its evaluation is not
+                except Interrupted:  # keep the epoch's training; --resume evaluates it first
                     checkpointer.save(state, is_best=False)
                     raise
+                state.eval_pending = False
                 miou = last_results["mean_iou"]  # None when nothing could be scored
                 is_best = miou is not None and miou > state.best_pred
                 state.best_pred = miou if is_best else state.best_pred
-                log_evaluation(last_results, first, state=state, settings=settings,
-                               saver=checkpointer.saver, summary=summary)
+                log_evaluation(last_results, first, state=state, settings=checkpointer.settings,
+                               saver=checkpointer.saver, summary=checkpointer.summary)
             checkpointer.save(state, is_best=is_best)
     if context.enabled:  # DDP must have kept the ranks identical
         same = ranks_in_sync(plain_model, context)

@@ -154,7 +154,8 @@ class Evaluator:
 
         Returns:
             ``{"pixel_accuracy", "mean_class_accuracy", "mean_iou", "fw_iou": float in [0, 1],
-            "per_class_iou": {class name: float in [0, 1] or None}}``. A score that is undefined
+            "per_class_iou": {class name: float in [0, 1] or None}, "pixels": int}``, where
+            ``pixels`` counts the scored (not ignored) pixels. A score that is undefined
             (a class seen in neither ground truth nor prediction, or no pixels at all) is ``None``.
         """
         self._check_names(class_names)
@@ -165,6 +166,7 @@ class Evaluator:
             "mean_iou": _plain(self.mean_iou()),
             "fw_iou": _plain(self.frequency_weighted_iou()),
             "per_class_iou": {name: _plain(iou) for name, iou in zip(class_names, per_class)},
+            "pixels": int(self.confusion_matrix.sum().item()),
         }
 
     def format_table(self, class_names: Sequence[str]) -> str:
