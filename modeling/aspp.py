@@ -27,14 +27,15 @@ class ASPPPooling(nn.Sequential):
     Its BatchNorm sees one value per channel and sample, so training needs a batch of at least 2.
     """
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, align_corners: bool = False) -> None:
         super().__init__(nn.AdaptiveAvgPool2d(1), *_conv_bn_relu(in_channels, out_channels, 1))
+        self.align_corners = align_corners
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
         for module in self:
             x = module(x)
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=self.align_corners)
 
 
 class ASPP(nn.Module):
@@ -46,13 +47,19 @@ class ASPP(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, atrous_rates: Sequence[int], out_channels: int = 256
+        self,
+        in_channels: int,
+        atrous_rates: Sequence[int],
+        out_channels: int = 256,
+        align_corners: bool = False,
     ) -> None:
         """
         Args:
             in_channels: channels of the backbone's ``"out"`` features.
             atrous_rates: three dilations, from :func:`modeling.backbone.atrous_settings`.
             out_channels: channels of every branch and of the output.
+            align_corners: how the image-pooling branch is upsampled (see
+                :class:`modeling.deeplab.DeepLab`).
         """
         super().__init__()
         if len(atrous_rates) != 3:
@@ -60,7 +67,7 @@ class ASPP(nn.Module):
         self.convs = nn.ModuleList(
             [_conv_bn_relu(in_channels, out_channels, 1)]
             + [_conv_bn_relu(in_channels, out_channels, 3, dilation=rate) for rate in atrous_rates]
-            + [ASPPPooling(in_channels, out_channels)]
+            + [ASPPPooling(in_channels, out_channels, align_corners)]
         )
         self.project = nn.Sequential(
             *_conv_bn_relu(len(self.convs) * out_channels, out_channels, 1),

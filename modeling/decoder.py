@@ -19,14 +19,23 @@ class Decoder(nn.Module):
     port (jfzhang95/pytorch-deeplab-xception) that this toolkit replaces.
     """
 
-    def __init__(self, low_level_channels: int, num_classes: int, aspp_channels: int = 256) -> None:
+    def __init__(
+        self,
+        low_level_channels: int,
+        num_classes: int,
+        aspp_channels: int = 256,
+        align_corners: bool = False,
+    ) -> None:
         """
         Args:
             low_level_channels: channels of the backbone's ``"low_level"`` features.
             num_classes: output channels (logits).
             aspp_channels: channels of the ASPP output.
+            align_corners: how the ASPP output is upsampled to the low-level resolution (see
+                :class:`modeling.deeplab.DeepLab`).
         """
         super().__init__()
+        self.align_corners = align_corners
         self.reduce_low_level = nn.Sequential(
             nn.Conv2d(low_level_channels, LOW_LEVEL_REDUCED_CHANNELS, 1, bias=False),
             nn.BatchNorm2d(LOW_LEVEL_REDUCED_CHANNELS),
@@ -58,5 +67,5 @@ class Decoder(nn.Module):
         """
         low_level_features = self.reduce_low_level(low_level_features)
         aspp_features = F.interpolate(aspp_features, size=low_level_features.shape[-2:],
-                                      mode="bilinear", align_corners=False)
+                                      mode="bilinear", align_corners=self.align_corners)
         return self.classifier(self.refine(torch.cat([aspp_features, low_level_features], dim=1)))

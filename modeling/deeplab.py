@@ -26,6 +26,8 @@ class DeepLab(nn.Module):
         output_stride: 16 or 8.
         num_classes: number of output channels.
         aux_loss: whether ``forward`` also returns ``"aux"`` logits.
+        align_corners: the ``align_corners`` of every bilinear upsampling inside the model (ASPP
+            image pooling, decoder, logits to input size).
     """
 
     def __init__(
@@ -37,6 +39,7 @@ class DeepLab(nn.Module):
         pretrained_backbone: bool = False,
         backbone_weights: str | os.PathLike | None = None,
         aux_loss: bool = False,
+        align_corners: bool = False,
     ) -> None:
         """
         Args:
@@ -46,6 +49,9 @@ class DeepLab(nn.Module):
             pretrained_backbone: start the backbone from torchvision's ImageNet weights.
             backbone_weights: a local torchvision ResNet state dict to start from instead.
             aux_loss: add an FCN head on the backbone's ``"aux"`` features (torchvision's recipe).
+            align_corners: ``False`` (torchvision's convention) for models trained here; ``True``
+                reproduces models trained by jfzhang95/pytorch-deeplab-xception, which upsample
+                that way, so their converted weights compute what they computed.
 
         Raises:
             ValueError: unknown backbone, unsupported output stride, weights file that does not fit.
@@ -57,14 +63,17 @@ class DeepLab(nn.Module):
         self.output_stride = output_stride
         self.num_classes = num_classes
         self.aux_loss = aux_loss
+        self.align_corners = align_corners
 
         settings = atrous_settings(output_stride)
         self.backbone = build_backbone(
             self.backbone_name, output_stride,
             pretrained=pretrained_backbone, weights_path=backbone_weights,
         )
-        self.aspp = ASPP(self.backbone.out_channels, settings.aspp_rates)
-        self.decoder = Decoder(self.backbone.low_level_channels, num_classes)
+        self.aspp = ASPP(self.backbone.out_channels, settings.aspp_rates,
+                         align_corners=align_corners)
+        self.decoder = Decoder(self.backbone.low_level_channels, num_classes,
+                               align_corners=align_corners)
         self.aux_classifier = (
             _fcn_head(self.backbone.aux_channels, num_classes) if aux_loss else None
         )
@@ -81,12 +90,17 @@ class DeepLab(nn.Module):
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> "DeepLab":
-        """Rebuild the architecture a checkpoint's ``settings`` describe (weights not loaded)."""
+        """Rebuild the architecture a checkpoint's ``settings`` describe (weights not loaded).
+
+        Settings added after a checkpoint was written (``aux_loss``, ``align_corners``) take their
+        defaults, so older checkpoints still load.
+        """
         return cls(
             backbone=settings["backbone"],
             output_stride=settings["output_stride"],
             num_classes=settings["num_classes"],
             aux_loss=settings.get("aux_loss", False),
+            align_corners=settings.get("align_corners", False),
         )
 
     def settings(self) -> dict[str, Any]:
@@ -96,6 +110,7 @@ class DeepLab(nn.Module):
             "output_stride": self.output_stride,
             "num_classes": self.num_classes,
             "aux_loss": self.aux_loss,
+            "align_corners": self.align_corners,
         }
 
     def _classifiers(self) -> dict[str, nn.Conv2d]:
@@ -146,10 +161,11 @@ class DeepLab(nn.Module):
         input_size = x.shape[-2:]
         features = self.backbone(x)
         logits = self.decoder(self.aspp(features["out"]), features["low_level"])
-        result = {"out": _upsample(logits, input_size)}
+        result = {"out": _upsample(logits, input_size, self.align_corners)}
         # A constructor setting, not data: torch.compile sees a fixed graph.
         if self.aux_classifier is not None:
-            result["aux"] = _upsample(self.aux_classifier(features["aux"]), input_size)
+            result["aux"] = _upsample(self.aux_classifier(features["aux"]), input_size,
+                                      self.align_corners)
         return result
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
@@ -162,8 +178,8 @@ class DeepLab(nn.Module):
         return (parameter for parameter in self.parameters() if id(parameter) not in backbone_ids)
 
 
-def _upsample(logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+def _upsample(logits: torch.Tensor, size: torch.Size, align_corners: bool) -> torch.Tensor:
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=align_corners)
 
 
 def _fcn_head(in_channels: int, num_classes: int) -> nn.Sequential:

@@ -299,3 +299,57 @@ def test_local_weights_errors_name_the_file(tmp_path):
     torch.save(torch.zeros(3), not_a_dict)
     with pytest.raises(ValueError, match="tensor.pth"):
         build_backbone("resnet18", 16, weights_path=not_a_dict)
+
+
+# --- align_corners -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_align_corners_in_the_final_upsampling(align_corners):
+    # 64x64 input, output stride 16: logits at 16x16 (stride 4) are upsampled 4x. Output row 21
+    # and column 42 sample the 16-pixel logits at:
+    #   align_corners=True:  21 * 15/63 = 5 and 42 * 15/63 = 10 (exactly a logit pixel);
+    #   align_corners=False: (21 + 0.5)/4 - 0.5 = 4.875 and (42 + 0.5)/4 - 0.5 = 10.125.
+    torch.manual_seed(0)
+    model = DeepLab(backbone="resnet18", num_classes=3, align_corners=align_corners).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        features = model.backbone(x)
+        low = model.decoder(model.aspp(features["out"]), features["low_level"])[0]
+        out = model(x)["out"][0]
+    assert low.shape[-2:] == (16, 16)
+    if align_corners:
+        expected = low[:, 5, 10]
+    else:
+        rows = 0.125 * low[:, 4] + 0.875 * low[:, 5]
+        expected = 0.875 * rows[:, 10] + 0.125 * rows[:, 11]
+    torch.testing.assert_close(out[:, 21, 42], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_align_corners_in_the_decoder():
+    # ASPP output 4x4 -> low level 16x16: with align_corners=True row/column 5 samples ASPP
+    # pixel 5 * 3/15 = 1 exactly, so the upsampled map there is the ASPP value itself.
+    from modeling.decoder import Decoder
+
+    torch.manual_seed(0)
+    seen = {}
+    decoder = Decoder(8, 3, aspp_channels=4, align_corners=True).eval()
+    decoder.refine.register_forward_hook(lambda module, inputs, output: seen.update(x=inputs[0]))
+    aspp = torch.randn(1, 4, 4, 4)
+    with torch.no_grad():
+        decoder(aspp, torch.randn(1, 8, 16, 16))
+    upsampled = seen["x"][0, :4]  # the ASPP channels come first in the concatenation
+    torch.testing.assert_close(upsampled[:, 5, 10], aspp[0, :, 1, 2], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(upsampled[:, 15, 15], aspp[0, :, 3, 3], rtol=1e-6, atol=1e-6)
+
+
+def test_align_corners_is_a_setting_and_old_settings_default_to_false():
+    model = DeepLab(backbone="resnet18", num_classes=3, align_corners=True)
+    settings = model.settings()
+    assert settings["align_corners"] is True
+    rebuilt = DeepLab.from_settings(settings)
+    assert rebuilt.align_corners is True
+    assert rebuilt.decoder.align_corners and rebuilt.aspp.convs[-1].align_corners
+    # A checkpoint written before the setting existed.
+    old = {key: value for key, value in settings.items() if key != "align_corners"}
+    assert DeepLab.from_settings(old).align_corners is False
+    assert DeepLab(backbone="resnet18", num_classes=3).settings()["align_corners"] is False
