@@ -1,0 +1,346 @@
+"""Converting jfzhang95/pytorch-deeplab-xception checkpoints (modeling.convert and
+scripts/convert_checkpoint.py), without that repository.
+
+``fixtures/jfzhang95_resnet101_keys.json`` lists the original model's 680 state-dict names and
+shapes in its order, written from its own code by ``scripts/verify_conversion.py --write-keys``.
+Numerical equality with the original code is checked by ``scripts/verify_conversion.py`` itself,
+which needs that repository; here, a fake original is made from our own model under the original's
+names (read off the fixture), so the converted model must compute exactly what ours computes.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import inference
+import train
+from dataloader.datasets.coco import COCOSegmentation
+from dataloader.utils import VOC_CLASS_NAMES, palette_for
+from modeling.convert import (
+    NotConvertible,
+    convert_jfzhang95_resnet,
+    load_jfzhang95_resnet,
+    strip_data_parallel_prefix,
+)
+from modeling.deeplab import DeepLab
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = Path(__file__).parent / "fixtures" / "jfzhang95_resnet101_keys.json"
+TINY = ["--backbone", "resnet18", "--no-pretrained", "--amp", "off", "--workers", "0",
+        "--crop-size", "64", "--base-size", "64", "--eval-size", "64"]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location(
+        "convert_checkpoint", REPO_ROOT / "scripts" / "convert_checkpoint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+convert_checkpoint = _load_script()
+
+
+def original_entries() -> list[tuple[str, tuple[int, ...]]]:
+    return [(key, tuple(shape)) for key, shape in json.loads(FIXTURE.read_text())]
+
+
+def random_state_dict(entries, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        key: (torch.randint(0, 1000, shape, generator=generator) if key.endswith(
+            "num_batches_tracked") else torch.randn(shape, generator=generator))
+        for key, shape in entries
+    }
+
+
+@pytest.fixture(scope="module")
+def resnet101_keys() -> list[str]:
+    return list(DeepLab(backbone="resnet101", output_stride=16, num_classes=21).state_dict())
+
+
+@pytest.fixture(scope="module")
+def their_names(resnet101_keys) -> dict[str, str]:
+    """Our head names -> the original's, pairing the two ResNet-101 models entry by entry."""
+    theirs = [key for key, _ in original_entries()]
+    assert len(theirs) == len(resnet101_keys) == 680
+    return {ours: their for ours, their in zip(resnet101_keys, theirs)
+            if not ours.startswith("backbone.")}
+
+
+def fake_original(model: DeepLab, their_names: dict[str, str], prefix: str = "") -> dict:
+    """``model`` as the original's train.py would have saved it (its names, its entries)."""
+    state_dict = {prefix + their_names.get(key, key): value.clone()
+                  for key, value in model.state_dict().items()}
+    return {"epoch": 7, "state_dict": state_dict,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.007, "params": [0, 1]}]},
+            "best_pred": np.float64(0.6125)}
+
+
+def randomised(model: DeepLab, seed: int) -> DeepLab:
+    """Random weights and non-trivial BatchNorm statistics (not 0 mean / unit variance)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith("running_var"):
+                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
+            elif tensor.is_floating_point():
+                tensor.copy_(0.1 * torch.randn(tensor.shape, generator=generator))
+    return model.eval()
+
+
+# ---------------------------------------------------------------- the key mapping (ResNet-101)
+
+
+def test_all_680_original_entries_map_onto_our_resnet101(resnet101_keys):
+    entries = original_entries()
+    source = random_state_dict(entries)
+    converted = convert_jfzhang95_resnet(source)
+    assert (converted.backbone, converted.num_classes) == ("resnet101", 21)
+    assert len(converted.state_dict) == 680 and converted.added == 0
+    # Same entries in the same order: ours is the original model under other head names.
+    assert list(converted.state_dict) == resnet101_keys
+    for (their_key, _), (our_key, tensor) in zip(entries, converted.state_dict.items()):
+        assert tensor is source[their_key], (their_key, our_key)
+    backbone_entries = sum(key.startswith("backbone.") for key, _ in entries)
+    assert converted.renamed == 680 - backbone_entries
+    model = DeepLab(backbone="resnet101", output_stride=16, num_classes=21, align_corners=True)
+    assert model.load_state_dict(converted.state_dict, strict=True)  # no missing / unexpected
+    assert sum(p.numel() for p in model.parameters()) == 59_344_309
+
+
+def test_head_names_read_off_the_original_source(their_names):
+    # Module names of the original's aspp.py and decoder.py, mapped by hand.
+    expected = {
+        "aspp.convs.0.0.weight": "aspp.aspp1.atrous_conv.weight",
+        "aspp.convs.3.1.running_var": "aspp.aspp4.bn.running_var",
+        "aspp.convs.4.1.weight": "aspp.global_avg_pool.1.weight",
+        "aspp.convs.4.2.num_batches_tracked": "aspp.global_avg_pool.2.num_batches_tracked",
+        "aspp.project.0.weight": "aspp.conv1.weight",
+        "aspp.project.1.bias": "aspp.bn1.bias",
+        "decoder.reduce_low_level.1.running_mean": "decoder.bn1.running_mean",
+        "decoder.refine.4.weight": "decoder.last_conv.4.weight",
+        "decoder.classifier.bias": "decoder.last_conv.8.bias",
+    }
+    source = random_state_dict(original_entries())
+    converted = convert_jfzhang95_resnet(source).state_dict
+    for ours, theirs in expected.items():
+        assert their_names[ours] == theirs
+        assert converted[ours] is source[theirs]
+
+
+def test_data_parallel_prefix_and_missing_batch_counters():
+    entries = original_entries()
+    source = random_state_dict(entries, seed=1)
+    plain = convert_jfzhang95_resnet(source).state_dict
+    prefixed = convert_jfzhang95_resnet({"module." + k: v for k, v in source.items()}).state_dict
+    assert list(prefixed) == list(plain)
+    assert all(prefixed[key] is plain[key] for key in plain)
+    # PyTorch before 0.4.1 stored no num_batches_tracked: one per BatchNorm is added, as 0.
+    old = {key: value for key, value in source.items() if not key.endswith("num_batches_tracked")}
+    batch_norms = len(source) - len(old)
+    converted = convert_jfzhang95_resnet(old)
+    # ResNet-101: stem 1 + 33 blocks x 3 + 4 downsample; ASPP 5 branches + projection 6;
+    # decoder 3.
+    assert converted.added == batch_norms == 1 + 33 * 3 + 4 + 6 + 3
+    assert list(converted.state_dict) == list(plain)
+    assert converted.state_dict["backbone.bn1.num_batches_tracked"].item() == 0
+    assert strip_data_parallel_prefix({"module.a": 1, "b": 2}) == {"module.a": 1, "b": 2}
+
+
+@pytest.mark.parametrize("key, backbone", [
+    ("backbone.block1.rep.0.weight", "xception"),
+    ("backbone.features.0.0.weight", "mobilenet"),
+    ("backbone.layer0.0.weight", "drn"),
+])
+def test_other_original_backbones_are_named(key, backbone):
+    with pytest.raises(NotConvertible, match=f"'{backbone}' backbone"):
+        convert_jfzhang95_resnet({key: torch.zeros(1), "decoder.last_conv.8.bias": torch.zeros(2)})
+
+
+def test_unknown_and_misshapen_entries_are_refused():
+    source = random_state_dict(original_entries())
+    with pytest.raises(NotConvertible, match="1 unknown entries.*classifier.weight"):
+        convert_jfzhang95_resnet(dict(source, **{"classifier.weight": torch.zeros(1)}))
+    source["aspp.conv1.weight"] = torch.zeros(256, 1024, 1, 1)  # not 5 x 256 inputs
+    with pytest.raises(NotConvertible, match=r"aspp.project.0.weight \(256, 1024, 1, 1\)"):
+        load_jfzhang95_resnet(source)
+
+
+# ---------------------------------------------------------------- the script (ResNet-18, fast)
+
+
+@pytest.fixture(scope="module")
+def original_resnet18(their_names) -> DeepLab:
+    """Our ResNet-18 DeepLab, align_corners on: what the converted model must compute."""
+    torch.manual_seed(0)
+    return randomised(DeepLab(backbone="resnet18", num_classes=21, align_corners=True), seed=3)
+
+
+@pytest.fixture(scope="module")
+def original_file(original_resnet18, their_names, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("original") / "checkpoint.pth.tar"
+    torch.save(fake_original(original_resnet18, their_names), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def converted_file(original_file, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("converted") / "deeplab-resnet18-voc.pth.tar"
+    assert convert_checkpoint.cli([str(original_file), str(path)]) == 0
+    return path
+
+
+def test_converted_checkpoint_is_self_describing_and_computes_the_same(
+        converted_file, original_resnet18):
+    checkpoint = torch.load(converted_file, weights_only=True)  # plain types only
+    settings = checkpoint["settings"]
+    model = DeepLab.from_settings(settings)
+    assert settings == train.run_settings(model, VOC_CLASS_NAMES, palette_for(21))  # train.py's
+    assert settings["align_corners"] is True and settings["class_names"][15] == "person"
+    assert (settings["backbone"], settings["output_stride"]) == ("resnet18", 16)
+    assert checkpoint["converted_from"]["epoch"] == 7
+    assert checkpoint["converted_from"]["best_pred"] == pytest.approx(0.6125)
+    model.load_state_dict(checkpoint["model"])
+    x = torch.randn(2, 3, 72, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x)["out"], original_resnet18(x)["out"],
+                                   rtol=0, atol=0)
+
+
+def test_prefixed_legacy_format_and_class_file(original_resnet18, their_names, tmp_path, capsys):
+    # DataParallel's module. prefix, PyTorch's pre-1.6 file format, and 21 names of one's own.
+    source = tmp_path / "old.pth"
+    torch.save(fake_original(original_resnet18, their_names, prefix="module."), source,
+               _use_new_zipfile_serialization=False)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("".join(f"c{i}\n" for i in range(21)))
+    target = tmp_path / "converted.pth"
+    assert convert_checkpoint.cli([str(source), str(target), "--classes", str(classes)]) == 0
+    assert "21 classes" in capsys.readouterr().out
+    checkpoint = torch.load(target, weights_only=True)
+    assert checkpoint["settings"]["class_names"][20] == "c20"
+    for key, value in original_resnet18.state_dict().items():
+        assert torch.equal(checkpoint["model"][key], value), key
+
+
+class Payload:
+    """Any object: a checkpoint holding it needs unsafe unpickling."""
+
+
+def _bad_files(tmp_path: Path, original_file: Path) -> dict[str, Path]:
+    truncated = tmp_path / "truncated.pth.tar"
+    data = original_file.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    xception = tmp_path / "xception.pth.tar"
+    torch.save({"epoch": 1, "state_dict": {"backbone.conv1.weight": torch.zeros(32, 3, 3, 3),
+                                           "backbone.block1.rep.1.weight": torch.zeros(1),
+                                           "decoder.last_conv.8.bias": torch.zeros(21)},
+                "best_pred": 0.5}, xception)
+    unsafe = tmp_path / "unsafe.pth.tar"
+    torch.save({"state_dict": {}, "args": Payload()}, unsafe)
+    not_a_checkpoint = tmp_path / "list.pth.tar"
+    torch.save({"weights": [1, 2, 3]}, not_a_checkpoint)
+    return {"truncated": truncated, "xception": xception, "unsafe": unsafe,
+            "not_a_checkpoint": not_a_checkpoint, "missing": tmp_path / "nowhere.pth.tar"}
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("truncated", "corrupt, truncated"),
+    ("xception", "'xception' backbone"),
+    ("unsafe", "unsafe"),
+    ("not_a_checkpoint", "no 'state_dict' entry"),
+    ("missing", "not found"),
+])
+def test_bad_files_give_one_line_and_status_2(kind, words, original_file, tmp_path, capsys):
+    path = _bad_files(tmp_path, original_file)[kind]
+    target = tmp_path / "out.pth.tar"
+    assert convert_checkpoint.cli([str(path), str(target)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: ") and path.name in err and words in err
+    assert "Traceback" not in captured.err + captured.out
+    assert not target.exists()
+
+
+def test_class_count_mismatch_names_the_option(original_file, tmp_path, capsys):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("background\nperson\ncar\n")
+    assert convert_checkpoint.cli([str(original_file), str(tmp_path / "out.pth"),
+                                   "--classes", str(classes)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--classes" in err and "21" in err
+
+
+# ---------------------------------------------------------------- used like a native checkpoint
+
+
+@pytest.mark.slow
+def test_inference_and_eval_only_from_a_converted_checkpoint(converted_file, demo_coco_root,
+                                                             tmp_path):
+    in_dir = tmp_path / "images"
+    in_dir.mkdir()
+    images = sorted((demo_coco_root / "val2017").glob("*.jpg"))[:2]
+    for image in images:
+        (in_dir / image.name).write_bytes(image.read_bytes())
+    out_dir = tmp_path / "masks"
+    assert inference.cli(["--in-path", str(in_dir), "--out-path", str(out_dir),
+                          "--ckpt", str(converted_file)]) == 0
+    for image in images:
+        mask = Image.open(out_dir / f"{image.stem}.png")
+        assert mask.size == Image.open(image).size and np.asarray(mask).max() < 21
+    metrics_path = tmp_path / "eval.json"
+    result = train.main(train.get_args_parser().parse_args(
+        TINY + ["--dataset", "demo", "--data-root", str(demo_coco_root), "--eval-only",
+                "--resume", str(converted_file), "--eval-json", str(metrics_path)]))
+    assert json.loads(metrics_path.read_text())["pixel_accuracy"] == \
+        result["metrics"]["pixel_accuracy"]
+    assert 0 <= result["metrics"]["pixel_accuracy"] <= 1
+
+
+def three_class_folder(demo_root: Path, root: Path, per_split: dict[str, int]) -> Path:
+    """The demo images as a ``folder`` dataset of 3 classes: background, person, car; the
+    demo's other objects (bird, cat, dog) are ignored (255)."""
+    to_three = np.full(256, 255, dtype=np.uint8)
+    to_three[[0, VOC_CLASS_NAMES.index("person"), VOC_CLASS_NAMES.index("car")]] = [0, 1, 2]
+    for split, count in per_split.items():
+        dataset = COCOSegmentation(str(demo_root), split=split)
+        (root / "images" / split).mkdir(parents=True)
+        (root / "masks" / split).mkdir(parents=True)
+        for index in range(count):
+            sample = dataset[index]
+            sample["image"].save(root / "images" / split / f"{index:03d}.png")
+            label = to_three[np.asarray(sample["label"])]
+            Image.fromarray(label).save(root / "masks" / split / f"{index:03d}.png")
+    (root / "classes.txt").write_text("background\nperson\ncar\n")
+    return root
+
+
+@pytest.mark.slow
+def test_finetune_from_a_converted_checkpoint_to_three_classes(
+        converted_file, original_resnet18, demo_coco_root, tmp_path, capsys):
+    root = three_class_folder(demo_coco_root, tmp_path / "three", {"train": 16, "val": 4})
+    run_dir = tmp_path / "run"
+    result = train.main(train.get_args_parser().parse_args(
+        TINY + ["--dataset", "folder", "--data-root", str(root), "--resume", str(converted_file),
+                "--ft", "--epochs", "1", "--batch-size", "4", "--lr", "0", "--run-dir",
+                str(run_dir)]))
+    out = capsys.readouterr().out
+    assert "re-initialised decoder.classifier.weight, decoder.classifier.bias" in out
+    assert "21 -> 3" in out
+    assert result["iteration"] == 16 // 4
+    assert result["metrics"]["mean_iou"] is not None
+    checkpoint = torch.load(run_dir / "checkpoint.pth.tar", weights_only=True)
+    assert checkpoint["settings"]["class_names"] == ["background", "person", "car"]
+    assert checkpoint["model"]["decoder.classifier.weight"].shape == (3, 256, 1, 1)
+    # With a zero learning rate the converted weights come through fine-tuning untouched
+    # (BatchNorm statistics do move: training mode updates them).
+    for key in ("backbone.conv1.weight", "aspp.project.0.weight", "decoder.refine.4.weight"):
+        assert torch.equal(checkpoint["model"][key], original_resnet18.state_dict()[key]), key
