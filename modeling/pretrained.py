@@ -92,8 +92,8 @@ def coco_deeplabv3_state_dict(
     Raises:
         ValueError: no COCO weights for ``backbone``, or ``path`` is not a readable state dict.
         FileNotFoundError: ``path`` does not exist.
-        PretrainedWeightsUnavailable: no ``path``, no network and no cached copy; the message
-            says where to download the file.
+        PretrainedWeightsUnavailable: no ``path``, no network and no cached copy (the message
+            says where to download the file), or a cached copy that needs unsafe loading.
     """
     weights = coco_deeplabv3_weights(backbone)
     if path is not None:
@@ -101,7 +101,7 @@ def coco_deeplabv3_state_dict(
     try:
         return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ValueError(
+        raise PretrainedWeightsUnavailable(
             f"the cached copy of {weights.url} in {torch.hub.get_dir()}/checkpoints cannot be read "
             f"with weights_only=True ({' '.join(str(error).split())[:120]}); delete it to "
             "download it again"

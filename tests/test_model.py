@@ -275,6 +275,20 @@ def test_pretrained_uses_torch_hub_cache(tmp_path):
     torch.testing.assert_close(backbone.conv1.weight, reference.conv1.weight, rtol=0, atol=0)
 
 
+class _Payload:
+    """Any object: reading it back would need unsafe unpickling."""
+
+
+def test_cached_imagenet_weights_are_read_safely(tmp_path):
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    checkpoints = tmp_path / "torch_home" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save({"conv1.weight": torch.zeros(1), "meta": _Payload()},
+               checkpoints / os.path.basename(url))
+    with pytest.raises(PretrainedWeightsUnavailable, match="weights_only=True.*delete it"):
+        build_backbone("resnet18", 16, pretrained=True)
+
+
 def test_local_weights_round_trip(tmp_path):
     torch.manual_seed(2)
     reference = torchvision.models.resnet18()  # fc.* included, as a user would save it

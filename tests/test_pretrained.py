@@ -192,7 +192,7 @@ def test_unsafe_or_wrong_files_are_refused(tmp_path):
     cached = tmp_path / "torch_home" / "hub" / "checkpoints" / os.path.basename(url)
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_bytes(unsafe.read_bytes())
-    with pytest.raises(ValueError, match="delete it"):
+    with pytest.raises(PretrainedWeightsUnavailable, match="weights_only=True.*delete it"):
         coco_deeplabv3_state_dict("resnet50")
 
 

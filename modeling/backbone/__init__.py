@@ -139,9 +139,18 @@ def _read_local_weights(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
 
 
 def _download_weights(weights: WeightsEnum) -> Mapping[str, torch.Tensor]:
-    """torchvision's ImageNet state dict, from the torch hub cache or downloaded into it."""
+    """torchvision's ImageNet state dict, from the torch hub cache or downloaded into it.
+
+    The file is read with ``weights_only=True`` (torch.hub's default is unsafe loading).
+    """
     try:
-        return weights.get_state_dict(progress=True, check_hash=True)
+        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise PretrainedWeightsUnavailable(
+            f"the cached copy of {weights.url} in {torch.hub.get_dir()}/checkpoints cannot be read "
+            f"with weights_only=True ({' '.join(str(error).split())[:120]}); delete it to "
+            "download it again"
+        ) from error
     except (URLError, OSError, RuntimeError) as error:
         cached_file = os.path.join(
             torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path)
