@@ -29,6 +29,8 @@ from dataloader.utils import IGNORE_INDEX, DatasetError
 from modeling.backbone import (BACKBONE_ALIASES, BACKBONES, PretrainedWeightsUnavailable,
                                canonical_backbone_name)
 from modeling.deeplab import DeepLab
+from modeling.pretrained import (coco_deeplabv3_state_dict, coco_deeplabv3_weights,
+                                 init_from_torchvision_deeplabv3)
 from utils.distributed import (DEFAULT_TIMEOUT_MINUTES, DistributedContext, cleanup,
                                init_distributed, main_process_first)
 from utils.engine import (Checkpointer, Interrupted, LoopSettings, NonFiniteLoss, Optimisation,
@@ -49,6 +51,8 @@ DEFAULT_EPOCHS = {"coco": 30, "cocostuff": 30, "pascal": 50, "folder": 50, "demo
 DEFAULT_BATCH_PER_DEVICE = 4
 #: Linear scaling rule for --lr when it is not given: 0.01 for 16 images per step.
 REFERENCE_LR, REFERENCE_BATCH = 0.01, 16
+#: --init value that downloads torchvision's COCO DeepLabV3 (any other value is a local file).
+INIT_TORCHVISION_COCO = "torchvision-coco"
 
 
 # --------------------------------------------------------------------------- command line
@@ -74,6 +78,10 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                        help="start the backbone from ImageNet weights (downloaded by torchvision)")
     model.add_argument("--backbone-weights", metavar="PATH",
                        help="local torchvision ResNet state dict to use instead of downloading")
+    model.add_argument("--init", metavar=f"{INIT_TORCHVISION_COCO}|PATH",
+                       help="start backbone, ASPP and aux head from torchvision's COCO-trained "
+                            "DeepLabV3 (resnet50/resnet101; 21 VOC classes), downloaded or from "
+                            "PATH (its state dict); the decoder starts fresh")
     model.add_argument("--aux-loss", action=argparse.BooleanOptionalAction, default=False,
                        help="add an FCN auxiliary head on the stride-16 backbone stage")
     model.add_argument("--aux-weight", type=float, default=0.5, help="weight of the auxiliary loss")
@@ -166,6 +174,14 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UserError(f"--eval-scales must be positive, got {args.eval_scales}")
     if args.lr_scheduler == "step" and args.lr_step <= 0:
         raise UserError(f"--lr-step must be a positive number of epochs, got {args.lr_step}")
+    if args.init and args.resume:
+        raise UserError("--init starts a new model, --resume continues one: drop one of them "
+                        "(to fine-tune a checkpoint, use --resume CKPT --ft)")
+    if args.init:
+        try:
+            coco_deeplabv3_weights(args.backbone)
+        except ValueError as error:
+            raise UserError(f"--init: {error}: use --backbone resnet50 or resnet101") from None
 
 
 # --------------------------------------------------------------------------- the steps of a run
@@ -230,7 +246,8 @@ def build_model(args: argparse.Namespace, checkpoint: dict | None, num_classes: 
     try:
         model = DeepLab(backbone=canonical_backbone_name(args.backbone),
                         output_stride=args.out_stride, num_classes=num_classes,
-                        aux_loss=args.aux_loss, pretrained_backbone=args.pretrained and not args.ft,
+                        aux_loss=args.aux_loss,
+                        pretrained_backbone=args.pretrained and not args.ft and not args.init,
                         backbone_weights=args.backbone_weights)
     except PretrainedWeightsUnavailable as error:
         raise UserError(f"{error}; pass --no-pretrained to train from scratch, or "
@@ -238,6 +255,8 @@ def build_model(args: argparse.Namespace, checkpoint: dict | None, num_classes: 
                         f"dict") from None
     except FileNotFoundError as error:
         raise UserError(f"--backbone-weights: {error}") from None
+    if args.init:
+        init_from_coco_deeplabv3(model, args.init, context)
     if args.ft:
         try:
             reinit = model.load_finetune_state_dict(checkpoint["model"])
@@ -248,6 +267,23 @@ def build_model(args: argparse.Namespace, checkpoint: dict | None, num_classes: 
             print(f"fine-tuning: re-initialised {', '.join(reinit)} (class count "
                   f"{checkpoint['settings']['num_classes']} -> {num_classes})")
     return model
+
+
+def init_from_coco_deeplabv3(model: DeepLab, init: str, context: DistributedContext) -> None:
+    """``--init``: load torchvision's COCO DeepLabV3 (downloaded, or the file ``init``)."""
+    path = None if init == INIT_TORCHVISION_COCO else init
+    try:
+        report = init_from_torchvision_deeplabv3(
+            model, coco_deeplabv3_state_dict(model.backbone_name, path))
+    except PretrainedWeightsUnavailable as error:
+        raise UserError(f"--init {init}: {error} (pass a downloaded file as --init PATH)"
+                        ) from None
+    except (FileNotFoundError, ValueError) as error:
+        raise UserError(f"--init {init}: {error}") from None
+    if context.is_main:
+        print(f"--init: {len(report.loaded)} tensors (backbone, ASPP"
+              f"{', aux head' if any(k.startswith('aux_') for k in report.loaded) else ''}) from "
+              f"torchvision's COCO DeepLabV3 {model.backbone_name}; the decoder starts fresh")
 
 
 @dataclass

@@ -114,7 +114,7 @@ def coco_deeplabv3_state_dict(
         raise PretrainedWeightsUnavailable(
             f"cannot download torchvision's COCO DeepLabV3 {canonical_backbone_name(backbone)} "
             f"weights ({type(error).__name__}: {reason}); download {weights.url} on a machine "
-            f"with internet (e.g. curl -LO {weights.url}) and load that file, or put it at "
+            f"with internet (e.g. curl -LO {weights.url}) and use that file, or put it at "
             f"{cached_file}"
         ) from error
 

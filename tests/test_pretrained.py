@@ -204,3 +204,74 @@ def test_only_resnet50_and_resnet101_have_coco_weights():
     assert [w.meta["_metrics"]["COCO-val2017-VOC-labels"]["miou"]
             for w in COCO_DEEPLABV3_WEIGHTS.values()] == [66.4, 67.4]
     assert all(len(w.meta["categories"]) == 21 for w in COCO_DEEPLABV3_WEIGHTS.values())
+
+
+# ---------------------------------------------------------------- train.py --init
+
+
+TINY = ["--no-pretrained", "--amp", "off", "--workers", "0", "--crop-size", "64",
+        "--base-size", "64", "--eval-size", "64"]
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    from dataloader.datasets.demo import generate_demo_dataset
+
+    root = tmp_path_factory.mktemp("small_demo") / "demo"
+    generate_demo_dataset(root, seed=0, num_train=4, num_val=2, image_size=(64, 48))
+    return root
+
+
+@pytest.mark.slow
+def test_train_starts_from_a_local_torchvision_file(torchvision_resnet50, small_demo, tmp_path,
+                                                    capsys):
+    import train
+
+    path = tmp_path / "deeplabv3_resnet50_coco.pth"
+    torch.save(torchvision_resnet50.state_dict(), path)
+    run_dir = tmp_path / "run"
+    # --lr 0: the weights that come out are those that went in. ImageNet weights are not
+    # fetched (downloads fail here): --init replaces them.
+    with_pretrained = [arg for arg in TINY if arg != "--no-pretrained"]
+    result = train.main(train.get_args_parser().parse_args(
+        with_pretrained + ["--backbone", "resnet50", "--init", str(path), "--aux-loss", "--dataset", "demo",
+                "--data-root", str(small_demo), "--epochs", "1", "--batch-size", "2", "--lr", "0",
+                "--run-dir", str(run_dir)]))
+    assert result["iteration"] == 2
+    out = capsys.readouterr().out
+    assert f"--init: {RESNET50_ENTRIES + ASPP_ENTRIES + AUX_ENTRIES} tensors" in out
+    saved = torch.load(run_dir / "checkpoint.pth.tar", weights_only=True)["model"]
+    source = torchvision_resnet50.state_dict()
+    model = DeepLab(backbone="resnet50", num_classes=21, aux_loss=True)
+    parameters = [name for name, _ in model.named_parameters()
+                  if name.startswith(("backbone.", "aspp.", "aux_classifier."))]
+    assert len(parameters) == (1 + 16 * 3 + 4) * 3 + 6 * 3 + 5  # conv 1, BatchNorm 2 each
+    for name in parameters:
+        assert torch.equal(saved[name], source[torchvision_key(name)]), name
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--backbone", "resnet18", "--init", "torchvision-coco"],
+     ["--init", "resnet50 and resnet101 only, not resnet18", "--backbone resnet50"]),
+    (["--backbone", "resnet50", "--init", "torchvision-coco", "--resume", "x.pth.tar"],
+     ["--init", "--resume", "drop one"]),
+    (["--backbone", "resnet50", "--init", "torchvision-coco"],
+     ["--init torchvision-coco", "curl -LO https://download.pytorch.org/models/"
+      "deeplabv3_resnet50_coco-cd0a2569.pth", "--init PATH"]),
+    (["--backbone", "resnet101", "--init", "nowhere.pth"], ["--init nowhere.pth", "not found"]),
+])
+def test_init_user_errors_are_one_line(extra, words, small_demo, tmp_path, capsys):
+    import train
+
+    status = train.cli(TINY + ["--dataset", "demo", "--data-root", str(small_demo),
+                               "--run-root", str(tmp_path)] + extra)
+    assert status == 2
+    err = _one_line_error(capsys)
+    for word in words:
+        assert word in err
