@@ -105,6 +105,7 @@ def _original_modeling(repo: Path) -> Iterator[None]:
 
 
 def _load_file(path: Path, name: str) -> ModuleType:
+    """Import one file of the original under a private name (it imports only std libs)."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -131,11 +132,13 @@ def load_original(repo: Path) -> SimpleNamespace:
 
 
 def build_original(original: SimpleNamespace, output_stride: int, sync_bn: bool) -> nn.Module:
+    """The original's ``DeepLab(backbone='resnet')`` with 21 classes, random weights."""
     return original.DeepLab(backbone="resnet", output_stride=output_stride,
                             num_classes=NUM_CLASSES, sync_bn=sync_bn, freeze_bn=False)
 
 
 def write_keys(original: SimpleNamespace, path: Path) -> None:
+    """Write ``[[name, shape], ...]`` of the original's ResNet-101 state dict as JSON."""
     model = build_original(original, 16, sync_bn=False)
     entries = [[key, list(value.shape)] for key, value in model.state_dict().items()]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,15 +200,24 @@ def original_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return optimizer
 
 
-def save_like_original(original: SimpleNamespace, model: nn.Module, optimizer, work_dir: Path,
+def save_like_original(original: SimpleNamespace, model: nn.Module,
+                       optimizer: torch.optim.Optimizer, work_dir: Path,
                        data_parallel_prefix: bool) -> Path:
-    """Save as the original's train.py does, with its own Saver, in ``work_dir/run/...``."""
+    """Save as the original's train.py does, with its own Saver, in ``work_dir/run/...``.
+
+    Returns:
+        The checkpoint file written.
+    """
     evaluator = original.Evaluator(NUM_CLASSES)
     rng = np.random.default_rng(0)
     target = rng.integers(0, NUM_CLASSES, (4, 32, 32))
     evaluator.add_batch(target, np.where(rng.random(target.shape) < 0.6, target, 0))
     best_pred = evaluator.Mean_Intersection_over_Union()  # a NumPy float64, as in their runs
-    state_dict = (nn.DataParallel(model) if data_parallel_prefix else model).state_dict()
+    state_dict = model.state_dict()
+    if data_parallel_prefix:
+        # What nn.DataParallel(model).state_dict() holds; built by hand because DataParallel
+        # moves the model to a GPU where there is one.
+        state_dict = {"module." + key: value for key, value in state_dict.items()}
     args = SimpleNamespace(dataset="pascal", checkname="deeplab-resnet")
     previous = os.getcwd()
     os.chdir(work_dir)  # their Saver writes under ./run
@@ -223,6 +235,7 @@ def save_like_original(original: SimpleNamespace, model: nn.Module, optimizer, w
 
 
 def convert_with_our_script(src: Path, dst: Path, output_stride: int) -> str:
+    """Run scripts/convert_checkpoint.py as a user would; returns its one-line summary."""
     command = [sys.executable, str(REPO_ROOT / "scripts" / "convert_checkpoint.py"), str(src),
                str(dst), "--out-stride", str(output_stride)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
@@ -232,7 +245,8 @@ def convert_with_our_script(src: Path, dst: Path, output_stride: int) -> str:
 
 
 def original_input(original: SimpleNamespace, image: Image.Image) -> torch.Tensor:
-    """The original's evaluation normalisation (Normalize + ToTensor), without its crop."""
+    """``(1, 3, H, W)``: the original's evaluation normalisation (its own Normalize and ToTensor,
+    NumPy code), without its crop."""
     transforms = original.transforms
     sample = {"image": image, "label": Image.new("L", image.size)}
     sample = transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))(sample)

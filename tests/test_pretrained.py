@@ -234,9 +234,9 @@ def test_train_starts_from_a_local_torchvision_file(torchvision_resnet50, small_
     # fetched (downloads fail here): --init replaces them.
     with_pretrained = [arg for arg in TINY if arg != "--no-pretrained"]
     result = train.main(train.get_args_parser().parse_args(
-        with_pretrained + ["--backbone", "resnet50", "--init", str(path), "--aux-loss", "--dataset", "demo",
-                "--data-root", str(small_demo), "--epochs", "1", "--batch-size", "2", "--lr", "0",
-                "--run-dir", str(run_dir)]))
+        with_pretrained + ["--backbone", "resnet50", "--init", str(path), "--aux-loss",
+                           "--dataset", "demo", "--data-root", str(small_demo), "--epochs", "1",
+                           "--batch-size", "2", "--lr", "0", "--run-dir", str(run_dir)]))
     assert result["iteration"] == 2
     out = capsys.readouterr().out
     assert f"--init: {RESNET50_ENTRIES + ASPP_ENTRIES + AUX_ENTRIES} tensors" in out
