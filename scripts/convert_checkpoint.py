@@ -109,7 +109,8 @@ def read_source(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
 
 
 def checkpoint_settings(model: DeepLab, class_names: Sequence[str]) -> dict[str, Any]:
-    """The ``settings`` entry train.py writes (see its ``run_settings``): plain types only."""
+    """The ``settings`` entry train.py writes (the model's settings and the dataset's
+    ``metadata()``: class names, palette, normalisation), plain types only."""
     return dict(
         model.settings(),
         class_names=list(class_names),

@@ -21,7 +21,7 @@ from PIL import Image
 import inference
 import train
 from dataloader.datasets.coco import COCOSegmentation
-from dataloader.utils import VOC_CLASS_NAMES, palette_for
+from dataloader.utils import VOC_CLASS_NAMES
 from modeling.convert import (
     NotConvertible,
     convert_jfzhang95_resnet,
@@ -198,11 +198,13 @@ def converted_file(original_file, tmp_path_factory) -> Path:
 
 
 def test_converted_checkpoint_is_self_describing_and_computes_the_same(
-        converted_file, original_resnet18):
+        converted_file, original_resnet18, tiny_coco_root):
     checkpoint = torch.load(converted_file, weights_only=True)  # plain types only
     settings = checkpoint["settings"]
     model = DeepLab.from_settings(settings)
-    assert settings == train.run_settings(model, VOC_CLASS_NAMES, palette_for(21))  # train.py's
+    # What train.py writes for a 21-class (VOC names) dataset such as COCO.
+    coco = COCOSegmentation(str(tiny_coco_root), split="val")
+    assert settings == dict(model.settings(), **coco.metadata())
     assert settings["align_corners"] is True and settings["class_names"][15] == "person"
     assert (settings["backbone"], settings["output_stride"]) == ("resnet18", 16)
     assert checkpoint["converted_from"]["epoch"] == 7
