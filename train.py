@@ -244,11 +244,13 @@ def build_model(args: argparse.Namespace, checkpoint: dict | None, num_classes: 
         model.load_state_dict(checkpoint["model"])
         return model
     try:
+        # A fine-tuned model upsamples as the one it starts from (converted ones: corners).
         model = DeepLab(backbone=canonical_backbone_name(args.backbone),
                         output_stride=args.out_stride, num_classes=num_classes,
                         aux_loss=args.aux_loss,
                         pretrained_backbone=args.pretrained and not args.ft and not args.init,
-                        backbone_weights=args.backbone_weights)
+                        backbone_weights=args.backbone_weights, align_corners=bool(
+                            args.ft and checkpoint["settings"].get("align_corners", False)))
     except PretrainedWeightsUnavailable as error:
         raise UserError(f"{error}; pass --no-pretrained to train from scratch, or "
                         f"--backbone-weights PATH with a local torchvision ResNet state "

@@ -32,8 +32,8 @@ from modeling.deeplab import DeepLab
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "jfzhang95_resnet101_keys.json"
-TINY = ["--backbone", "resnet18", "--no-pretrained", "--amp", "off", "--workers", "0",
-        "--crop-size", "64", "--base-size", "64", "--eval-size", "64"]
+TINY = ["--backbone", "resnet18", "--no-pretrained", "--no-cuda", "--amp", "off", "--workers",
+        "0", "--crop-size", "64", "--base-size", "64", "--eval-size", "64"]
 
 
 def _load_script():
@@ -294,7 +294,7 @@ def test_inference_and_eval_only_from_a_converted_checkpoint(converted_file, dem
         (in_dir / image.name).write_bytes(image.read_bytes())
     out_dir = tmp_path / "masks"
     assert inference.cli(["--in-path", str(in_dir), "--out-path", str(out_dir),
-                          "--ckpt", str(converted_file)]) == 0
+                          "--ckpt", str(converted_file), "--no-cuda"]) == 0
     for image in images:
         mask = Image.open(out_dir / f"{image.stem}.png")
         assert mask.size == Image.open(image).size and np.asarray(mask).max() < 21
@@ -341,8 +341,19 @@ def test_finetune_from_a_converted_checkpoint_to_three_classes(
     assert result["metrics"]["mean_iou"] is not None
     checkpoint = torch.load(run_dir / "checkpoint.pth.tar", weights_only=True)
     assert checkpoint["settings"]["class_names"] == ["background", "person", "car"]
+    # The fine-tuned model upsamples as the converted one does.
+    assert checkpoint["settings"]["align_corners"] is True
     assert checkpoint["model"]["decoder.classifier.weight"].shape == (3, 256, 1, 1)
     # With a zero learning rate the converted weights come through fine-tuning untouched
     # (BatchNorm statistics do move: training mode updates them).
     for key in ("backbone.conv1.weight", "aspp.project.0.weight", "decoder.refine.4.weight"):
         assert torch.equal(checkpoint["model"][key], original_resnet18.state_dict()[key]), key
+
+
+def test_plain_resume_of_a_converted_checkpoint_says_to_fine_tune(converted_file, demo_coco_root,
+                                                                 tmp_path, capsys):
+    status = train.cli(TINY + ["--dataset", "demo", "--data-root", str(demo_coco_root),
+                               "--resume", str(converted_file), "--run-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1
+    assert "--ft" in err and "--eval-only" in err

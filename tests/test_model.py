@@ -224,7 +224,12 @@ def test_head_initialisation():
     for module in list(model.aspp.modules()) + list(model.decoder.modules()):
         if isinstance(module, nn.BatchNorm2d):
             assert torch.all(module.weight == 1) and torch.all(module.bias == 0)
-    assert torch.all(model.decoder.classifier.bias == 0)
+    # The classifier keeps PyTorch's default init, as torchvision's heads do: uniform within
+    # +-1/sqrt(fan_in) = +-1/16 for a 1x1 conv from 256 channels (std 1/16/sqrt(3)).
+    classifier = model.decoder.classifier
+    assert classifier.weight.abs().max().item() <= 1 / 16
+    assert classifier.weight.std().item() == pytest.approx(1 / 16 / math.sqrt(3), rel=0.1)
+    assert 0 < classifier.bias.abs().max().item() <= 1 / 16
     # Kaiming normal, fan_out: std = sqrt(2 / (256 * 3 * 3)) for a 3x3 conv to 256 channels.
     weight = model.aspp.convs[1][0].weight
     assert weight.std().item() == pytest.approx(math.sqrt(2 / (256 * 9)), rel=0.05)

@@ -209,7 +209,7 @@ def test_only_resnet50_and_resnet101_have_coco_weights():
 # ---------------------------------------------------------------- train.py --init
 
 
-TINY = ["--no-pretrained", "--amp", "off", "--workers", "0", "--crop-size", "64",
+TINY = ["--no-pretrained", "--no-cuda", "--amp", "off", "--workers", "0", "--crop-size", "64",
         "--base-size", "64", "--eval-size", "64"]
 
 

@@ -341,6 +341,10 @@ def restore_training_state(checkpoint: dict[str, Any], *, optimisation: Optimisa
     Raises:
         UserError: the checkpoint ran another number of iterations per epoch.
     """
+    if "optimizer" not in checkpoint or "iters_per_epoch" not in checkpoint:
+        raise UserError("--resume checkpoint holds weights without a training state (converted "
+                        "or exported): fine-tune from it with --ft, or evaluate it with "
+                        "--eval-only")
     if checkpoint.get("iters_per_epoch") != iters_per_epoch:
         raise UserError(f"--resume checkpoint ran {checkpoint.get('iters_per_epoch')} "
                         f"iterations per epoch, this set-up {iters_per_epoch}: keep "
