@@ -134,7 +134,7 @@ def load_label(
     """Load a class-index mask (PNG, one class id per pixel, 255 = ignore) as a PIL "L" image.
 
     Args:
-        path: mask file; palette PNGs are read as indices, not colours.
+        path: mask file; palette PNGs are read as indices, not colours, and 1-bit PNGs as 0/1.
         size: ``(width, height)`` of the matching image; a different size is an error.
         num_classes: ids ``>= num_classes`` other than 255 are an error.
     """
@@ -145,12 +145,14 @@ def load_label(
     try:
         with Image.open(path) as mask:
             mask.load()
-            if mask.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L"):
+            if mask.mode not in ("1", "P", "L", "I", "I;16", "I;16B", "I;16L"):
                 raise DatasetError(
                     f"mask {path}{where} has mode {mask.mode}; expected one class index per pixel "
                     "(a palette or grayscale PNG; see doc/custom_dataset.md to convert colour masks)"
                 )
-            array = np.asarray(mask)
+            # A 1-bit mask (PIL's mode "1", what it writes for a boolean array) reads as booleans:
+            # as uint8 they are the classes 0 and 1.
+            array = np.asarray(mask, dtype=np.uint8) if mask.mode == "1" else np.asarray(mask)
     except (
         UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError
     ) as error:
