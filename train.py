@@ -5,9 +5,8 @@
     torchrun --nproc_per_node 8 train.py --backbone resnet              # DDP on one machine
     python train.py --eval-only --resume run/coco/deeplab-resnet101/experiment_0/model_best.pth.tar
 
-This script is the only place (with inference.py) that reads command-line flags; everything below
-it takes plain keyword arguments. ``main`` reads as the list of steps a run takes; the loop itself
-lives in utils/engine.py, device and precision in utils/hardware.py.
+Only the scripts read command-line flags. ``main`` lists the steps of a run; the loop lives in
+utils/engine.py, device and precision in utils/hardware.py.
 """
 from __future__ import annotations
 
@@ -23,6 +22,7 @@ from torch import nn
 
 import mypath
 from dataloader import custom_transforms as tr
+from dataloader.check import check_datasets
 from dataloader.class_weights import compute_class_weights
 from dataloader.datasets import DATASETS, build_dataset
 from dataloader.samplers import ResumableSampler, resumable_loader
@@ -54,10 +54,8 @@ REFERENCE_LR, REFERENCE_BATCH = 0.01, 16
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Train DeepLabV3+ for semantic segmentation",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = argparse.ArgumentParser(description="Train DeepLabV3+ for semantic segmentation",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for add_group in (_model_args, _data_args, _optimisation_args, _hardware_args, _run_args):
         add_group(parser)
     return parser
@@ -65,9 +63,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
-    model.add_argument("--backbone", default="resnet101",
-                       choices=sorted(BACKBONES) + sorted(BACKBONE_ALIASES),
-                       help="ResNet depth; 'resnet' means resnet101")
+    model.add_argument("--backbone", default="resnet101", choices=sorted(BACKBONES) + sorted(
+        BACKBONE_ALIASES), help="ResNet depth; 'resnet' means resnet101")
     model.add_argument("--out-stride", type=int, default=16, choices=(8, 16),
                        help="output stride of the backbone (16: faster, 8: finer)")
     model.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
@@ -84,8 +81,7 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--dataset", default="coco", choices=sorted(DATASETS))
     data.add_argument("--data-root", help="dataset folder (overrides mypath.py and its variable)")
     data.add_argument("--workers", type=int, default=4, help="data loading processes per GPU")
-    data.add_argument("--base-size", type=int, default=513,
-                      help="short side before random scaling by 0.5-2.0")
+    data.add_argument("--base-size", type=int, default=513, help="short side before 0.5-2x scaling")
     data.add_argument("--crop-size", type=int, default=513, help="square training crop")
     data.add_argument("--skip-bad-images", action=argparse.BooleanOptionalAction, default=False,
                       help="skip unreadable images (counted per epoch) instead of stopping")
@@ -93,15 +89,16 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
                       "(default: $DEEPLAB_CACHE_DIR or ~/.cache/deeplab)")
     data.add_argument("--use-balanced-weights", action=argparse.BooleanOptionalAction,
                       default=False, help="weight the loss by inverse log class frequency")
+    data.add_argument("--check-data", action="store_true", help="read every train and val sample, "
+                      "list the bad ones and the class pixel histogram, exit (1: bad data)")
 
 
 def _optimisation_args(parser: argparse.ArgumentParser) -> None:
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, help="default: by dataset, " + ", ".join(
         f"{k} {v}" for k, v in sorted(DEFAULT_EPOCHS.items())))
-    optim.add_argument("--batch-size", type=int,
-                       help=f"images per step in this process (default {DEFAULT_BATCH_PER_DEVICE}"
-                            " per GPU used by it)")
+    optim.add_argument("--batch-size", type=int, help=f"images per step in this process "
+                       f"(default {DEFAULT_BATCH_PER_DEVICE} per GPU used by it)")
     optim.add_argument("--lr", type=float, help=f"backbone learning rate; the head gets 10x "
                        f"(default {REFERENCE_LR} x total batch / {REFERENCE_BATCH})")
     optim.add_argument("--lr-scheduler", default="poly", choices=SCHEDULERS)
@@ -118,8 +115,7 @@ def _optimisation_args(parser: argparse.ArgumentParser) -> None:
 def _hardware_args(parser: argparse.ArgumentParser) -> None:
     hw = parser.add_argument_group("hardware")
     hw.add_argument("--no-cuda", action="store_true", help="train on the CPU even with a GPU")
-    hw.add_argument("--gpu-ids", default=None,
-                    help="comma-separated GPUs for DataParallel, e.g. 0,1 (default: all)")
+    hw.add_argument("--gpu-ids", help="GPUs for DataParallel, e.g. 0,1 (default: all)")
     hw.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                     help="mixed precision; auto: bf16 where supported, else fp16 on GPU, else off")
     hw.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -141,8 +137,7 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--run-dir", help="exact experiment folder (default: next experiment_<k>)")
     run.add_argument("--eval-interval", type=int, default=1, help="evaluate every N epochs")
     run.add_argument("--eval-only", action="store_true", help="evaluate --resume and exit")
-    run.add_argument("--eval-size", type=int,
-                     help="resize the short side of val inputs (labels stay full size)")
+    run.add_argument("--eval-size", type=int, help="short side of val inputs (labels: full size)")
     run.add_argument("--eval-scales", type=float, nargs="+", default=[1.0],
                      help="multi-scale testing: input scales whose softmax is averaged")
     run.add_argument("--eval-flip", action=argparse.BooleanOptionalAction, default=False,
@@ -200,6 +195,13 @@ def build_datasets(args: argparse.Namespace, context: DistributedContext) -> tup
                                                                       args.crop_size),
             skip_bad_images=args.skip_bad_images, cache_dir=args.cache_dir)
     return train_set, val_set
+
+
+def check_data(train_set, val_set, *, workers: int) -> dict:
+    """``--check-data``: read every sample; print the bad ones and the class pixel histogram."""
+    report = check_datasets({"train": train_set, "val": val_set}, workers=workers)
+    print(report.format())
+    return {"data_ok": report.ok, "data_report": report}
 
 
 def run_settings(model: DeepLab, class_names: list[str], palette: list[list[int]]) -> dict:
@@ -358,6 +360,8 @@ def main(args: argparse.Namespace) -> dict:
         torch.manual_seed(args.seed)
         checkpoint = read_checkpoint(args.resume)
         train_set, val_set = build_datasets(args, context)
+        if args.check_data:  # before any model is built
+            return check_data(train_set, val_set, workers=args.workers)
         model = build_model(args, checkpoint, len(val_set.class_names), context)
         settings = run_settings(model, val_set.class_names, val_set.palette)
         # Same initial weights on every rank (DDP also broadcasts them), different dropout masks.
@@ -422,7 +426,7 @@ def cli(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = get_args_parser().parse_args(argv)
     try:
-        main(args)
+        result = main(args)
     except (UserError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -438,7 +442,7 @@ def cli(argv: list[str] | None = None) -> int:
         print("error: GPU out of memory: lower --batch-size or --crop-size, or use --amp bf16/"
               "fp16, --out-stride 16 or a smaller --backbone", file=sys.stderr)
         return 4
-    return 0
+    return 0 if result.get("data_ok", True) else 1
 
 
 if __name__ == "__main__":
