@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import train
 from utils.errors import UserError
 from utils.hardware import resolve_amp
 from dataloader.utils import palette_for
+from modeling.deeplab import DeepLab
 from modeling.predict import predict_probabilities
 
 TINY = ["--backbone", "resnet18", "--no-pretrained", "--workers", "0", "--crop-size", "48",
@@ -107,8 +109,9 @@ def test_finetune_from_a_21_class_checkpoint_to_3_classes(tmp_path, capsys):
     run(["--dataset", "pascal", "--data-root", str(voc), "--amp", "off"], tmp_path / "a")
     source = tmp_path / "a" / "run" / "checkpoint.pth.tar"
     folder = make_folder_dataset(tmp_path / "mine")
+    # --lr 0: two SGD steps that move nothing, so every weight shows where it came from.
     result, settings = run(["--dataset", "folder", "--data-root", str(folder), "--amp", "off",
-                            "--resume", str(source), "--ft"], tmp_path / "b")
+                            "--resume", str(source), "--ft", "--lr", "0"], tmp_path / "b")
     out = capsys.readouterr().out
     assert "re-initialised decoder.classifier.weight, decoder.classifier.bias" in out
     assert "21 -> 3" in out
@@ -116,6 +119,21 @@ def test_finetune_from_a_21_class_checkpoint_to_3_classes(tmp_path, capsys):
     assert result["iteration"] == 2  # a fine-tune starts at iteration 0, not the source's
     tuned = torch.load(tmp_path / "b" / "run" / "checkpoint.pth.tar", weights_only=True)
     assert tuned["settings"]["num_classes"] == 3
+    source_weights = torch.load(source, weights_only=True)["model"]
+    model = DeepLab(backbone="resnet18", num_classes=3)
+    classifier = set(model.classifier_parameter_names())
+    assert classifier == {"decoder.classifier.weight", "decoder.classifier.bias"}
+    for name, _ in model.named_parameters():
+        if name not in classifier:
+            assert torch.equal(tuned["model"][name], source_weights[name]), name
+    assert tuned["model"]["decoder.classifier.weight"].shape == (3, 256, 1, 1)
+    assert source_weights["decoder.classifier.weight"].shape == (21, 256, 1, 1)
+    assert torch.equal(tuned["model"]["decoder.classifier.bias"], torch.zeros(3))  # fresh init
+    # Buffers came from the source too: BatchNorm counted the source's 2 training batches, then
+    # the fine-tune's 2 (its running means and variances moved with them, as train mode does).
+    for name, count in tuned["model"].items():
+        if name.endswith("num_batches_tracked"):
+            assert (int(source_weights[name]), int(count)) == (2, 4), name
 
 
 def test_cocostuff_runs_with_171_classes(tmp_path):
@@ -184,3 +202,36 @@ def test_scales_are_resized_to_the_output_and_averaged():
     got = predict_probabilities(PositionModel(), x, (5, 7), scales=(0.5, 1.0, 2.0))
     assert got.shape == (2, 2, 5, 7)
     torch.testing.assert_close(got.sum(1), torch.ones(2, 5, 7))
+
+
+class SizeAndCornerModel(torch.nn.Module):
+    """Logits constant over a half-size map, so resizing keeps them exactly: class 0 gets the
+    input height / 8 (which the scale changes), class 1 the input's top-left value (which the
+    flip changes)."""
+
+    def forward(self, x):
+        n, _, height, width = x.shape
+        logits = torch.empty(n, 2, height // 2, width // 2)
+        logits[:, 0] = height / 8
+        logits[:, 1] = x[:, 0, :1, :1]
+        return {"out": logits}
+
+
+def test_scales_and_flips_average_the_probabilities_of_every_view():
+    x = torch.full((1, 3, 8, 8), 2.0)
+    x[..., 4:] = -1.0  # top-left 2 unflipped, -1 flipped, at every scale
+    got = predict_probabilities(SizeAndCornerModel(), x, (5, 7), scales=(0.5, 1.0, 2.0),
+                                flip=True)
+    # Views: heights 4, 8, 16 give class-0 logits 0.5, 1, 2; class 1 is 2 (plain) or -1 (flipped).
+    # p(class 0) = 1 / (1 + exp(logit1 - logit0)), averaged over the six views.
+    views = [(s, c) for s in (0.5, 1.0, 2.0) for c in (2.0, -1.0)]
+    expected = sum(1 / (1 + math.exp(c - s)) for s, c in views) / 6
+    assert expected == pytest.approx(0.600385, abs=1e-6)
+    torch.testing.assert_close(got[:, 0], torch.full((1, 5, 7), expected))
+    torch.testing.assert_close(got[:, 1], torch.full((1, 5, 7), 1 - expected))
+    # Without the flips, only the plain views: (0.182426 + 0.268941 + 0.5) / 3.
+    plain = predict_probabilities(SizeAndCornerModel(), x, (5, 7), scales=(0.5, 1.0, 2.0))
+    expected_plain = sum(1 / (1 + math.exp(2.0 - s)) for s in (0.5, 1.0, 2.0)) / 3
+    assert expected_plain == pytest.approx(0.317122, abs=1e-6)
+    torch.testing.assert_close(plain[:, 0], torch.full((1, 5, 7), expected_plain))
+
