@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,8 +12,10 @@ import torch
 from PIL import Image
 
 import train
+from utils.distributed import DistributedContext
 from utils.errors import UserError
 from utils.hardware import resolve_amp
+from utils.metrics import Evaluator
 from dataloader.utils import palette_for
 from modeling.deeplab import DeepLab
 from modeling.predict import predict_probabilities
@@ -235,3 +238,104 @@ def test_scales_and_flips_average_the_probabilities_of_every_view():
     assert expected_plain == pytest.approx(0.317122, abs=1e-6)
     torch.testing.assert_close(plain[:, 0], torch.full((1, 5, 7), expected_plain))
 
+
+# ------------------------------------------------------------------------- learning-rate rules
+
+
+def parse(flags: list[str]):
+    return train.get_args_parser().parse_args(["--dataset", "folder", "--backbone", "resnet18",
+                                               "--no-pretrained", *flags])
+
+
+def cpu(devices: int = 1) -> SimpleNamespace:
+    """The Hardware fields plan_schedule and build_optimisation read."""
+    return SimpleNamespace(device=torch.device("cpu"), devices_per_process=devices,
+                           gpu_ids=list(range(devices)) if devices > 1 else [], amp_dtype=None)
+
+
+@pytest.mark.parametrize("flags, devices, world_size, total_batch, lr", [
+    (["--batch-size", "4"], 1, 1, 4, 0.0025),      # 0.01 x 4 / 16
+    (["--batch-size", "4"], 1, 4, 16, 0.01),       # torchrun: 4 processes of 4
+    (["--batch-size", "8"], 1, 8, 64, 0.04),
+    ([], 2, 1, 8, 0.005),                          # DataParallel on 2 GPUs: 4 per GPU
+    ([], 1, 2, 8, 0.005),                          # torchrun, 1 GPU each: 4 per process
+    (["--batch-size", "4", "--lr", "0.003"], 1, 4, 16, 0.003),  # --lr wins
+])
+def test_default_lr_is_0_01_per_16_images_of_total_batch(flags, devices, world_size,
+                                                          total_batch, lr):
+    schedule = train.plan_schedule(parse(flags + ["--epochs", "3"]), 200, cpu(devices),
+                                   DistributedContext(rank=0, world_size=world_size))
+    assert (schedule.total_batch, schedule.lr) == (total_batch, pytest.approx(lr))
+    assert schedule.iters_per_epoch == 200 // total_batch
+    assert schedule.total_iters == 3 * (200 // total_batch)
+
+
+def learning_rates(flags: list[str], train_size: int):
+    args = parse(flags)
+    context = DistributedContext()
+    model = DeepLab(backbone="resnet18", num_classes=3, aux_loss=True)
+    schedule = train.plan_schedule(args, train_size, cpu(), context)
+    optimisation = train.build_optimisation(args, model, schedule, None, cpu(), context)
+    return model, schedule, optimisation
+
+
+def test_the_head_learns_10x_faster_than_the_backbone():
+    model, _, optimisation = learning_rates(["--lr", "0.02", "--batch-size", "4"], 40)
+    rate = {id(p): group["lr"] for group in optimisation.optimizer.param_groups
+            for p in group["params"]}
+    assert len(rate) == len(list(model.parameters()))  # every parameter is trained
+    assert {rate[id(p)] for p in model.backbone.parameters()} == {0.02}
+    head = [p for module in (model.aspp, model.decoder, model.aux_classifier)
+            for p in module.parameters()]
+    assert head and all(rate[id(p)] == pytest.approx(0.2) for p in head)
+
+
+def test_lr_step_counts_epochs_of_iterations():
+    _, schedule, optimisation = learning_rates(
+        ["--lr", "0.1", "--batch-size", "4", "--epochs", "6", "--lr-scheduler", "step",
+         "--lr-step", "2", "--lr-gamma", "0.5"], 12)
+    assert (schedule.iters_per_epoch, schedule.total_iters) == (3, 18)
+    used = []
+    for _ in range(18):
+        used.append(optimisation.optimizer.param_groups[0]["lr"])
+        optimisation.optimizer.step()
+        optimisation.scheduler.step()
+    # 2 epochs x 3 iterations = 6 iterations per step of the decay
+    assert used == pytest.approx([0.1] * 6 + [0.05] * 6 + [0.025] * 6)
+
+
+def test_model_best_holds_the_weights_of_the_best_evaluation(tmp_path, monkeypatch):
+    root = make_folder_dataset(tmp_path / "mine")
+    for i in range(4, 9):  # 4 train images: one iteration of 4 per epoch
+        (root / "images" / "train" / f"{i:03d}.jpg").unlink()
+        (root / "masks" / "train" / f"{i:03d}.png").unlink()
+    scripted = [0.30, 0.50, 0.20]  # the mIoU of evaluations 1, 2, 3: the second is the best
+    models, evaluations, weights = [], [], []
+    real_build_model, real_results = train.build_model, Evaluator.results
+
+    def build_model(*args, **kwargs):
+        models.append(real_build_model(*args, **kwargs))
+        return models[-1]
+
+    def results(self, class_names):
+        # One Evaluator per evaluation (its table calls results() too): count them, and keep
+        # the weights it scored.
+        if not any(self is seen for seen in evaluations):
+            evaluations.append(self)
+            weights.append({k: v.clone() for k, v in models[0].state_dict().items()})
+        number = next(i for i, seen in enumerate(evaluations) if seen is self)
+        return dict(real_results(self, class_names), mean_iou=scripted[number])
+
+    monkeypatch.setattr(train, "build_model", build_model)
+    monkeypatch.setattr(Evaluator, "results", results)
+    result, settings = run(["--dataset", "folder", "--data-root", str(root), "--amp", "off",
+                            "--epochs", "3", "--eval-interval", "1", "--lr", "0.05"], tmp_path)
+    assert len(evaluations) == 3 and settings["iters_per_epoch"] == 1
+    best = torch.load(tmp_path / "run" / "model_best.pth.tar", weights_only=True)
+    latest = torch.load(tmp_path / "run" / "checkpoint.pth.tar", weights_only=True)
+    assert best["best_pred"] == latest["best_pred"] == result["best_pred"] == max(scripted)
+    assert (best["iteration"], latest["iteration"]) == (2, 3)
+    for name, tensor in weights[1].items():
+        assert torch.equal(best["model"][name], tensor), name
+        assert torch.equal(latest["model"][name], weights[2][name]), name
+    assert any(not torch.equal(weights[1][name], weights[2][name]) for name in weights[1])
