@@ -50,7 +50,8 @@ def make_folder_dataset(root: Path) -> Path:
         (root / "masks" / split).mkdir(parents=True)
         for i, (name, (side, class_id)) in enumerate(samples.items()):
             (root / "images" / split / f"{name}.jpg").write_bytes(noisy_jpeg(seed=i))
-            Image.fromarray(square_mask(side, class_id)).save(root / "masks" / split / f"{name}.png")
+            mask = Image.fromarray(square_mask(side, class_id))
+            mask.save(root / "masks" / split / f"{name}.png")
     return root
 
 

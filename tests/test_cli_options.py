@@ -20,8 +20,10 @@ from dataloader.utils import palette_for
 from modeling.deeplab import DeepLab
 from modeling.predict import predict_probabilities
 
+# --no-cuda: on a GPU host the runs would otherwise take every GPU (DataParallel).
 TINY = ["--backbone", "resnet18", "--no-pretrained", "--workers", "0", "--crop-size", "48",
-        "--base-size", "48", "--epochs", "1", "--batch-size", "4", "--print-freq", "1"]
+        "--base-size", "48", "--epochs", "1", "--batch-size", "4", "--print-freq", "1",
+        "--no-cuda"]
 
 
 def draw_pair(seed: int, class_ids: list[int], size=(48, 40)) -> tuple[Image.Image, np.ndarray]:
