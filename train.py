@@ -197,7 +197,7 @@ def build_datasets(args: argparse.Namespace, context: DistributedContext) -> tup
     return train_set, val_set
 
 
-def check_data(train_set, val_set, *, workers: int) -> dict:
+def check_data(train_set: Any, val_set: Any, *, workers: int) -> dict:
     """``--check-data``: read every sample; print the bad ones and the class pixel histogram."""
     report = check_datasets({"train": train_set, "val": val_set}, workers=workers)
     print(report.format())
