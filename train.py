@@ -22,6 +22,7 @@ from torch import nn
 
 import mypath
 from dataloader import custom_transforms as tr
+from dataloader.check import check_datasets
 from dataloader.class_weights import compute_class_weights
 from dataloader.datasets import DATASETS, build_dataset
 from dataloader.samplers import ResumableSampler, resumable_loader
@@ -59,10 +60,8 @@ INIT_TORCHVISION_COCO = "torchvision-coco"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Train DeepLabV3+ for semantic segmentation",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = argparse.ArgumentParser(description="Train DeepLabV3+ for semantic segmentation",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for add_group in (_model_args, _data_args, _optimisation_args, _hardware_args, _run_args):
         add_group(parser)
     return parser
@@ -100,6 +99,8 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
                       "(default: $DEEPLAB_CACHE_DIR or ~/.cache/deeplab)")
     data.add_argument("--use-balanced-weights", action=argparse.BooleanOptionalAction,
                       default=False, help="weight the loss by inverse log class frequency")
+    data.add_argument("--check-data", action="store_true", help="read every train and val sample, "
+                      "list the bad ones and the class pixel histogram, exit (1: bad data)")
 
 
 def _optimisation_args(parser: argparse.ArgumentParser) -> None:
@@ -229,6 +230,13 @@ def build_datasets(args: argparse.Namespace, context: DistributedContext) -> tup
                                                                       args.crop_size),
             skip_bad_images=args.skip_bad_images, cache_dir=args.cache_dir)
     return train_set, val_set
+
+
+def check_data(train_set: Any, val_set: Any, *, workers: int) -> dict:
+    """``--check-data``: read every sample; print the bad ones and the class pixel histogram."""
+    report = check_datasets({"train": train_set, "val": val_set}, workers=workers)
+    print(report.format())
+    return {"data_ok": report.ok, "data_report": report}
 
 
 def build_model(args: argparse.Namespace, checkpoint: dict | None, num_classes: int,
@@ -401,6 +409,8 @@ def main(args: argparse.Namespace) -> dict:
         torch.manual_seed(args.seed)
         checkpoint = read_checkpoint(args.resume)
         train_set, val_set = build_datasets(args, context)
+        if args.check_data:  # before any model is built
+            return check_data(train_set, val_set, workers=args.workers)
         model = build_model(args, checkpoint, len(val_set.class_names), context)
         settings = dict(model.settings(), **val_set.metadata())  # a self-describing checkpoint
         # Same initial weights on every rank (DDP also broadcasts them), different dropout masks.
@@ -466,7 +476,7 @@ def cli(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = get_args_parser().parse_args(argv)
     try:
-        main(args)
+        result = main(args)
     except (UserError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -482,7 +492,7 @@ def cli(argv: list[str] | None = None) -> int:
         print("error: GPU out of memory: lower --batch-size or --crop-size, or use --amp bf16/"
               "fp16, --out-stride 16 or a smaller --backbone", file=sys.stderr)
         return 4
-    return 0
+    return 0 if result.get("data_ok", True) else 1
 
 
 if __name__ == "__main__":

@@ -10,13 +10,15 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
+
+_Decoded = TypeVar("_Decoded")
 
 #: Label value for pixels that are never learned nor scored: crop padding, overlaps, borders.
 IGNORE_INDEX = 255
@@ -101,13 +103,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | os.PathLike, index: int | None = None) -> Image.Image:
-    """Load an image as 8-bit RGB, in stored-pixel orientation (EXIF rotation is not applied).
+#: What Pillow raises for a file it cannot read. DecompressionBombError is not an OSError: without
+#: it a huge image escaped as a traceback.
+_DECODE_ERRORS = (
+    UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError
+)
 
-    Grayscale, CMYK, palette, RGBA and 16-bit files are converted to correct RGB. Missing, empty,
-    truncated or undecodable files raise :class:`DatasetError` naming the file (and the sample
-    index when given); truncated files are never padded silently.
-    """
+
+def _decode_image(path: str | os.PathLike, index: int | None,
+                  decode: Callable[[Image.Image], _Decoded]) -> _Decoded:
+    """Open image ``path`` and return ``decode(image)``; every failure is a DatasetError."""
     where = f" (sample {index})" if index is not None else ""
     path = Path(path)
     if not path.is_file():
@@ -116,13 +121,49 @@ def load_image(path: str | os.PathLike, index: int | None = None) -> Image.Image
         raise DatasetError(f"image file is empty: {path}{where}")
     try:
         with Image.open(path) as image:
-            image.load()
-            return _to_rgb(image)
-    # DecompressionBombError is not an OSError: without it a huge image escaped as a traceback.
-    except (
-        UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError
-    ) as error:
+            return decode(image)
+    except _DECODE_ERRORS as error:
         raise DatasetError(f"cannot decode image {path}{where}: {error}") from error
+
+
+def _full_rgb(image: Image.Image) -> Image.Image:
+    image.load()
+    return _to_rgb(image)
+
+
+def _reduced_size(image: Image.Image) -> tuple[int, int]:
+    size = image.size  # draft() changes it to the reduced size
+    # JPEG: libjpeg's DCT scaling to 1/8 per side. The whole entropy-coded stream is still
+    # decoded, so truncated or corrupt data fails as in a full decode; colour conversion and
+    # most of the inverse DCT are skipped. Other formats ignore draft() and decode fully.
+    image.draft(None, (max(size[0] // 8, 1), max(size[1] // 8, 1)))
+    _full_rgb(image)
+    return size
+
+
+def load_image(path: str | os.PathLike, index: int | None = None) -> Image.Image:
+    """Load an image as 8-bit RGB, in stored-pixel orientation (EXIF rotation is not applied).
+
+    Grayscale, CMYK, palette, RGBA and 16-bit files are converted to correct RGB. Missing, empty,
+    truncated or undecodable files raise :class:`DatasetError` naming the file (and the sample
+    index when given); truncated files are never padded silently.
+    """
+    return _decode_image(path, index, _full_rgb)
+
+
+def verify_image(path: str | os.PathLike, index: int | None = None) -> tuple[int, int]:
+    """Check that :func:`load_image` would read ``path``, at a fraction of its cost.
+
+    JPEGs are decoded at 1/8 scale (which still reads every byte of compressed data, so a
+    truncated file is found), other formats in full.
+
+    Returns:
+        ``(width, height)`` of the full-size image.
+
+    Raises:
+        DatasetError: as :func:`load_image` would, naming the file.
+    """
+    return _decode_image(path, index, _reduced_size)
 
 
 def load_label(
@@ -134,7 +175,7 @@ def load_label(
     """Load a class-index mask (PNG, one class id per pixel, 255 = ignore) as a PIL "L" image.
 
     Args:
-        path: mask file; palette PNGs are read as indices, not colours.
+        path: mask file; palette PNGs are read as indices, not colours, and 1-bit PNGs as 0/1.
         size: ``(width, height)`` of the matching image; a different size is an error.
         num_classes: ids ``>= num_classes`` other than 255 are an error.
     """
@@ -145,15 +186,15 @@ def load_label(
     try:
         with Image.open(path) as mask:
             mask.load()
-            if mask.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L"):
+            if mask.mode not in ("1", "P", "L", "I", "I;16", "I;16B", "I;16L"):
                 raise DatasetError(
                     f"mask {path}{where} has mode {mask.mode}; expected one class index per pixel "
                     "(a palette or grayscale PNG; see doc/custom_dataset.md to convert colour masks)"
                 )
-            array = np.asarray(mask)
-    except (
-        UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError
-    ) as error:
+            # A 1-bit mask (PIL's mode "1", what it writes for a boolean array) reads as booleans:
+            # as uint8 they are the classes 0 and 1.
+            array = np.asarray(mask, dtype=np.uint8 if mask.mode == "1" else None)
+    except _DECODE_ERRORS as error:
         raise DatasetError(f"cannot decode mask {path}{where}: {error}") from error
     if (array.shape[1], array.shape[0]) != tuple(size):
         raise DatasetError(
@@ -226,9 +267,7 @@ def image_size(path: str | os.PathLike, index: int | None = None) -> tuple[int, 
             return image.size
     except FileNotFoundError as error:
         raise DatasetError(f"file not found: {path}{where}") from error
-    except (
-        UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError
-    ) as error:
+    except _DECODE_ERRORS as error:
         raise DatasetError(f"cannot read {path}{where}: {error}") from error
 
 

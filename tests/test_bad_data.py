@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageFile
 
 from dataloader.datasets.folder import FolderSegmentation
-from dataloader.utils import DatasetError, collate_skipping_bad, load_image
+from dataloader.utils import DatasetError, collate_skipping_bad, load_image, load_label
 
 WIDTH, HEIGHT = 20, 16
 CLASSES = "background\nroad\nbuilding\n"
@@ -174,3 +174,24 @@ def test_largest_id_rule_rejects_colour_masks_and_empty_masks(tmp_path):
     Image.new("L", (WIDTH, HEIGHT), 255).save(mask)
     with pytest.raises(DatasetError, match=r"no mask under .* has a class id other than 255"):
         FolderSegmentation(root)
+
+
+def test_one_bit_masks_read_as_classes_0_and_1(tmp_path):
+    """PIL writes a boolean array as a 1-bit PNG (mode "1"): a common binary-segmentation mask."""
+    root = make_dataset_root(tmp_path / "data", ["a"])
+    (root / "classes.txt").unlink()  # the class count then comes from the masks themselves
+    foreground = np.zeros((HEIGHT, WIDTH), dtype=bool)
+    foreground[2:9, 5:17] = True
+    mask = root / "masks" / "train" / "a.png"
+    Image.fromarray(foreground).save(mask)
+    # Really a 1-bit file: the PNG header (IHDR) says bit depth 1, colour type 0 (grayscale).
+    assert mask.read_bytes()[24:26] == bytes([1, 0])
+    assert Image.open(mask).mode == "1"
+    label = load_label(mask, (WIDTH, HEIGHT), num_classes=2)
+    assert label.mode == "L"
+    np.testing.assert_array_equal(np.asarray(label), foreground.astype(np.uint8))
+    dataset = FolderSegmentation(root)
+    assert dataset.class_names == ("class_0", "class_1")
+    np.testing.assert_array_equal(np.asarray(dataset[0]["label"]), foreground.astype(np.uint8))
+    with pytest.raises(DatasetError, match="has class index 1 but the dataset has 1 classes"):
+        load_label(mask, (WIDTH, HEIGHT), num_classes=1)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,13 +12,18 @@ import torch
 from PIL import Image
 
 import train
+from utils.distributed import DistributedContext
 from utils.errors import UserError
 from utils.hardware import resolve_amp
+from utils.metrics import Evaluator
 from dataloader.utils import palette_for
+from modeling.deeplab import DeepLab
 from modeling.predict import predict_probabilities
 
+# --no-cuda: on a GPU host the runs would otherwise take every GPU (DataParallel).
 TINY = ["--backbone", "resnet18", "--no-pretrained", "--workers", "0", "--crop-size", "48",
-        "--base-size", "48", "--epochs", "1", "--batch-size", "4", "--print-freq", "1"]
+        "--base-size", "48", "--epochs", "1", "--batch-size", "4", "--print-freq", "1",
+        "--no-cuda"]
 
 
 def draw_pair(seed: int, class_ids: list[int], size=(48, 40)) -> tuple[Image.Image, np.ndarray]:
@@ -107,8 +114,9 @@ def test_finetune_from_a_21_class_checkpoint_to_3_classes(tmp_path, capsys):
     run(["--dataset", "pascal", "--data-root", str(voc), "--amp", "off"], tmp_path / "a")
     source = tmp_path / "a" / "run" / "checkpoint.pth.tar"
     folder = make_folder_dataset(tmp_path / "mine")
+    # --lr 0: two SGD steps that move nothing, so every weight shows where it came from.
     result, settings = run(["--dataset", "folder", "--data-root", str(folder), "--amp", "off",
-                            "--resume", str(source), "--ft"], tmp_path / "b")
+                            "--resume", str(source), "--ft", "--lr", "0"], tmp_path / "b")
     out = capsys.readouterr().out
     assert "re-initialised decoder.classifier.weight, decoder.classifier.bias" in out
     assert "21 -> 3" in out
@@ -116,6 +124,21 @@ def test_finetune_from_a_21_class_checkpoint_to_3_classes(tmp_path, capsys):
     assert result["iteration"] == 2  # a fine-tune starts at iteration 0, not the source's
     tuned = torch.load(tmp_path / "b" / "run" / "checkpoint.pth.tar", weights_only=True)
     assert tuned["settings"]["num_classes"] == 3
+    source_weights = torch.load(source, weights_only=True)["model"]
+    model = DeepLab(backbone="resnet18", num_classes=3)
+    classifier = set(model.classifier_parameter_names())
+    assert classifier == {"decoder.classifier.weight", "decoder.classifier.bias"}
+    for name, _ in model.named_parameters():
+        if name not in classifier:
+            assert torch.equal(tuned["model"][name], source_weights[name]), name
+    assert tuned["model"]["decoder.classifier.weight"].shape == (3, 256, 1, 1)
+    assert source_weights["decoder.classifier.weight"].shape == (21, 256, 1, 1)
+    assert torch.equal(tuned["model"]["decoder.classifier.bias"], torch.zeros(3))  # fresh init
+    # Buffers came from the source too: BatchNorm counted the source's 2 training batches, then
+    # the fine-tune's 2 (its running means and variances moved with them, as train mode does).
+    for name, count in tuned["model"].items():
+        if name.endswith("num_batches_tracked"):
+            assert (int(source_weights[name]), int(count)) == (2, 4), name
 
 
 def test_cocostuff_runs_with_171_classes(tmp_path):
@@ -184,3 +207,137 @@ def test_scales_are_resized_to_the_output_and_averaged():
     got = predict_probabilities(PositionModel(), x, (5, 7), scales=(0.5, 1.0, 2.0))
     assert got.shape == (2, 2, 5, 7)
     torch.testing.assert_close(got.sum(1), torch.ones(2, 5, 7))
+
+
+class SizeAndCornerModel(torch.nn.Module):
+    """Logits constant over a half-size map, so resizing keeps them exactly: class 0 gets the
+    input height / 8 (which the scale changes), class 1 the input's top-left value (which the
+    flip changes)."""
+
+    def forward(self, x):
+        n, _, height, width = x.shape
+        logits = torch.empty(n, 2, height // 2, width // 2)
+        logits[:, 0] = height / 8
+        logits[:, 1] = x[:, 0, :1, :1]
+        return {"out": logits}
+
+
+def test_scales_and_flips_average_the_probabilities_of_every_view():
+    x = torch.full((1, 3, 8, 8), 2.0)
+    x[..., 4:] = -1.0  # top-left 2 unflipped, -1 flipped, at every scale
+    got = predict_probabilities(SizeAndCornerModel(), x, (5, 7), scales=(0.5, 1.0, 2.0),
+                                flip=True)
+    # Views: heights 4, 8, 16 give class-0 logits 0.5, 1, 2; class 1 is 2 (plain) or -1 (flipped).
+    # p(class 0) = 1 / (1 + exp(logit1 - logit0)), averaged over the six views.
+    views = [(s, c) for s in (0.5, 1.0, 2.0) for c in (2.0, -1.0)]
+    expected = sum(1 / (1 + math.exp(c - s)) for s, c in views) / 6
+    assert expected == pytest.approx(0.600385, abs=1e-6)
+    torch.testing.assert_close(got[:, 0], torch.full((1, 5, 7), expected))
+    torch.testing.assert_close(got[:, 1], torch.full((1, 5, 7), 1 - expected))
+    # Without the flips, only the plain views: (0.182426 + 0.268941 + 0.5) / 3.
+    plain = predict_probabilities(SizeAndCornerModel(), x, (5, 7), scales=(0.5, 1.0, 2.0))
+    expected_plain = sum(1 / (1 + math.exp(2.0 - s)) for s in (0.5, 1.0, 2.0)) / 3
+    assert expected_plain == pytest.approx(0.317122, abs=1e-6)
+    torch.testing.assert_close(plain[:, 0], torch.full((1, 5, 7), expected_plain))
+
+
+# ------------------------------------------------------------------------- learning-rate rules
+
+
+def parse(flags: list[str]):
+    return train.get_args_parser().parse_args(["--dataset", "folder", "--backbone", "resnet18",
+                                               "--no-pretrained", *flags])
+
+
+def cpu(devices: int = 1) -> SimpleNamespace:
+    """The Hardware fields plan_schedule and build_optimisation read."""
+    return SimpleNamespace(device=torch.device("cpu"), devices_per_process=devices,
+                           gpu_ids=list(range(devices)) if devices > 1 else [], amp_dtype=None)
+
+
+@pytest.mark.parametrize("flags, devices, world_size, total_batch, lr", [
+    (["--batch-size", "4"], 1, 1, 4, 0.0025),      # 0.01 x 4 / 16
+    (["--batch-size", "4"], 1, 4, 16, 0.01),       # torchrun: 4 processes of 4
+    (["--batch-size", "8"], 1, 8, 64, 0.04),
+    ([], 2, 1, 8, 0.005),                          # DataParallel on 2 GPUs: 4 per GPU
+    ([], 1, 2, 8, 0.005),                          # torchrun, 1 GPU each: 4 per process
+    (["--batch-size", "4", "--lr", "0.003"], 1, 4, 16, 0.003),  # --lr wins
+])
+def test_default_lr_is_0_01_per_16_images_of_total_batch(flags, devices, world_size,
+                                                          total_batch, lr):
+    schedule = train.plan_schedule(parse(flags + ["--epochs", "3"]), 200, cpu(devices),
+                                   DistributedContext(rank=0, world_size=world_size))
+    assert (schedule.total_batch, schedule.lr) == (total_batch, pytest.approx(lr))
+    assert schedule.iters_per_epoch == 200 // total_batch
+    assert schedule.total_iters == 3 * (200 // total_batch)
+
+
+def learning_rates(flags: list[str], train_size: int):
+    args = parse(flags)
+    context = DistributedContext()
+    model = DeepLab(backbone="resnet18", num_classes=3, aux_loss=True)
+    schedule = train.plan_schedule(args, train_size, cpu(), context)
+    optimisation = train.build_optimisation(args, model, schedule, None, cpu(), context)
+    return model, schedule, optimisation
+
+
+def test_the_head_learns_10x_faster_than_the_backbone():
+    model, _, optimisation = learning_rates(["--lr", "0.02", "--batch-size", "4"], 40)
+    rate = {id(p): group["lr"] for group in optimisation.optimizer.param_groups
+            for p in group["params"]}
+    assert len(rate) == len(list(model.parameters()))  # every parameter is trained
+    assert {rate[id(p)] for p in model.backbone.parameters()} == {0.02}
+    head = [p for module in (model.aspp, model.decoder, model.aux_classifier)
+            for p in module.parameters()]
+    assert head and all(rate[id(p)] == pytest.approx(0.2) for p in head)
+
+
+def test_lr_step_counts_epochs_of_iterations():
+    _, schedule, optimisation = learning_rates(
+        ["--lr", "0.1", "--batch-size", "4", "--epochs", "6", "--lr-scheduler", "step",
+         "--lr-step", "2", "--lr-gamma", "0.5"], 12)
+    assert (schedule.iters_per_epoch, schedule.total_iters) == (3, 18)
+    used = []
+    for _ in range(18):
+        used.append(optimisation.optimizer.param_groups[0]["lr"])
+        optimisation.optimizer.step()
+        optimisation.scheduler.step()
+    # 2 epochs x 3 iterations = 6 iterations per step of the decay
+    assert used == pytest.approx([0.1] * 6 + [0.05] * 6 + [0.025] * 6)
+
+
+def test_model_best_holds_the_weights_of_the_best_evaluation(tmp_path, monkeypatch):
+    root = make_folder_dataset(tmp_path / "mine")
+    for i in range(4, 9):  # 4 train images: one iteration of 4 per epoch
+        (root / "images" / "train" / f"{i:03d}.jpg").unlink()
+        (root / "masks" / "train" / f"{i:03d}.png").unlink()
+    scripted = [0.30, 0.50, 0.20]  # the mIoU of evaluations 1, 2, 3: the second is the best
+    models, evaluations, weights = [], [], []
+    real_build_model, real_results = train.build_model, Evaluator.results
+
+    def build_model(*args, **kwargs):
+        models.append(real_build_model(*args, **kwargs))
+        return models[-1]
+
+    def results(self, class_names):
+        # One Evaluator per evaluation (its table calls results() too): count them, and keep
+        # the weights it scored.
+        if not any(self is seen for seen in evaluations):
+            evaluations.append(self)
+            weights.append({k: v.clone() for k, v in models[0].state_dict().items()})
+        number = next(i for i, seen in enumerate(evaluations) if seen is self)
+        return dict(real_results(self, class_names), mean_iou=scripted[number])
+
+    monkeypatch.setattr(train, "build_model", build_model)
+    monkeypatch.setattr(Evaluator, "results", results)
+    result, settings = run(["--dataset", "folder", "--data-root", str(root), "--amp", "off",
+                            "--epochs", "3", "--eval-interval", "1", "--lr", "0.05"], tmp_path)
+    assert len(evaluations) == 3 and settings["iters_per_epoch"] == 1
+    best = torch.load(tmp_path / "run" / "model_best.pth.tar", weights_only=True)
+    latest = torch.load(tmp_path / "run" / "checkpoint.pth.tar", weights_only=True)
+    assert best["best_pred"] == latest["best_pred"] == result["best_pred"] == max(scripted)
+    assert (best["iteration"], latest["iteration"]) == (2, 3)
+    for name, tensor in weights[1].items():
+        assert torch.equal(best["model"][name], tensor), name
+        assert torch.equal(latest["model"][name], weights[2][name]), name
+    assert any(not torch.equal(weights[1][name], weights[2][name]) for name in weights[1])

@@ -27,7 +27,7 @@ def test_train_one_epoch_on_coco_and_predict_its_val_images(tmp_path):
     run_dir = tmp_path / "run"
     result = train.main(train.get_args_parser().parse_args([
         "--dataset", "coco", "--data-root", COCO_ROOT, "--backbone", "resnet18",
-        "--no-pretrained", "--amp", "off", "--workers", "2", "--epochs", "1",
+        "--no-pretrained", "--amp", "off", "--workers", "2", "--epochs", "1", "--no-cuda",
         "--batch-size", "8", "--crop-size", "96", "--base-size", "96", "--eval-size", "96",
         "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(run_dir)]))
     train_images = len(json.loads(
@@ -43,7 +43,7 @@ def test_train_one_epoch_on_coco_and_predict_its_val_images(tmp_path):
     val_dir = Path(COCO_ROOT) / "val2017"
     out_dir = tmp_path / "masks"
     assert inference.cli(["--in-path", str(val_dir), "--out-path", str(out_dir), "--size", "96",
-                          "--ckpt", str(run_dir / "checkpoint.pth.tar")]) == 0
+                          "--ckpt", str(run_dir / "checkpoint.pth.tar"), "--no-cuda"]) == 0
     inputs = sorted(val_dir.glob("*.jpg"))
     masks = sorted(out_dir.glob("*.png"))
     assert [p.stem for p in masks] == [p.stem for p in inputs]

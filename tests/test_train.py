@@ -18,8 +18,9 @@ from dataloader.datasets.coco import COCOSegmentation
 pytestmark = pytest.mark.slow
 
 # resnet18 at output stride 16 on 64-pixel crops: about a second per iteration on 2 cores.
+# --no-cuda: on a GPU host the runs would otherwise take every GPU (DataParallel).
 TINY = ["--backbone", "resnet18", "--no-pretrained", "--amp", "off", "--workers", "0",
-        "--crop-size", "64", "--base-size", "64", "--eval-size", "64"]
+        "--crop-size", "64", "--base-size", "64", "--eval-size", "64", "--no-cuda"]
 
 
 def scalars(run_dir: str | Path, tag: str) -> list[tuple[int, float]]:
@@ -86,7 +87,7 @@ def test_inference_from_the_trained_checkpoint(trained, demo_root, tmp_path):
         (in_dir / image.name).write_bytes(image.read_bytes())
     (in_dir / "broken.jpg").write_bytes(b"not a jpeg")
     out_dir = tmp_path / "out"
-    status = inference.cli(["--in-path", str(in_dir), "--out-path", str(out_dir),
+    status = inference.cli(["--in-path", str(in_dir), "--out-path", str(out_dir), "--no-cuda",
                             "--ckpt", str(trained["run_dir"] / "model_best.pth.tar")])
     assert status == 1  # the broken file is reported...
     for image in images:  # ...and every good one still gets its mask
@@ -160,7 +161,8 @@ def test_offline_pretrained_download_names_the_flags(demo_root, tmp_path, monkey
 def test_missing_checkpoint_for_inference(tmp_path, capsys):
     image = tmp_path / "a.png"
     Image.new("RGB", (8, 8)).save(image)
-    assert inference.cli(["--in-path", str(image), "--ckpt", str(tmp_path / "none.pth.tar")]) == 2
+    assert inference.cli(["--in-path", str(image), "--no-cuda",
+                          "--ckpt", str(tmp_path / "none.pth.tar")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "none.pth.tar" in err and "train.py" in err
 
@@ -170,7 +172,7 @@ def test_bare_state_dict_is_not_taken_for_a_checkpoint(tmp_path, capsys):
     torch.save({"conv.weight": torch.zeros(1)}, path)
     image = tmp_path / "a.png"
     Image.new("RGB", (8, 8)).save(image)
-    assert inference.cli(["--in-path", str(image), "--ckpt", str(path)]) == 2
+    assert inference.cli(["--in-path", str(image), "--ckpt", str(path), "--no-cuda"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "weights.pth" in err and "'settings'" in err
 
@@ -184,7 +186,7 @@ def test_unsafe_checkpoint_is_refused(tmp_path, capsys):
     torch.save({"settings": Payload()}, path)
     image = tmp_path / "a.png"
     Image.new("RGB", (8, 8)).save(image)
-    assert inference.cli(["--in-path", str(image), "--ckpt", str(path)]) == 2
+    assert inference.cli(["--in-path", str(image), "--ckpt", str(path), "--no-cuda"]) == 2
     assert "unsafe.pth.tar" in capsys.readouterr().err
 
 

@@ -3,13 +3,21 @@
 A file is written to a temporary file in the same folder, flushed and fsync'ed, then renamed over
 the target with ``os.replace`` (atomic on POSIX and Windows), and the folder is fsync'ed: a crash,
 a kill or a full disk leaves either the previous file or the new one, never half of one.
+
+Files get the permissions any other program's files get: ``0o666`` less the umask (0644 under the
+usual 022, so the group of a shared cluster account can read checkpoints and masks; 0600 under
+077 for users who want that).
 """
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import IO, Callable
+
+#: Permission bits a new file asks for; the kernel removes the umask's bits (as ``open()`` does).
+_NEW_FILE_MODE = 0o666
+_CREATE_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+                 | getattr(os, "O_CLOEXEC", 0))
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -26,17 +34,35 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _create_temporary(directory: Path, name: str) -> tuple[int, str]:
+    """Open a new, uniquely named file in ``directory`` for writing; returns ``(fd, path)``.
+
+    Like :func:`tempfile.mkstemp` (``O_EXCL``, a random name) but created with mode ``0o666``,
+    so the kernel applies the umask: mkstemp's fixed 0600 would survive the rename and lock the
+    group out. Asking the kernel avoids reading the umask, which ``os.umask`` can only do by
+    changing it for every thread for a moment.
+    """
+    for _ in range(100):
+        temp_name = os.path.join(directory, f".{name}.{os.urandom(6).hex()}.tmp")
+        try:
+            return os.open(temp_name, _CREATE_FLAGS, _NEW_FILE_MODE), temp_name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary file name for {name} in {directory}")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
     """Call ``write`` on a binary temporary file next to ``path``, then atomically move it there.
 
-    The folder is created if needed. If ``write`` (or the rename) fails, the temporary file is
+    The file's mode is ``0o666`` less the umask, as for any newly created file. The folder is
+    created if needed. If ``write`` (or the rename) fails, the temporary file is
     removed, the error propagates and an existing ``path`` is left untouched.
     """
     path = Path(path)
     directory = path.parent
     directory.mkdir(parents=True, exist_ok=True)
     # Same folder as the target: os.replace is only atomic within one file system.
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    fd, temp_name = _create_temporary(directory, path.name)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)

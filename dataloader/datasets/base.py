@@ -5,6 +5,7 @@ import logging
 import os
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -17,6 +18,7 @@ from dataloader.utils import (
     load_image,
     load_label,
     palette_for,
+    verify_image,
 )
 
 logger = logging.getLogger(__name__)
@@ -71,6 +73,21 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """The label of item ``index`` alone; subclasses override it to skip decoding the image."""
         return self.load_sample(index)[1]
 
+    def check_sample(self, index: int) -> np.ndarray:
+        """Check that item ``index`` loads as training would load it, as cheaply as possible.
+
+        Used by ``train.py --check-data`` over a whole dataset. The default loads the sample;
+        subclasses skip what the check does not need (a full-size decode of the image).
+
+        Returns:
+            The ``(H, W)`` uint8 label at full size.
+
+        Raises:
+            DatasetError: the first problem found (unreadable image, mask of another size, class
+                id out of range), naming the file.
+        """
+        return np.asarray(self.load_sample(index)[1])
+
     def cache_key(self) -> str:
         """A string that changes whenever the files behind this split change (for caches)."""
         raise NotImplementedError
@@ -112,6 +129,11 @@ class PairedFileDataset(SegmentationDataset):
         """The label alone; its size comes from the mask itself, so it is not checked against
         the image here (loading the sample does that)."""
         return self.read_label(index, image_size(self.samples[index][1], index))
+
+    def check_sample(self, index: int) -> np.ndarray:
+        """The image decoded at reduced size, its size from its header, the mask in full."""
+        size = verify_image(self.samples[index][0], index=index)
+        return np.asarray(self.read_label(index, size))
 
     def extra_cache_files(self) -> list[str | os.PathLike]:
         return []

@@ -34,6 +34,7 @@ from dataloader.utils import (
     default_cache_dir,
     file_fingerprint,
     load_image,
+    verify_image,
 )
 from utils.fileio import atomic_write
 
@@ -402,17 +403,27 @@ class COCOSegmentation(SegmentationDataset):
     def label_at(self, index: int) -> Image.Image:
         return Image.fromarray(self.label_array(index))
 
+    def _check_image_size(self, index: int, path: Path, size: tuple[int, int]) -> None:
+        if size != self.image_size(index):
+            width, height = self.image_size(index)
+            raise DatasetError(
+                f"image {path} (sample {index}) is {size[0]}x{size[1]} but "
+                f"{self.annotation_file} says {width}x{height}"
+            )
+
     def load_sample(self, index: int) -> tuple[Image.Image, Image.Image]:
         index = self._check_index(index)
         path = self.image_path(index)
         image = load_image(path, index=index)
-        if image.size != self.image_size(index):
-            width, height = self.image_size(index)
-            raise DatasetError(
-                f"image {path} (sample {index}) is {image.size[0]}x{image.size[1]} but "
-                f"{self.annotation_file} says {width}x{height}"
-            )
+        self._check_image_size(index, path, image.size)
         return image, Image.fromarray(self.label_array(index))
+
+    def check_sample(self, index: int) -> np.ndarray:
+        """The image decoded at reduced size (its size from its header), the label in full."""
+        index = self._check_index(index)
+        path = self.image_path(index)
+        self._check_image_size(index, path, verify_image(path, index=index))
+        return self.label_array(index)
 
     def cache_key(self) -> str:
         return f"coco-{self.split}-v{_INDEX_VERSION}-{self._fingerprint}"

@@ -1,0 +1,52 @@
+"""Files the project writes get the permissions the user's umask asks for, like any other file."""
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+
+from utils.fileio import atomic_write, atomic_write_text
+from utils.saver import Saver, save_checkpoint
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test, and put the previous one back afterwards."""
+    previous = os.umask(0o022)
+    try:
+        yield os.umask
+    finally:
+        os.umask(previous)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize("mask, expected", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)],
+                         ids=["umask022", "umask077", "umask002"])
+def test_written_files_follow_the_umask(umask, tmp_path, mask, expected):
+    umask(mask)
+    atomic_write(tmp_path / "mask.png", lambda handle: handle.write(b"\x89PNG"))
+    atomic_write_text(tmp_path / "metrics.json", "{}")
+    save_checkpoint({"model": {"w": torch.zeros(2)}}, tmp_path / "checkpoint.pth.tar")
+    saver = Saver(dataset="demo", checkname="x", experiment_dir=tmp_path / "run")
+    saver.save_settings({"lr": 0.01})
+    saver.save({"model": {"w": torch.ones(2)}}, is_best=True)  # model_best is a copy
+    written = ["mask.png", "metrics.json", "checkpoint.pth.tar", "run/settings.json",
+               "run/checkpoint.pth.tar", "run/model_best.pth.tar"]
+    assert {name: oct(mode(tmp_path / name)) for name in written} == {
+        name: oct(expected) for name in written}
+
+
+def test_replacing_a_file_takes_the_umask_not_the_old_mode(umask, tmp_path):
+    path = tmp_path / "checkpoint.pth.tar"
+    path.write_bytes(b"old")
+    path.chmod(0o600)
+    umask(0o022)
+    atomic_write_text(path, "new")
+    assert path.read_text() == "new"
+    assert mode(path) == 0o644
+    assert os.listdir(tmp_path) == ["checkpoint.pth.tar"]  # no temporary file left behind
