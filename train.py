@@ -35,12 +35,13 @@ from modeling.pretrained import (coco_deeplabv3_state_dict, coco_deeplabv3_weigh
 from utils.distributed import (DEFAULT_TIMEOUT_MINUTES, DistributedContext, cleanup,
                                init_distributed, main_process_first)
 from utils.engine import (Checkpointer, Interrupted, LoopSettings, NonFiniteLoss, Optimisation,
-                          TrainState, evaluate_checkpoint, fit, restore_training_state)
+                          TrainState, evaluate_checkpoint, fit, make_optimisation,
+                          restore_training_state)
 from utils.errors import UserError
 from utils.hardware import (AMP_CHOICES, Hardware, dataparallel_chunks, prepare_model,
                             resolve_hardware, usable_batch_size)
-from utils.losses import LOSSES, build_loss
-from utils.lr_scheduler import SCHEDULERS, build_lr_scheduler
+from utils.losses import LOSSES
+from utils.lr_scheduler import SCHEDULERS
 from utils.saver import CHECKPOINT_NAME, CheckpointError, Saver, load_checkpoint
 from utils.summaries import TensorboardSummary
 
@@ -285,15 +286,13 @@ def init_from_coco_deeplabv3(model: DeepLab, init: str, context: DistributedCont
     try:
         report = init_from_torchvision_deeplabv3(
             model, coco_deeplabv3_state_dict(model.backbone_name, path))
-    except PretrainedWeightsUnavailable as error:
-        raise UserError(f"--init {init}: {error} (pass a downloaded file as --init PATH)"
-                        ) from None
-    except (FileNotFoundError, ValueError) as error:
-        raise UserError(f"--init {init}: {error}") from None
+    except (PretrainedWeightsUnavailable, FileNotFoundError, ValueError) as error:
+        hint = " (pass a downloaded file as --init PATH)" * isinstance(
+            error, PretrainedWeightsUnavailable)
+        raise UserError(f"--init {init}: {error}{hint}") from None
     if context.is_main:
-        print(f"--init: {len(report.loaded)} tensors (backbone, ASPP"
-              f"{', aux head' if any(k.startswith('aux_') for k in report.loaded) else ''}) from "
-              f"torchvision's COCO DeepLabV3 {model.backbone_name}; the decoder starts fresh")
+        print(f"--init: {len(report.loaded)} tensors from torchvision's COCO DeepLabV3 "
+              f"{model.backbone_name} (backbone, ASPP, aux head if any); the decoder starts fresh")
 
 
 @dataclass
@@ -330,27 +329,18 @@ def plan_schedule(args: argparse.Namespace, train_size: int, hardware: Hardware,
 
 def build_optimisation(args: argparse.Namespace, model: DeepLab, schedule: Schedule, train_set,
                        hardware: Hardware, context: DistributedContext) -> Optimisation:
-    """Loss, SGD (the head at 10x the backbone's rate), per-iteration schedule and scaler."""
+    """Loss, SGD, schedule and scaler from the flags (class weights: rank 0 first)."""
     weight = None
-    if args.use_balanced_weights:  # rank 0 computes them (or reads its cache), then the others
+    if args.use_balanced_weights:
         with main_process_first(context):
             weight = compute_class_weights(train_set, model.num_classes, cache_dir=args.cache_dir)
-        weight = weight.to(hardware.device)
-    criterion = build_loss(args.loss_type, ignore_index=IGNORE_INDEX, weight=weight,
-                           gamma=args.focal_gamma)
-    lr = schedule.lr
-    optimizer = torch.optim.SGD(
-        [{"params": list(model.backbone_parameters()), "lr": lr},
-         {"params": list(model.head_parameters()), "lr": lr * 10}],
-        lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov)
-    scheduler = build_lr_scheduler(
-        optimizer, args.lr_scheduler, total_iters=schedule.total_iters,
+    return make_optimisation(
+        model, lr=schedule.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        nesterov=args.nesterov, scheduler=args.lr_scheduler, total_iters=schedule.total_iters,
         warmup_iters=args.warmup_iters, step_size=args.lr_step * schedule.iters_per_epoch,
-        gamma=args.lr_gamma)
-    scaler = (torch.amp.GradScaler(hardware.device.type)
-              if hardware.amp_dtype == torch.float16 else None)
-    return Optimisation(criterion=criterion, optimizer=optimizer, scheduler=scheduler,
-                        scaler=scaler, aux_weight=args.aux_weight)
+        gamma=args.lr_gamma, loss=args.loss_type, class_weight=weight,
+        focal_gamma=args.focal_gamma, aux_weight=args.aux_weight, ignore_index=IGNORE_INDEX,
+        hardware=hardware)
 
 
 def open_run_folder(args: argparse.Namespace, *, settings: dict, schedule: Schedule,

@@ -24,6 +24,8 @@ from utils.distributed import DistributedContext, any_true, broadcast_buffers, r
 from utils.errors import UserError
 from utils.fileio import atomic_write_text
 from utils.hardware import Hardware, cudnn_benchmark, usable_batch_size
+from utils.losses import build_loss
+from utils.lr_scheduler import build_lr_scheduler
 from utils.metrics import Evaluator
 from utils.saver import Saver, get_rng_state, set_rng_state
 from utils.summaries import TensorboardSummary
@@ -59,6 +61,36 @@ class Optimisation:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
     aux_weight: float
+
+
+def make_optimisation(model: nn.Module, *, lr: float, momentum: float, weight_decay: float,
+                      nesterov: bool, scheduler: str, total_iters: int, warmup_iters: int,
+                      step_size: int, gamma: float, loss: str, class_weight: torch.Tensor | None,
+                      focal_gamma: float, aux_weight: float, ignore_index: int,
+                      hardware: Hardware) -> Optimisation:
+    """SGD with the head (ASPP, decoder, aux) at 10x the backbone's ``lr``, a per-iteration
+    schedule (:func:`utils.lr_scheduler.build_lr_scheduler`), the loss, and a GradScaler when
+    autocasting to fp16.
+
+    Args:
+        model: a :class:`modeling.deeplab.DeepLab` (its ``backbone_parameters`` and
+            ``head_parameters`` split the rates).
+        step_size: iterations between decays of the ``step`` schedule.
+        class_weight: per-class loss weights, or None.
+    """
+    criterion = build_loss(loss, ignore_index=ignore_index, gamma=focal_gamma,
+                           weight=None if class_weight is None else
+                           class_weight.to(hardware.device))
+    optimizer = torch.optim.SGD(
+        [{"params": list(model.backbone_parameters()), "lr": lr},
+         {"params": list(model.head_parameters()), "lr": lr * 10}],
+        lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    schedule = build_lr_scheduler(optimizer, scheduler, total_iters=total_iters,
+                                  warmup_iters=warmup_iters, step_size=step_size, gamma=gamma)
+    scaler = (torch.amp.GradScaler(hardware.device.type)
+              if hardware.amp_dtype == torch.float16 else None)
+    return Optimisation(criterion=criterion, optimizer=optimizer, scheduler=schedule,
+                        scaler=scaler, aux_weight=aux_weight)
 
 
 class StopFlag:
