@@ -14,7 +14,6 @@ import argparse
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,12 +33,12 @@ from modeling.pretrained import (coco_deeplabv3_state_dict, coco_deeplabv3_weigh
                                  init_from_torchvision_deeplabv3)
 from utils.distributed import (DEFAULT_TIMEOUT_MINUTES, DistributedContext, cleanup,
                                init_distributed, main_process_first)
-from utils.engine import (Checkpointer, Interrupted, LoopSettings, NonFiniteLoss, Optimisation,
-                          TrainState, evaluate_checkpoint, fit, make_optimisation,
+from utils.engine import (DEFAULT_BATCH_PER_DEVICE, REFERENCE_BATCH, REFERENCE_LR, Checkpointer,
+                          Interrupted, LoopSettings, NonFiniteLoss, Optimisation, Schedule,
+                          TrainState, evaluate_checkpoint, fit, make_optimisation, make_schedule,
                           restore_training_state)
 from utils.errors import UserError
-from utils.hardware import (AMP_CHOICES, Hardware, dataparallel_chunks, prepare_model,
-                            resolve_hardware, usable_batch_size)
+from utils.hardware import AMP_CHOICES, Hardware, prepare_model, resolve_hardware
 from utils.losses import LOSSES
 from utils.lr_scheduler import SCHEDULERS
 from utils.saver import CHECKPOINT_NAME, CheckpointError, Saver, load_checkpoint
@@ -49,10 +48,6 @@ logger = logging.getLogger("train")
 
 #: Epochs when --epochs is not given (torchvision's COCO recipe trains 30).
 DEFAULT_EPOCHS = {"coco": 30, "cocostuff": 30, "pascal": 50, "folder": 50, "demo": 15}
-#: Images per device when --batch-size is not given.
-DEFAULT_BATCH_PER_DEVICE = 4
-#: Linear scaling rule for --lr when it is not given: 0.01 for 16 images per step.
-REFERENCE_LR, REFERENCE_BATCH = 0.01, 16
 #: --init value that downloads torchvision's COCO DeepLabV3 (any other value is a local file).
 INIT_TORCHVISION_COCO = "torchvision-coco"
 
@@ -78,10 +73,9 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                        help="start the backbone from ImageNet weights (downloaded by torchvision)")
     model.add_argument("--backbone-weights", metavar="PATH",
                        help="local torchvision ResNet state dict to use instead of downloading")
-    model.add_argument("--init", metavar=f"{INIT_TORCHVISION_COCO}|PATH",
-                       help="start backbone, ASPP and aux head from torchvision's COCO-trained "
-                            "DeepLabV3 (resnet50/resnet101; 21 VOC classes), downloaded or from "
-                            "PATH (its state dict); the decoder starts fresh")
+    model.add_argument("--init", metavar=f"{INIT_TORCHVISION_COCO}|PATH", help="start backbone, "
+                       "ASPP, aux head from torchvision's COCO DeepLabV3 (resnet50/101; download "
+                       "or state dict file)")
     model.add_argument("--aux-loss", action=argparse.BooleanOptionalAction, default=False,
                        help="add an FCN auxiliary head on the stride-16 backbone stage")
     model.add_argument("--aux-weight", type=float, default=0.5, help="weight of the auxiliary loss")
@@ -128,7 +122,8 @@ def _hardware_args(parser: argparse.ArgumentParser) -> None:
     hw.add_argument("--no-cuda", action="store_true", help="train on the CPU even with a GPU")
     hw.add_argument("--gpu-ids", help="GPUs for DataParallel, e.g. 0,1 (default: all)")
     hw.add_argument("--amp", default="auto", choices=AMP_CHOICES,
-                    help="mixed precision; auto: bf16 where supported, else fp16 on GPU, else off")
+                    help="mixed precision; auto: bf16 on GPUs >= sm80 and bf16 CPUs, fp16 on "
+                         "older GPUs, else off")
     hw.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                     help="channels_last memory format (default: on for GPUs)")
     hw.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
@@ -141,9 +136,8 @@ def _hardware_args(parser: argparse.ArgumentParser) -> None:
 def _run_args(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument("--resume", metavar="CKPT", help="continue training from a checkpoint")
-    run.add_argument("--auto-resume", action="store_true", help="continue from the run folder's "
-                     "checkpoint if it has one (--run-dir, else the newest experiment of "
-                     "--checkname), else start there: a requeued job needs no edited command")
+    run.add_argument("--auto-resume", action="store_true", help="continue from the checkpoint of "
+                     "--run-dir (or the newest experiment) if any, else start there")
     run.add_argument("--ft", action="store_true",
                      help="with --resume: fine-tune from its weights only (new optimiser, epoch 0)")
     run.add_argument("--checkname", help="run name (default deeplab-<backbone>)")
@@ -233,13 +227,6 @@ def build_datasets(args: argparse.Namespace, context: DistributedContext) -> tup
     return train_set, val_set
 
 
-def check_data(train_set: Any, val_set: Any, *, workers: int) -> dict:
-    """``--check-data``: read every sample; print the bad ones and the class pixel histogram."""
-    report = check_datasets({"train": train_set, "val": val_set}, workers=workers)
-    print(report.format())
-    return {"data_ok": report.ok, "data_report": report}
-
-
 def build_model(args: argparse.Namespace, checkpoint: dict | None, num_classes: int,
                 context: DistributedContext) -> DeepLab:
     """The model ``--resume`` describes (weights loaded), or a new one from the flags (with
@@ -295,36 +282,11 @@ def init_from_coco_deeplabv3(model: DeepLab, init: str, context: DistributedCont
               f"{model.backbone_name} (backbone, ASPP, aux head if any); the decoder starts fresh")
 
 
-@dataclass
-class Schedule:
-    """How long and how fast training runs, resolved from the flags and the hardware."""
-
-    batch_size: int  # images per step in this process
-    total_batch: int  # images per step over all processes
-    lr: float  # backbone learning rate; the head gets 10x
-    epochs: int
-    iters_per_epoch: int
-    total_iters: int
-
-
 def plan_schedule(args: argparse.Namespace, train_size: int, hardware: Hardware,
                   context: DistributedContext) -> Schedule:
-    devices = hardware.devices_per_process
-    batch_size = args.batch_size or DEFAULT_BATCH_PER_DEVICE * devices
-    if usable_batch_size(batch_size, devices) != batch_size:
-        good = max(2, -(-batch_size // devices)) * devices  # chunks of equal size, >= 2
-        raise UserError(f"--batch-size {batch_size} splits over {devices} device(s) as "
-                        f"{dataparallel_chunks(batch_size, devices)}; BatchNorm in ASPP's image "
-                        f"pooling needs 2 per device: use --batch-size {good}")
-    total_batch = batch_size * context.world_size
-    iters_per_epoch = train_size // context.world_size // batch_size
-    if iters_per_epoch == 0:
-        raise UserError(f"the {args.dataset} train split has {train_size} images, fewer "
-                        f"than one batch of {total_batch}: lower --batch-size")
-    epochs = args.epochs or DEFAULT_EPOCHS[args.dataset]
-    lr = args.lr if args.lr is not None else REFERENCE_LR * total_batch / REFERENCE_BATCH
-    return Schedule(batch_size=batch_size, total_batch=total_batch, lr=lr, epochs=epochs,
-                    iters_per_epoch=iters_per_epoch, total_iters=epochs * iters_per_epoch)
+    return make_schedule(train_size=train_size, batch_size=args.batch_size,
+                         devices=hardware.devices_per_process, world_size=context.world_size,
+                         epochs=args.epochs or DEFAULT_EPOCHS[args.dataset], lr=args.lr)
 
 
 def build_optimisation(args: argparse.Namespace, model: DeepLab, schedule: Schedule, train_set,
@@ -365,13 +327,10 @@ def open_run_folder(args: argparse.Namespace, *, settings: dict, schedule: Sched
     # step appears once; events up to the checkpoint were flushed before it was saved.
     summary = TensorboardSummary(saver.experiment_dir,
                                  purge_step=state.iteration + 1 if state.iteration else None)
-    gpus = len(hardware.gpu_ids)
-    print(f"run folder: {saver.experiment_dir}")
-    print(f"{train_size} train images, {settings['num_classes']} classes; {schedule.epochs} "
-          f"epochs x {schedule.iters_per_epoch} iterations of {schedule.total_batch} images; "
-          f"lr {schedule.lr:g} (head {10 * schedule.lr:g}), {args.lr_scheduler}; device "
-          f"{hardware.device}{' x' + str(gpus) if gpus > 1 else ''}, {context.world_size} "
-          f"process(es), amp {hardware.amp_dtype}")
+    print(f"run folder: {saver.experiment_dir}\n{train_size} train images, "
+          f"{settings['num_classes']} classes; {schedule}; {args.lr_scheduler}; device "
+          f"{hardware.device} x{hardware.devices_per_process}, {context.world_size} process(es), "
+          f"amp {hardware.amp_dtype}")
     return saver, summary
 
 
@@ -399,8 +358,10 @@ def main(args: argparse.Namespace) -> dict:
         torch.manual_seed(args.seed)
         checkpoint = read_checkpoint(args.resume)
         train_set, val_set = build_datasets(args, context)
-        if args.check_data:  # before any model is built
-            return check_data(train_set, val_set, workers=args.workers)
+        if args.check_data:  # read every sample before any model is built
+            report = check_datasets({"train": train_set, "val": val_set}, workers=args.workers)
+            print(report.format())
+            return {"data_ok": report.ok, "data_report": report}
         model = build_model(args, checkpoint, len(val_set.class_names), context)
         settings = dict(model.settings(), **val_set.metadata())  # a self-describing checkpoint
         # Same initial weights on every rank (DDP also broadcasts them), different dropout masks.

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from utils.distributed import DistributedContext, any_true, broadcast_buffers, ranks_in_sync
 from utils.errors import UserError
 from utils.fileio import atomic_write_text
-from utils.hardware import Hardware, cudnn_benchmark, usable_batch_size
+from utils.hardware import Hardware, cudnn_benchmark, dataparallel_chunks, usable_batch_size
 from utils.losses import build_loss
 from utils.lr_scheduler import build_lr_scheduler
 from utils.metrics import Evaluator
@@ -61,6 +61,53 @@ class Optimisation:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
     aux_weight: float
+
+
+#: Images per device when the batch size is not given.
+DEFAULT_BATCH_PER_DEVICE = 4
+#: Linear scaling rule when the learning rate is not given: 0.01 for 16 images per step.
+REFERENCE_LR, REFERENCE_BATCH = 0.01, 16
+
+
+@dataclass
+class Schedule:
+    """How long and how fast training runs."""
+
+    batch_size: int  # images per step in this process
+    total_batch: int  # images per step over all processes
+    lr: float  # backbone learning rate; the head gets 10x
+    epochs: int
+    iters_per_epoch: int
+    total_iters: int
+
+    def __str__(self) -> str:
+        return (f"{self.epochs} epochs x {self.iters_per_epoch} iterations of {self.total_batch} "
+                f"images, lr {self.lr:g} (head {10 * self.lr:g})")
+
+
+def make_schedule(*, train_size: int, batch_size: int | None, devices: int, world_size: int,
+                  epochs: int, lr: float | None) -> Schedule:
+    """Resolve the batch size (default 4 per device), the learning rate (default: the linear
+    scaling rule on the total batch) and the iterations per epoch.
+
+    Raises:
+        UserError: a batch DataParallel would split into a chunk of 1 (the ASPP image-pooling
+            BatchNorm needs 2 per device), or fewer training images than one batch.
+    """
+    batch_size = batch_size or DEFAULT_BATCH_PER_DEVICE * devices
+    if usable_batch_size(batch_size, devices) != batch_size:
+        good = max(2, -(-batch_size // devices)) * devices  # chunks of equal size, >= 2
+        raise UserError(f"--batch-size {batch_size} splits over {devices} device(s) as "
+                        f"{dataparallel_chunks(batch_size, devices)}; BatchNorm in ASPP's image "
+                        f"pooling needs 2 per device: use --batch-size {good}")
+    total_batch = batch_size * world_size
+    iters_per_epoch = train_size // world_size // batch_size
+    if iters_per_epoch == 0:
+        raise UserError(f"the train split has {train_size} images, fewer than one batch of "
+                        f"{total_batch}: lower --batch-size")
+    lr = lr if lr is not None else REFERENCE_LR * total_batch / REFERENCE_BATCH
+    return Schedule(batch_size=batch_size, total_batch=total_batch, lr=lr, epochs=epochs,
+                    iters_per_epoch=iters_per_epoch, total_iters=epochs * iters_per_epoch)
 
 
 def make_optimisation(model: nn.Module, *, lr: float, momentum: float, weight_decay: float,
