@@ -5,8 +5,9 @@ and compare the final weights with an uninterrupted run's (bit-identical for one
     python bench/kill_test.py --kills 20 --seed 0
 
 The run trains ResNet-18 on a small generated demo set on the CPU, saving every
-``--save-interval`` iterations. Each kill lands at a random moment of the remaining work (data
-loading, the step, evaluation, or while a checkpoint is written); the script then checks that the
+``--save-interval`` iterations. Each kill lands at a random moment before the run's end (a random
+iteration, plus up to one iteration's time: data loading, the step, evaluation, or while a
+checkpoint is written); the script then checks that the
 checkpoint on disk loads (``weights_only=True``), restarts the same command, and reports how many
 iterations each kill lost (reached before the kill minus the checkpoint's). It exits 1 if any
 checkpoint was unreadable, a kill lost more than ``--save-interval`` iterations, or the final
@@ -124,16 +125,19 @@ def kill_test(*, kills: int, seed: int, epochs: int, save_interval: int, workdir
     command = train_command(data_root, killed_dir, epochs=epochs, save_interval=save_interval,
                             seed=seed)
     report = {"kills": [], "unreadable": 0}
-    while len(report["kills"]) < kills:
+    total = epochs * iters_per_epoch
+    # Kill k waits until the run has done iteration targets[k], then up to one iteration's time
+    # more: every kill lands before the run's end, anywhere in it (loading after a restart, a
+    # step, an evaluation, a save).
+    targets = sorted(rng.randrange(1, total) for _ in range(kills))
+    iteration_seconds = work_seconds / total
+    for target in targets:
         run = Run(command)
-        while not run.started() and run.process.poll() is None:
+        while run.reached(iters_per_epoch) < target and run.process.poll() is None:
             time.sleep(0.01)
-        # A random moment: on average 3/4 of the work's share per kill, so the kills spread over
-        # the whole run (start, steps, evaluations, saves) and it is not over before the last.
-        time.sleep(rng.uniform(0, 1.5 * work_seconds / kills))
+        time.sleep(rng.uniform(0, iteration_seconds))
         if run.process.poll() is not None:
-            log("the run finished before its kill; starting over in a fresh folder is not the "
-                "test: use fewer --kills or more --epochs")
+            log(f"the run ended before its kill at iteration {target}:\n{run.text()[-2000:]}")
             break
         reached, phase = run.reached(iters_per_epoch), run.phase()
         saving = any(killed_dir.glob(".checkpoint.pth.tar.*.tmp"))
