@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
@@ -101,23 +101,33 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | os.PathLike, index: int | None = None) -> Image.Image:
-    """Load an image as 8-bit RGB, in stored-pixel orientation (EXIF rotation is not applied).
+def load_image(
+    path: str | os.PathLike, index: int | None = None, exif_transpose: bool = False
+) -> Image.Image:
+    """Load an image as 8-bit RGB.
 
-    Grayscale, CMYK, palette, RGBA and 16-bit files are converted to correct RGB. Missing, empty,
-    truncated or undecodable files raise :class:`DatasetError` naming the file (and the sample
-    index when given); truncated files are never padded silently.
+    By default in stored-pixel orientation (EXIF rotation is not applied: dataset labels are drawn
+    on the stored pixels); ``exif_transpose`` turns it as its EXIF orientation says, i.e. as image
+    viewers display it. Grayscale, CMYK, palette, RGBA and 16-bit files are converted to correct
+    RGB. Missing, empty, truncated or undecodable files and folders raise :class:`DatasetError`
+    naming the file (and the sample index when given); truncated files are never padded silently.
     """
     where = f" (sample {index})" if index is not None else ""
     path = Path(path)
+    if path.is_dir():
+        raise DatasetError(f"{path}{where} is a folder, not an image file")
     if not path.is_file():
         raise DatasetError(f"image file not found: {path}{where}")
     if path.stat().st_size == 0:
         raise DatasetError(f"image file is empty: {path}{where}")
+    return _decode_image(path, where, exif_transpose)
+
+
+def _decode_image(path: Path, where: str, exif_transpose: bool) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-            return _to_rgb(image)
+            return _to_rgb(ImageOps.exif_transpose(image) if exif_transpose else image)
     # DecompressionBombError is not an OSError: without it a huge image escaped as a traceback.
     except (
         UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError
