@@ -128,6 +128,9 @@ def _decode_image(path: Path, where: str, exif_transpose: bool) -> Image.Image:
         with Image.open(path) as image:
             image.load()
             return _to_rgb(ImageOps.exif_transpose(image) if exif_transpose else image)
+    except UnidentifiedImageError as error:  # Pillow's message repeats the path
+        raise DatasetError(f"cannot decode image {path}{where}: not an image, or of a format "
+                           f"Pillow cannot read") from error
     # DecompressionBombError is not an OSError: without it a huge image escaped as a traceback.
     except (
         UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError

@@ -102,8 +102,11 @@ class OpenVinoEngine:
         self.request = self.compiled.create_infer_request()
 
     def metadata(self) -> dict[str, str]:
-        framework = self.model.get_rt_info().get("framework", {})
-        return {key: self.model.get_rt_info(["framework", key]).astype(str) for key in framework}
+        info = self.model.get_rt_info()  # ONNX metadata_props arrive under "framework"
+        if "framework" not in info.keys():
+            return {}
+        return {key: self.model.get_rt_info(["framework", key]).astype(str)
+                for key in info["framework"]}
 
     def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         array = image.detach().to("cpu", torch.float32).contiguous().numpy()
