@@ -5,7 +5,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -116,6 +115,17 @@ def test_an_onnx_file_without_our_metadata_is_refused(tmp_path, capsys):
                           "--ckpt", str(path), "--engine", "onnxruntime"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "foreign.onnx" in err and "export.py" in err
+
+
+def test_a_corrupt_onnx_file_is_one_line(tmp_path, capsys):
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(b"not a protobuf at all")
+    image = write_image(tmp_path / "a.png", 16, 16)
+    for engine in ("onnxruntime", "openvino"):
+        assert inference.cli(["--in-path", str(image), "--out-path", str(tmp_path / "out"),
+                              "--ckpt", str(path), "--engine", engine]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "broken.onnx" in err and engine in err
 
 
 def test_export_checks_itself_and_refuses_bad_arguments(exported, tmp_path, capsys):

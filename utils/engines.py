@@ -143,7 +143,14 @@ def engine_from_onnx(name: str, path: str, hardware: Hardware, *,
     if not os.path.isfile(path):
         raise UserError(f"--ckpt {path} not found: export one with `python export.py --ckpt "
                         f"CKPT --out {path}`")
-    engine = onnx_engine(name, path, hardware, amp_explicit=amp_explicit)
+    try:
+        engine = onnx_engine(name, path, hardware, amp_explicit=amp_explicit)
+    except UserError:
+        raise
+    except Exception as error:  # noqa: BLE001 - each runtime reports bad files its own way
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise UserError(f"--ckpt {path} cannot be read by {name} ({reason}): export it again "
+                        f"with export.py") from None
     try:
         return engine, settings_from_metadata(engine.metadata(), path)
     except ValueError as error:
@@ -154,6 +161,8 @@ def engine_from_model(name: str, model: nn.Module, hardware: Hardware, *,
                       amp_explicit: bool, compile_model: bool = False) -> Engine:
     """Run a PyTorch model with ``name``: directly, or exported to ONNX in memory (a few
     seconds for ResNet-101) for the ONNX runtimes."""
+    if getattr(model, "aux_classifier", None) is not None:
+        model.aux_classifier = None  # a training aid: inference reads the main head only
     if name == "torch":
         model.to(hardware.device)
         if hardware.channels_last:
