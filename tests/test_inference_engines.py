@@ -5,7 +5,6 @@ import json
 import os
 from pathlib import Path
 
-import onnx
 import pytest
 import torch
 
@@ -18,6 +17,10 @@ from modeling.deeplab import DeepLab
 from utils.engines import OnnxRuntimeEngine, OpenVinoEngine
 
 pytestmark = pytest.mark.slow
+INSTALL = "pip install -r requirements-deploy.txt (make test installs it)"
+onnx = pytest.importorskip("onnx", reason=f"onnx is not installed: {INSTALL}")
+pytest.importorskip("onnxruntime", reason=f"onnxruntime is not installed: {INSTALL}")
+pytest.importorskip("openvino", reason=f"openvino is not installed: {INSTALL}")
 
 
 @pytest.fixture(scope="module")
