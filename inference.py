@@ -231,16 +231,16 @@ class Writer:
 
 
 def predict_all(samples: Iterable[dict[str, Any]], predictor: Predictor, writer: Writer,
-                needs_image: bool, names: list[Path]) -> int:
+                needs_image: bool) -> int:
     """Predict and hand to ``writer`` every sample; returns how many could not be read.
 
     Whole images are grouped by size into batches of ``predictor.batch_size`` (a batched mask
     equals the one-image mask: nothing is padded); at most twice that many wait at once.
     """
     bad = 0
-    waiting: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    waiting: dict[tuple, list[dict[str, Any]]] = {}
 
-    def flush(key: tuple[int, int]) -> None:
+    def flush(key: tuple) -> None:
         batch = waiting.pop(key)
         for sample, labels in zip(batch, predictor.whole(batch)):
             writer.submit(sample["index"], labels, _display_pixels(sample) if needs_image
@@ -257,7 +257,8 @@ def predict_all(samples: Iterable[dict[str, Any]], predictor: Predictor, writer:
             writer.submit(sample["index"], predictor.windowed(sample, tile),
                           _display_pixels(sample) if needs_image else None)
             continue
-        key = tuple(sample["image"].shape[-2:])
+        # The model input's size and the output's (with --size, two sizes can give one input).
+        key = (tuple(sample["image"].shape[-2:]), tuple(sample["size"]))
         waiting.setdefault(key, []).append(sample)
         if len(waiting[key]) >= predictor.batch_size:
             flush(key)
@@ -326,14 +327,14 @@ def run(args: argparse.Namespace, samples: Iterable[dict[str, Any]], hardware: H
                           normalize=Normalize(settings["mean"], settings["std"]),
                           scales=args.scales, flip=args.flip, tile=args.tile,
                           tile_overlap=args.tile_overlap, batch_size=args.batch_size)
-    names = [item.path for item in inputs]
-    writer = Writer(plans=plans, names=names, palette=settings["palette"], alpha=args.alpha,
+    writer = Writer(plans=plans, names=[item.path for item in inputs],
+                    palette=settings["palette"], alpha=args.alpha,
                     threads=max(1, min(2, os.cpu_count() or 1)))
     progress = tqdm(samples, total=len(plans), desc=f"inference ({engine_name})",
                     disable=not show_progress, dynamic_ncols=True)
     try:
         with torch.inference_mode():
-            bad = predict_all(progress, predictor, writer, needs_image, names)
+            bad = predict_all(progress, predictor, writer, needs_image)
     finally:
         writer.close()
     return bad + writer.failures

@@ -150,6 +150,18 @@ def test_a_batched_mask_equals_the_one_image_mask(ckpt, tmp_path):
     assert len(np.unique(np.concatenate([m.ravel() for m in masks]))) > 1  # not one class
 
 
+def test_batches_never_mix_output_sizes(ckpt, tmp_path):
+    # With --size 24 both become 32x24 model inputs, but their masks have their own sizes.
+    write_image(tmp_path / "in" / "a.png", 64, 48, seed=1)
+    write_image(tmp_path / "in" / "b.png", 65, 48, seed=2)
+    assert run(ckpt, tmp_path / "in", tmp_path / "two", "--size", "24", "--batch-size", "2") == 0
+    assert run(ckpt, tmp_path / "in", tmp_path / "one", "--size", "24") == 0
+    for name, shape in (("a.png", (48, 64)), ("b.png", (48, 65))):
+        mask = read_mask(tmp_path / "two" / name)
+        assert mask.shape == shape
+        assert np.array_equal(mask, read_mask(tmp_path / "one" / name))
+
+
 def test_color_and_overlay_outputs(ckpt, tmp_path):
     photo = write_image(tmp_path / "in" / "a.png", 40, 30, seed=4)
     assert run(ckpt, tmp_path / "in", tmp_path / "out", "--save", "mask,color,overlay",
