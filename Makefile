@@ -10,9 +10,10 @@ DEMO_RUN := run/demo/make-demo
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-deploy.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt -c constraints.txt
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt \
+		-r requirements-deploy.txt -c constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)

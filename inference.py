@@ -1,122 +1,350 @@
 #!/usr/bin/env python
-"""Segment images with a trained DeepLabV3+ checkpoint and write colour-coded masks.
+"""Segment images with a trained DeepLabV3+ checkpoint (or its exported ONNX file).
 
-    python inference.py --in-path imgs --ckpt run/coco/deeplab-resnet101/experiment_0/model_best.pth.tar
+    python inference.py --in-path photos --ckpt run/coco/deeplab-resnet101/experiment_0/model_best.pth.tar
+    python inference.py --in-path list.txt --ckpt model.onnx --save mask,overlay --format jpg
+    torchrun --nproc_per_node 4 inference.py --in-path photos --ckpt ...     # split over processes
 
-Each input ``name.ext`` gives ``<out-path>/name.png``: a palette PNG of the input's width and
-height whose pixel values are class ids and whose palette shows the class colours. The model's
-settings (backbone, output stride, classes, normalisation) come from the checkpoint.
+Each input ``sub/name.ext`` (a file, a folder walked recursively, or a .txt list of paths) gives
+``<out-path>/sub/name.png``: a palette PNG of the image's displayed size whose pixel values are
+class ids and whose palette shows the class colours; ``--save`` adds colour images and overlays.
+Images are decoded by loader workers and outputs encoded by writer threads while the model runs;
+images above a pixel budget are predicted window by window in bounded memory. The model's
+settings (architecture, classes, normalisation) come from the checkpoint or the ONNX metadata.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterable
 
-import numpy as np
 import torch
-from torchvision.transforms.v2 import functional as TF
+import torch.distributed as dist
 from tqdm import tqdm
 
-from dataloader.utils import DatasetError, colorize, load_image
+from dataloader.custom_transforms import Normalize
+from dataloader.images import ImageFiles, list_inputs, loader_for
+from dataloader.utils import DatasetError
 from modeling.deeplab import DeepLab
-from modeling.predict import predict_probabilities
-from utils.fileio import atomic_write
+from modeling.predict import predict_labels, predict_labels_tiled
+from utils.distributed import DistributedContext, cleanup, init_distributed
+from utils.engines import (ENGINE_CHOICES, Engine, engine_from_model, engine_from_onnx,
+                           resolve_engine)
+from utils.errors import UserError
+from utils.hardware import AMP_CHOICES, Hardware, resolve_hardware
+from utils.outputs import (IMAGE_FORMATS, OUTPUT_KINDS, already_written, parse_kinds,
+                           plan_outputs, write_outputs)
 from utils.saver import CheckpointError, load_checkpoint
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_CKPT = "modeling/deeplab-resnet.pth.tar"
+#: Inputs with more pixels than this (after --size) are predicted in windows (--tile auto):
+#: ResNet-101 stays under about 3 GB at this size, and a 24-megapixel photo too, in windows.
+TILE_PIXEL_BUDGET = 2048 * 2048
+DEFAULT_TILE = 1024
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Predict colour-coded segmentation masks with a DeepLabV3+ checkpoint",
+        description="Predict segmentation masks with a DeepLabV3+ checkpoint or ONNX file",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--in-path", required=True, help="an image file or a folder of images")
-    parser.add_argument("--out-path", default="inference_results", help="folder for the masks")
-    parser.add_argument("--ckpt", default=DEFAULT_CKPT, help="checkpoint written by train.py")
-    parser.add_argument("--size", type=int,
-                        help="resize the short side of each input before predicting "
-                             "(the mask keeps the input's size)")
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0],
-                        help="multi-scale prediction: input scales whose softmax is averaged")
-    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False,
-                        help="also average the horizontally flipped input")
-    parser.add_argument("--no-cuda", action="store_true", help="run on the CPU even with a GPU")
+    io = parser.add_argument_group("inputs and outputs")
+    io.add_argument("--in-path", required=True,
+                    help="an image, a folder (walked recursively) or a .txt file of image paths")
+    io.add_argument("--out-path", default="inference_results",
+                    help="output folder (mirrors the input sub-folders); never inside --in-path")
+    io.add_argument("--save", default="mask",
+                    help=f"comma-separated outputs: {', '.join(OUTPUT_KINDS)} (class-id palette "
+                         f"PNG, RGB colours, colours blended over the photo)")
+    io.add_argument("--format", default="png", choices=IMAGE_FORMATS,
+                    help="file format of color and overlay outputs (masks are always PNG)")
+    io.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colours")
+    io.add_argument("--exif-transpose", action=argparse.BooleanOptionalAction, default=True,
+                    help="turn images as their EXIF orientation says (as viewers show them); "
+                         "--no-exif-transpose keeps the stored pixels, as training does")
+    io.add_argument("--skip-existing", action=argparse.BooleanOptionalAction, default=False,
+                    help="skip inputs whose outputs all exist (resume an interrupted job)")
+    io.add_argument("--workers", type=int, default=1,
+                    help="processes decoding images while the model runs (0: in this process)")
+    model = parser.add_argument_group("model and speed")
+    model.add_argument("--ckpt", default=DEFAULT_CKPT,
+                       help="checkpoint written by train.py, or an .onnx file from export.py")
+    model.add_argument("--engine", default="auto", choices=ENGINE_CHOICES,
+                       help="runtime; auto: torch on GPUs, else openvino, onnxruntime or torch, "
+                            "the first installed")
+    model.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                       help="precision; auto: bf16 on CPUs with native bf16 and GPUs of compute "
+                            "capability 8+, fp16 on older GPUs, else fp32")
+    model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                       help="channels_last memory format (--engine torch)")
+    model.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                       help="torch.compile the model (--engine torch; pays off on long runs)")
+    model.add_argument("--batch-size", type=int, default=1,
+                       help="images per model call; only images of one size are batched")
+    model.add_argument("--no-cuda", action="store_true", help="run on the CPU even with a GPU")
+    feed = parser.add_argument_group("how inputs are fed")
+    feed.add_argument("--size", type=int,
+                      help="resize the short side before predicting (outputs keep the input size)")
+    feed.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                      help="multi-scale prediction: input scales whose softmax is averaged")
+    feed.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False,
+                      help="also average the horizontally flipped input")
+    feed.add_argument("--tile", type=int, default=None,
+                      help=f"predict in windows of this many pixels (0: never); default: "
+                           f"{DEFAULT_TILE} for inputs over {TILE_PIXEL_BUDGET // 2**20} "
+                           f"megapixels, else whole")
+    feed.add_argument("--tile-overlap", type=int, default=256,
+                      help="minimum overlap of neighbouring windows, in pixels")
     return parser
 
 
-def list_images(in_path: Path) -> list[Path]:
-    """The images to segment: ``in_path`` itself, or the image files directly inside it."""
-    if in_path.is_file():
-        return [in_path]
-    if in_path.is_dir():
-        return sorted(p for p in in_path.iterdir()
-                      if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    raise FileNotFoundError(f"--in-path {in_path} does not exist")
+def check_flags(args: argparse.Namespace) -> list[str]:
+    """Refuse flag values that cannot work, before anything is read; returns the output kinds."""
+    kinds = parse_kinds(args.save)
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
+                             ("--size", args.size, 1), ("--tile", args.tile, 0),
+                             ("--tile-overlap", args.tile_overlap, 0)):
+        if value is not None and value < low:
+            raise UserError(f"{flag} must be at least {low}, got {value}")
+    if any(scale <= 0 for scale in args.scales):
+        raise UserError(f"--scales must be positive, got {args.scales}")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise UserError(f"--alpha must be in [0, 1], got {args.alpha}")
+    if args.tile and args.tile_overlap >= args.tile:
+        raise UserError(f"--tile-overlap {args.tile_overlap} must be smaller than --tile "
+                        f"{args.tile}")
+    return kinds
 
 
-def load_model(ckpt: str, device: torch.device) -> tuple[DeepLab, dict]:
-    """Rebuild the model described by a checkpoint's settings and load its weights."""
-    if not os.path.isfile(ckpt):
-        raise FileNotFoundError(
-            f"checkpoint {ckpt} not found: train one with `python train.py` (or `make demo`) and "
-            f"pass --ckpt run/<dataset>/<checkname>/experiment_<k>/model_best.pth.tar")
-    checkpoint = load_checkpoint(ckpt, map_location="cpu", required_keys=("model", "settings"))
+# --------------------------------------------------------------------------- the model
+
+
+def load_engine(args: argparse.Namespace, hardware: Hardware) -> tuple[Engine, dict, str]:
+    """The runtime running ``--ckpt`` and the model's settings; returns the engine's name too."""
+    engine_name = resolve_engine(args.engine, hardware.device)
+    amp_explicit = args.amp not in ("auto", "off")
+    if args.ckpt.lower().endswith(".onnx"):
+        engine, settings = engine_from_onnx(engine_name, args.ckpt, hardware,
+                                            amp_explicit=amp_explicit)
+        return engine, settings, engine_name
+    if not os.path.isfile(args.ckpt):
+        raise UserError(
+            f"checkpoint {args.ckpt} not found: train one with `python train.py` (or `make demo`)"
+            f" and pass --ckpt run/<dataset>/<checkname>/experiment_<k>/model_best.pth.tar")
+    try:
+        checkpoint = load_checkpoint(args.ckpt, map_location="cpu",
+                                     required_keys=("model", "settings"))
+    except CheckpointError as error:
+        raise UserError(str(error)) from None
     settings = checkpoint["settings"]
-    model = DeepLab.from_settings(settings)
-    model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval(), settings
+    model = DeepLab.from_state_dict(settings, checkpoint["model"]).eval()
+    engine = engine_from_model(engine_name, model, hardware, amp_explicit=amp_explicit,
+                               compile_model=args.compile)
+    return engine, settings, engine_name
 
 
-@torch.no_grad()
-def segment(model: DeepLab, image, settings: dict, device: torch.device, size: int | None,
-            scales: list[float], flip: bool) -> np.ndarray:
-    """Class ids ``(H, W)`` uint8 for one PIL RGB image, at the image's own size."""
-    width, height = image.size
-    tensor = TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True)
-    if size is not None:
-        tensor = TF.resize(tensor, [size], antialias=True)
-    tensor = TF.normalize(tensor, settings["mean"], settings["std"]).unsqueeze(0).to(device)
-    probabilities = predict_probabilities(model, tensor, (height, width), scales, flip)
-    return probabilities.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+@dataclass
+class Predictor:
+    """Class ids for decoded samples: normalisation, batching, windows, scales and flips."""
+
+    engine: Engine
+    hardware: Hardware
+    normalize: Normalize
+    scales: list[float]
+    flip: bool
+    tile: int | None  # None: whole images below the pixel budget, windows above it
+    tile_overlap: int
+    batch_size: int
+
+    def prepare(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(N, 3, H, W)`` -> the normalised model input on the device."""
+        return self.hardware.images(self.normalize(pixels.to(self.hardware.device)))
+
+    def window(self, pixels: torch.Tensor) -> int | None:
+        """The window side for this ``(3, H, W)`` input, or None to predict it whole."""
+        if self.tile is not None:
+            return self.tile or None
+        return DEFAULT_TILE if pixels.shape[-1] * pixels.shape[-2] > TILE_PIXEL_BUDGET else None
+
+    def whole(self, samples: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """``(H, W)`` uint8 labels of same-size samples, predicted in one batch."""
+        images = self.prepare(torch.stack([sample["image"] for sample in samples]))
+        labels = predict_labels(self.engine, images, samples[0]["size"], self.scales, self.flip)
+        return list(labels.to(torch.uint8).cpu())
+
+    def windowed(self, sample: dict[str, Any], tile: int) -> torch.Tensor:
+        """``(H, W)`` uint8 labels of one large sample, window by window."""
+        labels = predict_labels_tiled(self.engine, sample["image"], self.prepare, tile=tile,
+                                      overlap=self.tile_overlap, batch_size=self.batch_size,
+                                      scales=self.scales, flip=self.flip)
+        if tuple(labels.shape) != tuple(sample["size"]):  # --size: back to the input's size
+            labels = torch.nn.functional.interpolate(
+                labels[None, None].float(), size=sample["size"], mode="nearest")[0, 0]
+        return labels.to(torch.uint8)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Writer:
+    """Encodes and writes outputs on background threads (Pillow releases the GIL while it
+    encodes), keeping at most ``limit`` inputs in flight so memory stays bounded."""
+
+    plans: list[dict[str, Path]]
+    names: list[Path]
+    palette: list[list[int]]
+    alpha: float
+    threads: int
+    pending: deque = field(default_factory=deque)
+    failures: int = 0
+
+    def __post_init__(self) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=self.threads)
+        self.limit = 4 * self.threads
+
+    def submit(self, index: int, labels: torch.Tensor, image: torch.Tensor | None) -> None:
+        picture = None if image is None else image.permute(1, 2, 0).numpy()
+        self.pending.append((index, self.pool.submit(
+            write_outputs, self.plans[index], labels.numpy(), self.palette, picture, self.alpha)))
+        while len(self.pending) > self.limit:
+            self._collect()
+
+    def _collect(self) -> None:
+        index, future = self.pending.popleft()
+        try:
+            future.result()
+        except OSError as error:  # disk full, no permission: this input fails, others go on
+            tqdm.write(f"error: cannot write the outputs of {self.names[index]}: {error}",
+                       file=sys.stderr)
+            self.failures += 1
+
+    def close(self) -> None:
+        while self.pending:
+            self._collect()
+        self.pool.shutdown()
+
+
+def predict_all(samples: Iterable[dict[str, Any]], predictor: Predictor, writer: Writer,
+                needs_image: bool) -> int:
+    """Predict and hand to ``writer`` every sample; returns how many could not be read.
+
+    Whole images are grouped by size into batches of ``predictor.batch_size`` (a batched mask
+    equals the one-image mask: nothing is padded); at most twice that many wait at once.
+    """
+    bad = 0
+    waiting: dict[tuple, list[dict[str, Any]]] = {}
+
+    def flush(key: tuple) -> None:
+        batch = waiting.pop(key)
+        for sample, labels in zip(batch, predictor.whole(batch)):
+            writer.submit(sample["index"], labels, _display_pixels(sample) if needs_image
+                          else None)
+
+    for sample in samples:
+        if "error" in sample:
+            # One bad file must not cost the others their outputs.
+            tqdm.write(f"error: {sample['error']}; skipped", file=sys.stderr)
+            bad += 1
+            continue
+        tile = predictor.window(sample["image"])
+        if tile is not None:
+            writer.submit(sample["index"], predictor.windowed(sample, tile),
+                          _display_pixels(sample) if needs_image else None)
+            continue
+        # The model input's size and the output's (with --size, two sizes can give one input).
+        key = (tuple(sample["image"].shape[-2:]), tuple(sample["size"]))
+        waiting.setdefault(key, []).append(sample)
+        if len(waiting[key]) >= predictor.batch_size:
+            flush(key)
+        elif sum(map(len, waiting.values())) > 2 * predictor.batch_size:
+            flush(max(waiting, key=lambda k: len(waiting[k])))
+    for key in list(waiting):
+        flush(key)
+    return bad
+
+
+def _display_pixels(sample: dict[str, Any]) -> torch.Tensor:
+    return sample.get("original", sample["image"])
+
+
+def this_process_share(items: list, context: DistributedContext) -> list:
+    """Rank ``r`` of ``w`` takes items ``r, r + w, ...``: the shares are disjoint and together
+    are every item, however the ranks are spread over machines."""
+    return items[context.rank::context.world_size] if context.enabled else items
 
 
 def main(args: argparse.Namespace) -> int:
-    """Segment every input; returns the number of inputs that failed."""
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.no_cuda else "cpu")
-    images = list_images(Path(args.in_path))
-    if not images:
-        raise FileNotFoundError(f"--in-path {args.in_path} holds no image files "
-                                f"({', '.join(IMAGE_SUFFIXES)})")
-    model, settings = load_model(args.ckpt, device)
-    out_dir = Path(args.out_path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    failures = 0
-    for path in tqdm(images, desc="inference", dynamic_ncols=True):
-        try:
-            image = load_image(path)
-        except DatasetError as error:
-            # One bad file must not cost the others their masks.
-            tqdm.write(f"error: {error}; skipped", file=sys.stderr)
-            failures += 1
-            continue
-        label = segment(model, image, settings, device, args.size, args.scales, args.flip)
-        # Atomic: an interrupted run never leaves a half-written mask behind.
-        mask = colorize(label, settings["palette"])
-        atomic_write(out_dir / f"{path.stem}.png", lambda file: mask.save(file, format="PNG"))
-    print(f"{len(images) - failures} masks written to {out_dir}"
-          + (f"; {failures} inputs failed" if failures else ""))
-    return failures
+    """Segment every input; returns the number of inputs that failed (in all processes)."""
+    kinds = check_flags(args)
+    context = init_distributed(use_cuda=torch.cuda.is_available() and not args.no_cuda)
+    try:
+        hardware = resolve_hardware(no_cuda=args.no_cuda, gpu_ids=None, amp=args.amp,
+                                    channels_last=args.channels_last, context=context)
+        inputs = list_inputs(args.in_path)
+        plans = plan_outputs(inputs, Path(args.in_path), Path(args.out_path), kinds, args.format)
+        jobs = [i for i, plan in enumerate(plans)
+                if not (args.skip_existing and already_written(plan))]
+        skipped = len(plans) - len(jobs)
+        jobs = this_process_share(jobs, context)
+        dataset = ImageFiles([inputs[i].path for i in jobs], exif_transpose=args.exif_transpose,
+                             short_side=args.size, keep_original="overlay" in kinds)
+        # Workers start decoding now, while the model is loaded.
+        samples = iter(loader_for(dataset, args.workers)) if jobs else iter(())
+        failures = run(args, samples, hardware, inputs=[inputs[i] for i in jobs],
+                       plans=[plans[i] for i in jobs], needs_image="overlay" in kinds,
+                       show_progress=context.is_main) if jobs else 0
+        written = len(jobs) - failures
+        if context.enabled:
+            counts = torch.tensor([written, failures])
+            dist.all_reduce(counts)
+            written, failures = (int(value) for value in counts)
+        if context.is_main:
+            print(f"{written} inputs segmented into {args.out_path}"
+                  + (f"; {skipped} skipped, their outputs exist" if skipped else "")
+                  + (f"; {failures} failed" if failures else ""))
+        return failures
+    finally:
+        cleanup(context)
+
+
+def run(args: argparse.Namespace, samples: Iterable[dict[str, Any]], hardware: Hardware, *,
+        inputs: list, plans: list[dict[str, Path]], needs_image: bool,
+        show_progress: bool) -> int:
+    """Load the model, predict every sample and write its outputs; returns the failures."""
+    engine, settings, engine_name = load_engine(args, hardware)
+    if args.engine == "auto" and engine_name == "torch" and hardware.device.type == "cpu":
+        tqdm.write("note: running PyTorch; on CPUs OpenVINO or onnxruntime are about 2x "
+                   "faster: pip install -r requirements-deploy.txt", file=sys.stderr)
+    if engine_name != "torch":
+        hardware.channels_last = False  # the ONNX runtimes take plain NCHW arrays
+    predictor = Predictor(engine=engine, hardware=hardware,
+                          normalize=Normalize(settings["mean"], settings["std"]),
+                          scales=args.scales, flip=args.flip, tile=args.tile,
+                          tile_overlap=args.tile_overlap, batch_size=args.batch_size)
+    writer = Writer(plans=plans, names=[item.path for item in inputs],
+                    palette=settings["palette"], alpha=args.alpha,
+                    threads=max(1, min(2, os.cpu_count() or 1)))
+    progress = tqdm(samples, total=len(plans), desc=f"inference ({engine_name})",
+                    disable=not show_progress, dynamic_ncols=True)
+    try:
+        with torch.inference_mode():
+            bad = predict_all(progress, predictor, writer, needs_image)
+    finally:
+        writer.close()
+    return bad + writer.failures
 
 
 def cli(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         failures = main(args)
-    except (FileNotFoundError, CheckpointError) as error:
+    except (UserError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 1 if failures else 0

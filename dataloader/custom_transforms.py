@@ -196,11 +196,19 @@ class ResizeShortSide:
         return f"{type(self).__name__}(size={self.size})"
 
 
-class ToTensorNormalize:
-    """PIL pair -> ``{"image": float32 (3, H, W) normalised, "label": int64 (H, W)}``.
+def pil_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """A PIL image as a ``(3, H, W)`` uint8 tensor (converted to RGB first if needed)."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    pixels = np.array(image, dtype=np.uint8)  # (H, W, 3), a writable copy
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
-    The image is scaled to [0, 1] then normalised with ``mean``/``std`` (ImageNet by default, as
-    the torchvision backbones expect); label values are kept as they are (255 = ignore).
+
+class Normalize:
+    """uint8 ``(..., 3, H, W)`` 0-255 pixels -> float32 ``(x / 255 - mean) / std``.
+
+    The one normalisation of evaluation and inference: both call this object, so the same image
+    gives the same input bits to the model whichever script feeds it.
     """
 
     def __init__(
@@ -215,18 +223,36 @@ class ToTensorNormalize:
         self._offset = torch.tensor(self.mean).view(3, 1, 1) * 255.0
         self._factor = 1.0 / (torch.tensor(self.std).view(3, 1, 1) * 255.0)
 
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        image = pixels.to(torch.float32, copy=True)  # never normalise the caller's tensor
+        offset, factor = self._offset.to(image.device), self._factor.to(image.device)
+        return image.sub_(offset).mul_(factor)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mean={self.mean}, std={self.std})"
+
+
+class ToTensorNormalize:
+    """PIL pair -> ``{"image": float32 (3, H, W) normalised, "label": int64 (H, W)}``.
+
+    The image is scaled to [0, 1] then normalised with ``mean``/``std`` (ImageNet by default, as
+    the torchvision backbones expect) by :class:`Normalize`; label values are kept as they are
+    (255 = ignore).
+    """
+
+    def __init__(
+        self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    ) -> None:
+        self.normalize = Normalize(mean, std)
+
     def __call__(self, sample: Sample) -> Sample:
-        image = sample["image"]
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        pixels = np.array(image, dtype=np.uint8)  # (H, W, 3), a writable copy
-        image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous().to(torch.float32)
-        image.sub_(self._offset).mul_(self._factor)
+        image = self.normalize(pil_to_uint8_tensor(sample["image"]))
         label = torch.from_numpy(np.array(sample["label"], dtype=np.int64))
         return {**sample, "image": image, "label": label}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(mean={self.mean}, std={self.std})"
+        return (f"{type(self).__name__}(mean={self.normalize.mean}, "
+                f"std={self.normalize.std})")
 
 
 def train_transform(base_size: int, crop_size: int) -> Compose:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,8 @@ def _decode_image(path: str | os.PathLike, index: int | None,
     """Open image ``path`` and return ``decode(image)``; every failure is a DatasetError."""
     where = f" (sample {index})" if index is not None else ""
     path = Path(path)
+    if path.is_dir():
+        raise DatasetError(f"{path}{where} is a folder, not an image file")
     if not path.is_file():
         raise DatasetError(f"image file not found: {path}{where}")
     if path.stat().st_size == 0:
@@ -122,6 +124,9 @@ def _decode_image(path: str | os.PathLike, index: int | None,
     try:
         with Image.open(path) as image:
             return decode(image)
+    except UnidentifiedImageError as error:  # Pillow's message repeats the path
+        raise DatasetError(f"cannot decode image {path}{where}: not an image, or of a format "
+                           f"Pillow cannot read") from error
     except _DECODE_ERRORS as error:
         raise DatasetError(f"cannot decode image {path}{where}: {error}") from error
 
@@ -141,13 +146,19 @@ def _reduced_size(image: Image.Image) -> tuple[int, int]:
     return size
 
 
-def load_image(path: str | os.PathLike, index: int | None = None) -> Image.Image:
-    """Load an image as 8-bit RGB, in stored-pixel orientation (EXIF rotation is not applied).
+def load_image(
+    path: str | os.PathLike, index: int | None = None, exif_transpose: bool = False
+) -> Image.Image:
+    """Load an image as 8-bit RGB.
 
-    Grayscale, CMYK, palette, RGBA and 16-bit files are converted to correct RGB. Missing, empty,
-    truncated or undecodable files raise :class:`DatasetError` naming the file (and the sample
-    index when given); truncated files are never padded silently.
+    By default in stored-pixel orientation (EXIF rotation is not applied: dataset labels are drawn
+    on the stored pixels); ``exif_transpose`` turns it as its EXIF orientation says, i.e. as image
+    viewers display it. Grayscale, CMYK, palette, RGBA and 16-bit files are converted to correct
+    RGB. Missing, empty, truncated or undecodable files and folders raise :class:`DatasetError`
+    naming the file (and the sample index when given); truncated files are never padded silently.
     """
+    if exif_transpose:
+        return _decode_image(path, index, lambda image: _full_rgb(ImageOps.exif_transpose(image)))
     return _decode_image(path, index, _full_rgb)
 
 

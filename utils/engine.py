@@ -29,7 +29,7 @@ from utils.lr_scheduler import build_lr_scheduler
 from utils.metrics import Evaluator
 from utils.saver import Saver, get_rng_state, set_rng_state
 from utils.summaries import TensorboardSummary
-from modeling.predict import predict_probabilities
+from modeling.predict import predict_labels
 
 
 class NonFiniteLoss(Exception):
@@ -373,10 +373,9 @@ def evaluate(
             if "image" not in batch:
                 continue
             image, target = hardware.inputs(batch)
+            # The prediction inference.py writes for the same image (one shared function).
             with hardware.autocast():
-                probabilities = predict_probabilities(model, image, tuple(target.shape[-2:]),
-                                                      scales, flip)
-            prediction = probabilities.argmax(dim=1)
+                prediction = predict_labels(model, image, tuple(target.shape[-2:]), scales, flip)
             evaluator.add_batch(target, prediction)
             if first is None:
                 first = {"image": F.interpolate(image.float(), size=tuple(target.shape[-2:]),

@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""Inference speed, memory and agreement of every engine and precision on a folder of images.
+
+For each configuration: images per second of the whole process (``inference.py`` run as a
+subprocess: imports, model loading, decoding and writing included) and of the model alone (the
+prediction of decoded, normalised images in this process), the peak RSS of that subprocess, and
+the share of pixels whose class agrees with the baseline: the same checkpoint in PyTorch fp32,
+contiguous, batch 1, one image after the other. Configurations are run in turn, round after
+round, so that a busy machine slows them all alike; the printed ratios are against the
+baseline measured in the same run.
+
+    python bench/inference.py --ckpt model_best.pth.tar --images $DEEPLAB_COCO_ROOT/val2017
+    python bench/inference.py --ckpt ... --images ... --configs auto torch:off torch:bf16
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import inference  # noqa: E402
+from dataloader.custom_transforms import Normalize, pil_to_uint8_tensor  # noqa: E402
+from dataloader.images import list_inputs  # noqa: E402
+from dataloader.utils import load_image  # noqa: E402
+from modeling.predict import predict_labels  # noqa: E402
+from utils.hardware import resolve_hardware  # noqa: E402
+from utils.distributed import DistributedContext  # noqa: E402
+
+BASELINE = "baseline"
+#: inference.py flags of each configuration name (``engine:amp``; ``auto`` = the defaults).
+DEFAULT_CONFIGS = ("auto", "torch:off", "onnxruntime:off", "openvino:off")
+
+
+def flags_of(config: str) -> list[str]:
+    if config == BASELINE:
+        return ["--engine", "torch", "--amp", "off", "--no-channels-last", "--workers", "0"]
+    if config == "auto":
+        return []
+    engine, amp = config.split(":")
+    return ["--engine", engine, "--amp", amp]
+
+
+@dataclass
+class Result:
+    whole_seconds: list[float] = field(default_factory=list)
+    model_seconds: list[float] = field(default_factory=list)
+    peak_rss: int = 0  # bytes
+    same_pixels: int = 0
+    pixels: int = 0
+
+
+def whole_process(config: str, args: argparse.Namespace, out_dir: Path) -> tuple[float, int]:
+    """Seconds and peak RSS (bytes, the largest process) of one inference.py run."""
+    command = [sys.executable, str(REPO / "inference.py"), "--in-path", str(args.images),
+               "--out-path", str(out_dir), "--ckpt", str(args.ckpt), *flags_of(config)]
+    tic = time.perf_counter()
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - tic
+    if status:
+        raise SystemExit(f"{config} failed: {process.stderr.read().decode()[-2000:]}")
+    return seconds, usage.ru_maxrss * 1024
+
+
+def load_runner(config: str, ckpt: str):
+    """The prediction function of a configuration, built by inference.py's own code."""
+    args = inference.get_args_parser().parse_args(
+        ["--in-path", ".", "--ckpt", ckpt, *flags_of(config)])
+    hardware = resolve_hardware(no_cuda=args.no_cuda, gpu_ids=None, amp=args.amp,
+                                channels_last=args.channels_last, context=DistributedContext())
+    engine, settings, name = inference.load_engine(args, hardware)
+    if name != "torch":
+        hardware.channels_last = False
+    normalize = Normalize(settings["mean"], settings["std"])
+
+    def predict(pixels: torch.Tensor) -> torch.Tensor:
+        image = hardware.images(normalize(pixels[None].to(hardware.device)))
+        with torch.inference_mode():
+            return predict_labels(engine, image, tuple(pixels.shape[-2:])).cpu()[0]
+
+    return predict
+
+
+def model_only(predict, images: list[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
+    predict(images[0])  # warm-up: first-call allocations and kernel choices
+    tic = time.perf_counter()
+    labels = [predict(image) for image in images]
+    return time.perf_counter() - tic, labels
+
+
+def report(results: dict[str, Result], count: int) -> None:
+    base = results[BASELINE]
+    base_whole = min(base.whole_seconds) if base.whole_seconds else None
+    base_model = min(base.model_seconds)
+    print(f"\n{count} images; best of {len(base.model_seconds)} round(s); ratios are against "
+          f"the baseline (PyTorch fp32, contiguous, batch 1)")
+    print(f"{'config':18} {'whole img/s':>11} {'ratio':>6} {'model img/s':>11} {'ratio':>6} "
+          f"{'peak RSS':>9} {'agreement':>10}")
+    for config, result in results.items():
+        model = min(result.model_seconds)
+        whole = min(result.whole_seconds) if result.whole_seconds else None
+        whole_text = (f"{count / whole:11.3f} {base_whole / whole:5.2f}x" if whole
+                      else f"{'-':>11} {'-':>6}")
+        agreement = 100 * result.same_pixels / max(result.pixels, 1)
+        print(f"{config:18} {whole_text} {count / model:11.3f} {base_model / model:5.2f}x "
+              f"{result.peak_rss / 2**30:7.2f}GB {agreement:9.4f}%")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", required=True, help="checkpoint (.pth.tar) to measure")
+    parser.add_argument("--images", required=True, type=Path, help="folder of images")
+    parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),
+                        help="engine:amp pairs (amp off|bf16|fp16|auto), or auto for defaults")
+    parser.add_argument("--limit", type=int, help="use the first N images only")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--no-whole", action="store_true", help="model-only timings")
+    args = parser.parse_args(argv)
+    configs = [BASELINE] + [c for c in args.configs if c != BASELINE]
+    paths = [item.path for item in list_inputs(args.images)][: args.limit]
+    if args.limit:  # the whole-process runs read the same images
+        subset = Path(tempfile.mkdtemp(prefix="bench-images-"))
+        for path in paths:
+            (subset / path.name).symlink_to(path.resolve())
+        args.images = subset
+    images = [pil_to_uint8_tensor(load_image(path)) for path in paths]
+    runners = {config: load_runner(config, args.ckpt) for config in configs}
+    results = {config: Result() for config in configs}
+    reference: list[torch.Tensor] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for round_index in range(args.rounds):
+            for config in configs:
+                if not args.no_whole:
+                    seconds, rss = whole_process(config, args, Path(scratch) / f"{config}{round_index}")
+                    results[config].whole_seconds.append(seconds)
+                    results[config].peak_rss = max(results[config].peak_rss, rss)
+                seconds, labels = model_only(runners[config], images)
+                results[config].model_seconds.append(seconds)
+                reference = labels if config == BASELINE and not reference else reference
+                if round_index == 0:
+                    results[config].same_pixels = sum(int((a == b).sum())
+                                                      for a, b in zip(labels, reference))
+                    results[config].pixels = sum(label.numel() for label in labels)
+                print(f"round {round_index} {config}: model {seconds:.1f} s", flush=True)
+    report(results, len(images))
+
+
+if __name__ == "__main__":
+    main()

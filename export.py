@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""Export a checkpoint to a self-describing ONNX file for onnxruntime, OpenVINO and others.
+
+    python export.py --ckpt run/coco/deeplab-resnet101/experiment_0/model_best.pth.tar --out model.onnx
+    python inference.py --ckpt model.onnx --engine openvino --in-path photos
+
+Input ``image``: float32 ``(N, 3, H, W)``, RGB, ``(pixel / 255 - mean) / std``; output ``logits``:
+float32 ``(N, num_classes, H, W)``; batch, height and width are dynamic. The class names,
+palette, normalisation and architecture are in the file's metadata_props.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+
+import torch
+
+from modeling.deeplab import DeepLab
+from utils.errors import UserError
+from utils.fileio import atomic_write
+from utils.onnx_model import INPUT_NAME, OUTPUT_NAME, export_onnx
+from utils.saver import CheckpointError, load_checkpoint
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Export a DeepLabV3+ checkpoint to ONNX",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    parser.add_argument("--out", required=True, help="the .onnx file to write")
+    parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                        help="compare onnxruntime's logits with PyTorch's on a random input")
+    return parser
+
+
+def check_export(model: DeepLab, data: bytes) -> str:
+    """Run a random ``(2, 3, 96, 128)`` input through PyTorch and onnxruntime; a summary line."""
+    import onnxruntime
+
+    image = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = model(image)["out"]
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: image.numpy()})[0])
+    agreement = (got.argmax(1) == expected.argmax(1)).float().mean().item()
+    difference = ((got - expected).abs().max() / expected.abs().max()).item()
+    return (f"onnxruntime vs PyTorch on a random 2x3x96x128 input: largest logit difference "
+            f"{difference:.1e} of the largest logit, argmax agreement {100 * agreement:.3f}%")
+
+
+def main(args: argparse.Namespace) -> str:
+    """Write ``args.out``; returns what was done, in one line."""
+    if importlib.util.find_spec("onnx") is None:
+        raise UserError("export.py needs the onnx package: pip install -r requirements-deploy.txt"
+                        " -c constraints.txt")
+    if not args.out.lower().endswith(".onnx"):
+        raise UserError(f"--out {args.out} must end in .onnx")
+    try:
+        checkpoint = load_checkpoint(args.ckpt, map_location="cpu",
+                                     required_keys=("model", "settings"))
+    except CheckpointError as error:
+        raise UserError(f"--ckpt: {error}") from None
+    settings = checkpoint["settings"]
+    model = DeepLab.from_state_dict(settings, checkpoint["model"]).eval()
+    data = export_onnx(model, settings)
+    atomic_write(args.out, lambda handle: handle.write(data))
+    summary = (f"{args.out}: {len(data) / 2**20:.1f} MiB, DeepLabV3+ {settings['backbone']}, "
+               f"output stride {settings['output_stride']}, {settings['num_classes']} classes")
+    if args.check and importlib.util.find_spec("onnxruntime") is not None:
+        summary += "\n" + check_export(model, data)
+    return summary
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        print(main(args))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

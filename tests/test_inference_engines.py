@@ -1,0 +1,142 @@
+"""export.py and the ONNX runtimes: a self-describing file that predicts what PyTorch predicts."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import export
+import inference
+from dataloader.custom_transforms import Normalize, pil_to_uint8_tensor
+from dataloader.utils import load_image
+from inference_testing import make_checkpoint, read_mask, write_image
+from modeling.deeplab import DeepLab
+from utils.engines import OnnxRuntimeEngine, OpenVinoEngine
+
+pytestmark = pytest.mark.slow
+INSTALL = "pip install -r requirements-deploy.txt (make test installs it)"
+onnx = pytest.importorskip("onnx", reason=f"onnx is not installed: {INSTALL}")
+pytest.importorskip("onnxruntime", reason=f"onnxruntime is not installed: {INSTALL}")
+pytest.importorskip("openvino", reason=f"openvino is not installed: {INSTALL}")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("export")
+    ckpt = make_checkpoint(folder / "r18.pth.tar", num_classes=21)
+    assert export.cli(["--ckpt", str(ckpt), "--out", str(folder / "r18.onnx"), "--no-check"]) == 0
+    checkpoint = torch.load(ckpt, weights_only=True)
+    model = DeepLab.from_state_dict(checkpoint["settings"], checkpoint["model"]).eval()
+    return {"ckpt": ckpt, "onnx": folder / "r18.onnx", "model": model,
+            "settings": checkpoint["settings"]}
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a == b).float().mean().item()
+
+
+def test_the_file_describes_itself(exported):
+    proto = onnx.load(str(exported["onnx"]))
+    metadata = {prop.key: prop.value for prop in proto.metadata_props}
+    settings = exported["settings"]
+    assert json.loads(metadata["class_names"])[15] == "person"
+    assert json.loads(metadata["palette"])[15] == [192, 128, 128]
+    assert json.loads(metadata["mean"]) == [0.485, 0.456, 0.406]
+    assert json.loads(metadata["std"]) == [0.229, 0.224, 0.225]
+    assert json.loads(metadata["deeplab_settings"]) == json.loads(json.dumps(settings))
+    dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, "height", "width"]
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_runtimes_agree_with_pytorch_at_any_batch_and_size(exported, engine):
+    runner = (OnnxRuntimeEngine(str(exported["onnx"]), threads=2, use_cuda=False)
+              if engine == "onnxruntime" else
+              OpenVinoEngine(str(exported["onnx"]), threads=2, amp_dtype=None))
+    assert json.loads(runner.metadata()["deeplab_settings"])["num_classes"] == 21
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(1, 3, 64, 64), (2, 3, 75, 131), (3, 3, 40, 33)]:
+        image = torch.randn(*shape, generator=generator)
+        with torch.inference_mode():
+            expected = exported["model"](image)["out"]
+        got = runner(image)["out"]
+        assert got.shape == expected.shape
+        assert agreement(got.argmax(1), expected.argmax(1)) >= 0.999, shape
+
+
+def real_images(limit: int) -> list[Path]:
+    root = os.environ.get("DEEPLAB_COCO_ROOT")
+    if not root:
+        pytest.skip("DEEPLAB_COCO_ROOT is not set: no real COCO images to compare on")
+    return sorted((Path(root) / "val2017").glob("*.jpg"))[:limit]
+
+
+def test_onnxruntime_agrees_with_pytorch_fp32_on_real_images(exported):
+    runner = OnnxRuntimeEngine(str(exported["onnx"]), threads=2, use_cuda=False)
+    normalize = Normalize(exported["settings"]["mean"], exported["settings"]["std"])
+    same = total = 0
+    for path in real_images(4):
+        image = normalize(pil_to_uint8_tensor(load_image(path)))[None]
+        with torch.inference_mode():
+            expected = exported["model"](image)["out"].argmax(1)
+        got = runner(image)["out"].argmax(1)
+        same += int((got == expected).sum())
+        total += expected.numel()
+    assert same / total >= 0.999, same / total
+
+
+@pytest.mark.parametrize("ckpt_kind,engine", [("onnx", "onnxruntime"), ("onnx", "openvino"),
+                                              ("ckpt", "openvino"), ("ckpt", "auto")])
+def test_inference_runs_the_same_pipeline_on_every_engine(exported, tmp_path, ckpt_kind, engine):
+    for seed, (width, height) in enumerate([(64, 48), (48, 64), (80, 60)]):
+        write_image(tmp_path / "in" / f"{seed}.png", width, height, seed=seed)
+    common = ["--in-path", str(tmp_path / "in"), "--workers", "0"]
+    assert inference.cli(common + ["--out-path", str(tmp_path / "torch"), "--ckpt",
+                                   str(exported["ckpt"]), "--engine", "torch", "--amp",
+                                   "off"]) == 0
+    assert inference.cli(common + ["--out-path", str(tmp_path / "other"), "--ckpt",
+                                   str(exported[ckpt_kind]), "--engine", engine]) == 0
+    same = total = 0
+    for seed in range(3):
+        expected = read_mask(tmp_path / "torch" / f"{seed}.png")
+        got = read_mask(tmp_path / "other" / f"{seed}.png")
+        same, total = same + int((got == expected).sum()), total + expected.size
+    assert same / total >= 0.999
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the legacy exporter, on purpose
+def test_an_onnx_file_without_our_metadata_is_refused(tmp_path, capsys):
+    model = torch.nn.Conv2d(3, 2, 1).eval()
+    path = tmp_path / "foreign.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 3, 8, 8),), str(path), dynamo=False,
+                      input_names=["image"], output_names=["logits"])
+    image = write_image(tmp_path / "a.png", 16, 16)
+    assert inference.cli(["--in-path", str(image), "--out-path", str(tmp_path / "out"),
+                          "--ckpt", str(path), "--engine", "onnxruntime"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "foreign.onnx" in err and "export.py" in err
+
+
+def test_a_corrupt_onnx_file_is_one_line(tmp_path, capsys):
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(b"not a protobuf at all")
+    image = write_image(tmp_path / "a.png", 16, 16)
+    for engine in ("onnxruntime", "openvino"):
+        assert inference.cli(["--in-path", str(image), "--out-path", str(tmp_path / "out"),
+                              "--ckpt", str(path), "--engine", engine]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "broken.onnx" in err and engine in err
+
+
+def test_export_checks_itself_and_refuses_bad_arguments(exported, tmp_path, capsys):
+    out = tmp_path / "checked.onnx"
+    assert export.cli(["--ckpt", str(exported["ckpt"]), "--out", str(out)]) == 0
+    assert "argmax agreement 100.000%" in capsys.readouterr().out
+    assert export.cli(["--ckpt", str(exported["ckpt"]), "--out", str(tmp_path / "m.bin")]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert export.cli(["--ckpt", str(tmp_path / "none.pth.tar"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "none.pth.tar" in err

@@ -1,0 +1,98 @@
+"""Prediction shared by evaluation and inference: class ids, windows, normalisation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dataloader.custom_transforms import Normalize, ToTensorNormalize
+from modeling.predict import (predict_labels, predict_labels_tiled, predict_probabilities,
+                              tile_starts)
+
+
+class Pointwise(torch.nn.Module):
+    """A per-pixel model (1x1 convolution): its prediction of a pixel ignores the neighbours,
+    so any tiling must reproduce the whole-image prediction exactly."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": self.conv(x)}
+
+
+def test_tile_starts_known_values():
+    assert tile_starts(100, 40, 10) == [0, 30, 60]      # stride 30 fits exactly
+    # 4 windows over 61 pixels of travel: round(61 * i / 3) = 0, 20, 41, 61
+    assert tile_starts(101, 40, 10) == [0, 20, 41, 61]
+    assert tile_starts(40, 40, 10) == [0]
+    assert tile_starts(7, 40, 10) == [0]
+    with pytest.raises(ValueError, match="overlap"):
+        tile_starts(100, 40, 40)
+
+
+@pytest.mark.parametrize("length,tile,overlap", [(100, 40, 10), (101, 40, 10), (1000, 256, 64),
+                                                 (41, 40, 0), (300, 64, 63)])
+def test_windows_cover_everything_and_overlap_enough(length, tile, overlap):
+    starts = tile_starts(length, tile, overlap)
+    assert starts[0] == 0 and starts[-1] + tile == length
+    assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
+
+
+@pytest.mark.parametrize("size,tile,overlap,batch", [((97, 131), 32, 8, 1), ((97, 131), 32, 8, 3),
+                                                     ((20, 300), 64, 16, 2), ((50, 50), 64, 16, 1)])
+def test_tiled_prediction_of_a_pointwise_model_equals_the_whole_image(size, tile, overlap, batch):
+    model = Pointwise()
+    image = torch.randint(0, 256, (3, *size), dtype=torch.uint8)
+    normalize = Normalize()
+    with torch.no_grad():
+        whole = predict_labels(model, normalize(image)[None], size)[0]
+        tiled = predict_labels_tiled(model, image, normalize, tile=tile, overlap=overlap,
+                                     batch_size=batch)
+    assert tiled.dtype == torch.uint8 and tuple(tiled.shape) == size
+    assert torch.equal(tiled.long(), whole)
+
+
+def test_each_pixel_comes_from_the_window_it_is_deepest_in():
+    """A model that answers 'how far is this pixel from my window's left edge' (in classes):
+    with windows at 0 and 60 of width 100 (length 160), column 79 is 79 from the first window's
+    edge and 19 from the second's; the overlap [60, 100) is split at 80."""
+
+    def distance_from_left(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        width = x.shape[-1]
+        classes = torch.arange(width, dtype=torch.float32)
+        logits = -(classes.view(1, width, 1, 1) - classes.view(1, 1, 1, width)).abs()
+        return {"out": logits.expand(x.shape[0], width, x.shape[2], width)}
+
+    image = torch.zeros(3, 2, 160, dtype=torch.uint8)
+    labels = predict_labels_tiled(distance_from_left, image, lambda c: c.float(), tile=100,
+                                  overlap=40)
+    expected = list(range(80)) + [column - 60 for column in range(80, 160)]
+    assert labels[0].tolist() == expected
+
+
+def test_labels_equal_the_argmax_of_averaged_probabilities():
+    model = Pointwise(classes=6)
+    image = torch.randn(2, 3, 17, 23)
+    with torch.no_grad():
+        for out_size, scales, flip in [((17, 23), (1.0,), False), ((34, 40), (1.0,), False),
+                                       ((17, 23), (0.5, 1.0), True)]:
+            expected = predict_probabilities(model, image, out_size, scales, flip).argmax(1)
+            assert torch.equal(predict_labels(model, image, out_size, scales, flip), expected)
+
+
+def test_normalize_is_the_eval_transform_arithmetic_and_leaves_its_input_alone():
+    pixels = np.random.default_rng(0).integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    sample = {"image": Image.fromarray(pixels), "label": Image.fromarray(pixels[..., 0])}
+    expected = ToTensorNormalize()(sample)["image"]
+    uint8 = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+    assert torch.equal(Normalize()(uint8), expected)
+    # By hand: (x / 255 - mean) / std for one pixel.
+    by_hand = (pixels[3, 4, 0] / 255 - 0.485) / 0.229
+    assert expected[0, 3, 4].item() == pytest.approx(by_hand, abs=1e-5)
+    floats = expected.clone()
+    Normalize()(floats)
+    assert torch.equal(floats, expected)

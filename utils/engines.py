@@ -1,0 +1,172 @@
+"""The runtimes inference can run a model with: PyTorch, onnxruntime and OpenVINO.
+
+Each engine is a callable with the model's contract, ``engine(image) -> {"out": logits}`` on
+torch tensors, so :mod:`modeling.predict` (scales, flips, windows) drives them all alike. The
+ONNX runtimes take a file written by export.py, or a checkpoint exported in memory on the fly.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from utils.errors import UserError
+from utils.hardware import Hardware
+from utils.onnx_model import INPUT_NAME, OUTPUT_NAME, export_onnx, settings_from_metadata
+
+ENGINES = ("torch", "onnxruntime", "openvino")
+ENGINE_CHOICES = ("auto",) + ENGINES
+#: On CPUs the ONNX runtimes ran this model about twice as fast as PyTorch (bench/inference.py).
+CPU_PREFERENCE = ("openvino", "onnxruntime", "torch")
+_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+
+Engine = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+
+def is_installed(engine: str) -> bool:
+    """Whether ``engine``'s package can be imported (checked without importing it)."""
+    return engine == "torch" or importlib.util.find_spec(_PACKAGES[engine]) is not None
+
+
+def resolve_engine(engine: str, device: torch.device) -> str:
+    """``auto``: PyTorch on GPUs, else the first installed of :data:`CPU_PREFERENCE`.
+
+    Raises:
+        UserError: the named engine's package is not installed (the line says how to install).
+    """
+    if engine == "auto":
+        if device.type == "cuda":
+            return "torch"
+        return next(name for name in CPU_PREFERENCE if is_installed(name))
+    if not is_installed(engine):
+        raise UserError(f"--engine {engine} needs the {_PACKAGES[engine]} package: "
+                        f"pip install -r requirements-deploy.txt -c constraints.txt")
+    return engine
+
+
+class TorchEngine:
+    """A PyTorch model under the chosen autocast precision."""
+
+    name = "torch"
+
+    def __init__(self, model: nn.Module, hardware: Hardware) -> None:
+        self.model, self.hardware = model, hardware
+
+    def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        with self.hardware.autocast():
+            return {"out": self.model(image)["out"]}
+
+
+class OnnxRuntimeEngine:
+    """An ONNX model in an onnxruntime session (CUDA when the GPU build and a GPU are there)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model: str | bytes, *, threads: int, use_cuda: bool) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = ["CPUExecutionProvider"]
+        if use_cuda and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = onnxruntime.InferenceSession(model, options, providers=providers)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        array = image.detach().to("cpu", torch.float32).contiguous().numpy()
+        logits = self.session.run([OUTPUT_NAME], {INPUT_NAME: array})[0]
+        return {"out": torch.from_numpy(logits)}
+
+
+class OpenVinoEngine:
+    """An ONNX model compiled by OpenVINO for the CPU."""
+
+    name = "openvino"
+
+    def __init__(self, model: str | bytes, *, threads: int, amp_dtype: torch.dtype | None) -> None:
+        import openvino
+
+        core = openvino.Core()
+        self.model = core.read_model(model)
+        precision = {None: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[amp_dtype]
+        self.compiled = core.compile_model(self.model, "CPU", {
+            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
+            "INFERENCE_PRECISION_HINT": precision})
+        self.request = self.compiled.create_infer_request()
+
+    def metadata(self) -> dict[str, str]:
+        info = self.model.get_rt_info()  # ONNX metadata_props arrive under "framework"
+        if "framework" not in info.keys():
+            return {}
+        return {key: self.model.get_rt_info(["framework", key]).astype(str)
+                for key in info["framework"]}
+
+    def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        array = image.detach().to("cpu", torch.float32).contiguous().numpy()
+        result = self.request.infer({INPUT_NAME: array}, share_inputs=True)
+        return {"out": torch.from_numpy(result[self.compiled.output(0)])}
+
+
+def onnx_engine(name: str, model: str | bytes, hardware: Hardware, *,
+                amp_explicit: bool) -> OnnxRuntimeEngine | OpenVinoEngine:
+    """An ONNX runtime running ``model`` (a path or serialised bytes) in this precision.
+
+    Raises:
+        UserError: a reduced precision asked for (``amp_explicit``) that the runtime lacks.
+    """
+    threads = torch.get_num_threads()
+    if name == "onnxruntime":
+        if amp_explicit and hardware.amp_dtype is not None:
+            raise UserError("--engine onnxruntime runs in fp32: use --amp off (or auto), or "
+                            "--engine openvino / torch for bf16")
+        return OnnxRuntimeEngine(model, threads=threads, use_cuda=hardware.device.type == "cuda")
+    return OpenVinoEngine(model, threads=threads, amp_dtype=hardware.amp_dtype)
+
+
+def engine_from_onnx(name: str, path: str, hardware: Hardware, *,
+                     amp_explicit: bool) -> tuple[Engine, dict[str, Any]]:
+    """Run an exported file; its settings come from its metadata.
+
+    Raises:
+        UserError: ``--engine torch`` on an ONNX file, or a file without this project's metadata.
+    """
+    if name == "torch":
+        raise UserError(f"--ckpt {path} is an ONNX file: run it with --engine onnxruntime or "
+                        f"openvino, or pass the .pth.tar checkpoint for --engine torch")
+    if not os.path.isfile(path):
+        raise UserError(f"--ckpt {path} not found: export one with `python export.py --ckpt "
+                        f"CKPT --out {path}`")
+    try:
+        engine = onnx_engine(name, path, hardware, amp_explicit=amp_explicit)
+    except UserError:
+        raise
+    except Exception as error:  # noqa: BLE001 - each runtime reports bad files its own way
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise UserError(f"--ckpt {path} cannot be read by {name} ({reason}): export it again "
+                        f"with export.py") from None
+    try:
+        return engine, settings_from_metadata(engine.metadata(), path)
+    except ValueError as error:
+        raise UserError(f"--ckpt {error}") from None
+
+
+def engine_from_model(name: str, model: nn.Module, hardware: Hardware, *,
+                      amp_explicit: bool, compile_model: bool = False) -> Engine:
+    """Run a PyTorch model with ``name``: directly, or exported to ONNX in memory (a few
+    seconds for ResNet-101) for the ONNX runtimes."""
+    if getattr(model, "aux_classifier", None) is not None:
+        model.aux_classifier = None  # a training aid: inference reads the main head only
+    if name == "torch":
+        model.to(hardware.device)
+        if hardware.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return TorchEngine(torch.compile(model) if compile_model else model, hardware)
+    return onnx_engine(name, export_onnx(model.cpu().float()), hardware,
+                       amp_explicit=amp_explicit)
