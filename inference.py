@@ -36,7 +36,7 @@ from utils.distributed import DistributedContext, cleanup, init_distributed
 from utils.engines import (ENGINE_CHOICES, Engine, engine_from_model, engine_from_onnx,
                            resolve_engine)
 from utils.errors import UserError
-from utils.hardware import AMP_CHOICES, Hardware, resolve_hardware
+from utils.hardware import Hardware, add_hardware_args, resolve_hardware
 from utils.outputs import (IMAGE_FORMATS, OUTPUT_KINDS, already_written, parse_kinds,
                            plan_outputs, write_outputs)
 from utils.saver import CheckpointError, load_checkpoint
@@ -77,16 +77,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--engine", default="auto", choices=ENGINE_CHOICES,
                        help="runtime; auto: torch on GPUs, else openvino, onnxruntime or torch, "
                             "the first installed")
-    model.add_argument("--amp", default="auto", choices=AMP_CHOICES,
-                       help="precision; auto: bf16 on CPUs with native bf16 and GPUs of compute "
-                            "capability 8+, fp16 on older GPUs, else fp32")
-    model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                       help="channels_last memory format (--engine torch)")
-    model.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                       help="torch.compile the model (--engine torch; pays off on long runs)")
+    add_hardware_args(model, channels_last=True)  # --channels-last, --compile: --engine torch
     model.add_argument("--batch-size", type=int, default=1,
                        help="images per model call; only images of one size are batched")
-    model.add_argument("--no-cuda", action="store_true", help="run on the CPU even with a GPU")
     feed = parser.add_argument_group("how inputs are fed")
     feed.add_argument("--size", type=int,
                       help="resize the short side before predicting (outputs keep the input size)")

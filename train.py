@@ -38,7 +38,7 @@ from utils.engine import (DEFAULT_BATCH_PER_DEVICE, REFERENCE_BATCH, REFERENCE_L
                           TrainState, evaluate_checkpoint, fit, make_optimisation, make_schedule,
                           restore_training_state)
 from utils.errors import UserError
-from utils.hardware import AMP_CHOICES, Hardware, prepare_model, resolve_hardware
+from utils.hardware import Hardware, add_hardware_args, prepare_model, resolve_hardware
 from utils.losses import LOSSES
 from utils.lr_scheduler import SCHEDULERS
 from utils.saver import CHECKPOINT_NAME, CheckpointError, Saver, load_checkpoint
@@ -119,14 +119,8 @@ def _optimisation_args(parser: argparse.ArgumentParser) -> None:
 
 def _hardware_args(parser: argparse.ArgumentParser) -> None:
     hw = parser.add_argument_group("hardware")
-    hw.add_argument("--no-cuda", action="store_true", help="train on the CPU even with a GPU")
+    add_hardware_args(hw, channels_last=None)
     hw.add_argument("--gpu-ids", help="GPUs for DataParallel, e.g. 0,1 (default: all)")
-    hw.add_argument("--amp", default="auto", choices=AMP_CHOICES,
-                    help="mixed precision; auto: bf16 on GPUs >= sm80 and bf16 CPUs, fp16 on "
-                         "older GPUs, else off")
-    hw.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                    help="channels_last memory format (default: on for GPUs)")
-    hw.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     hw.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_MINUTES,
                     help="minutes a torchrun rank may wait in a collective before failing")
     hw.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,

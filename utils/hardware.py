@@ -6,6 +6,7 @@ wraps it accordingly (SyncBatchNorm, DistributedDataParallel / DataParallel, ``t
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -17,6 +18,20 @@ from utils.distributed import DistributedContext
 from utils.errors import UserError
 
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
+
+
+def add_hardware_args(group: argparse._ArgumentGroup, *, channels_last: bool | None) -> None:
+    """The device and precision flags train.py and inference.py share: ``--no-cuda``, ``--amp``,
+    ``--channels-last`` (default ``channels_last``; None means on for GPUs) and ``--compile``."""
+    group.add_argument("--no-cuda", action="store_true", help="use the CPU even with a GPU")
+    group.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                       help="precision; auto: bf16 on CPUs with native bf16 and GPUs of compute "
+                            "capability 8+, fp16 on older GPUs, else fp32")
+    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                       default=channels_last, help="channels_last memory format" + (
+                           " (default: on for GPUs)" if channels_last is None else ""))
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                       help="torch.compile the model (pays off on long runs)")
 
 
 @dataclass
