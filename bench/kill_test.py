@@ -161,6 +161,8 @@ def kill_test(*, kills: int, seed: int, epochs: int, save_interval: int, workdir
         torch.equal(tensor, resumed["model"][name]) for name, tensor in reference["model"].items()))
     report["best_pred"] = (reference["best_pred"], resumed["best_pred"])
     report["max_lost"] = max((k["lost"] for k in report["kills"]), default=0)
+    # Temporaries of writes a kill interrupted are removed when the run restarts.
+    report["leftover_temporaries"] = len(list(killed_dir.glob(".*.tmp")))
     return report
 
 
@@ -176,11 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(args.workdir or temporary)
         report = kill_test(kills=args.kills, seed=args.seed, epochs=args.epochs,
                            save_interval=args.save_interval, workdir=workdir)
-    ok = (report["unreadable"] == 0 and report["identical"]
+    ok = (report["unreadable"] == 0 and report["identical"] and not report["leftover_temporaries"]
           and report["max_lost"] <= args.save_interval and len(report["kills"]) == args.kills)
     phases = sorted({k["phase"] for k in report["kills"]})
     print(f"{len(report['kills'])} kills ({', '.join(phases)}); unreadable checkpoints: "
-          f"{report['unreadable']}; most iterations lost by one kill: {report['max_lost']} "
+          f"{report['unreadable']}; temporaries left: {report['leftover_temporaries']}; most iterations lost by one kill: {report['max_lost']} "
           f"(--save-interval {args.save_interval}); final weights bit-identical to the "
           f"uninterrupted run: {'yes' if report['identical'] else 'NO'}; best mIoU "
           f"{report['best_pred'][1]:.4f} vs {report['best_pred'][0]:.4f}")

@@ -201,6 +201,7 @@ def test_random_sigkills_then_auto_resume_end_bit_identical(tmp_path):
                        log=lambda line: None)
     assert len(report["kills"]) == 3
     assert report["unreadable"] == 0
+    assert report["leftover_temporaries"] == 0
     assert report["max_lost"] <= 2
     assert report["iteration"] == (16, 16)
     assert report["identical"]

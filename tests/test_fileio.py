@@ -7,7 +7,7 @@ import stat
 import pytest
 import torch
 
-from utils.fileio import atomic_write, atomic_write_text
+from utils.fileio import atomic_write, atomic_write_text, remove_stale_temporaries
 from utils.saver import Saver, save_checkpoint
 
 
@@ -50,3 +50,18 @@ def test_replacing_a_file_takes_the_umask_not_the_old_mode(umask, tmp_path):
     assert path.read_text() == "new"
     assert mode(path) == 0o644
     assert os.listdir(tmp_path) == ["checkpoint.pth.tar"]  # no temporary file left behind
+
+
+def test_a_resumed_run_folder_loses_the_temporaries_of_killed_writes(tmp_path):
+    # What a SIGKILL during atomic_write leaves: a hidden, randomly named temporary file.
+    run = tmp_path / "experiment_0"
+    run.mkdir()
+    stale = [run / ".checkpoint.pth.tar.0123456789ab.tmp",
+             run / ".model_best.pth.tar.a1b2c3d4e5f6.tmp"]
+    kept = [run / "checkpoint.pth.tar", run / ".notes.0123456789ab.tmp", run / "events.out"]
+    for path in stale + kept:
+        path.write_bytes(b"x" * 10)
+    Saver(dataset="demo", checkname="c", experiment_dir=run)
+    assert not any(path.exists() for path in stale)
+    assert all(path.exists() for path in kept)
+    assert remove_stale_temporaries(run / "checkpoint.pth.tar") == []

@@ -11,6 +11,7 @@ usual 022, so the group of a shared cluster account can read checkpoints and mas
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import IO, Callable
 
@@ -49,6 +50,22 @@ def _create_temporary(directory: Path, name: str) -> tuple[int, str]:
         except FileExistsError:
             continue
     raise FileExistsError(f"no free temporary file name for {name} in {directory}")
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed :func:`atomic_write` of ``path`` left behind.
+
+    A SIGKILL (or a power cut) during a write leaves ``.<name>.<random>.tmp`` next to ``path``;
+    a requeued job that is killed again and again would fill the disk with them. Call this only
+    when no other process is writing ``path``.
+    """
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{12}}\.tmp")
+    stale = [entry for entry in path.parent.glob(f".{path.name}.*.tmp")
+             if pattern.fullmatch(entry.name)] if path.parent.is_dir() else []
+    for entry in stale:
+        entry.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from utils.fileio import atomic_write, atomic_write_text
+from utils.fileio import atomic_write, atomic_write_text, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +187,10 @@ class Saver:
         if experiment_dir is not None:
             self.experiment_dir = Path(experiment_dir)
             self.experiment_dir.mkdir(parents=True, exist_ok=True)
+            # A run killed while writing (resumed or requeued into this folder) left these.
+            for name in (CHECKPOINT_NAME, BEST_NAME, SETTINGS_NAME):
+                for stale in remove_stale_temporaries(self.experiment_dir / name):
+                    logger.info("removed %s, left by a killed write", stale)
         else:
             self.experiment_dir = self._new_experiment_dir(Path(run_root) / dataset / checkname)
         logger.info("run folder: %s", self.experiment_dir)
