@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -134,7 +135,10 @@ def test_a_corrupt_onnx_file_is_one_line(tmp_path, capsys):
 def test_export_checks_itself_and_refuses_bad_arguments(exported, tmp_path, capsys):
     out = tmp_path / "checked.onnx"
     assert export.cli(["--ckpt", str(exported["ckpt"]), "--out", str(out)]) == 0
-    assert "argmax agreement 100.000%" in capsys.readouterr().out
+    # export.py's own check on a random input: random weights give near-ties, so a few pixels
+    # may flip between PyTorch and onnxruntime; the bar is 99.9 %.
+    agreement = re.search(r"argmax agreement ([0-9.]+)%", capsys.readouterr().out)
+    assert agreement is not None and float(agreement.group(1)) >= 99.9
     assert export.cli(["--ckpt", str(exported["ckpt"]), "--out", str(tmp_path / "m.bin")]) == 2
     assert "--out" in capsys.readouterr().err
     assert export.cli(["--ckpt", str(tmp_path / "none.pth.tar"), "--out", str(out)]) == 2
