@@ -19,8 +19,6 @@ import os
 import pickle
 from dataclasses import dataclass
 from typing import Mapping
-from urllib.error import URLError
-from urllib.parse import urlparse
 
 import torch
 from torchvision.models import WeightsEnum
@@ -29,7 +27,7 @@ from torchvision.models.segmentation import (
     DeepLabV3_ResNet101_Weights,
 )
 
-from modeling.backbone import PretrainedWeightsUnavailable, canonical_backbone_name
+from modeling.backbone import canonical_backbone_name, download_state_dict
 from modeling.deeplab import DeepLab
 
 logger = logging.getLogger(__name__)
@@ -98,25 +96,10 @@ def coco_deeplabv3_state_dict(
     weights = coco_deeplabv3_weights(backbone)
     if path is not None:
         return _read_state_dict(path)
-    try:
-        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise PretrainedWeightsUnavailable(
-            f"the cached copy of {weights.url} in {torch.hub.get_dir()}/checkpoints cannot be read "
-            f"with weights_only=True ({' '.join(str(error).split())[:120]}); delete it to "
-            "download it again"
-        ) from error
-    except (URLError, OSError, RuntimeError) as error:
-        cached_file = os.path.join(
-            torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path)
-        )
-        reason = " ".join(str(error).split())[:200]
-        raise PretrainedWeightsUnavailable(
-            f"cannot download torchvision's COCO DeepLabV3 {canonical_backbone_name(backbone)} "
-            f"weights ({type(error).__name__}: {reason}); download {weights.url} on a machine "
-            f"with internet (e.g. curl -LO {weights.url}) and use that file, or put it at "
-            f"{cached_file}"
-        ) from error
+    return download_state_dict(
+        weights, f"torchvision's COCO DeepLabV3 {canonical_backbone_name(backbone)} weights",
+        "download {url} on a machine with internet (e.g. curl -LO {url}) and use that file, "
+        "or put it at {cached_file}")
 
 
 def init_from_torchvision_deeplabv3(

@@ -116,7 +116,9 @@ def build_backbone(
                    name=name)
     elif pretrained:
         weights = backbone.imagenet_weights
-        _load_into(backbone, _download_weights(weights), source=weights.url, name=name)
+        _load_into(backbone, download_state_dict(
+            weights, "ImageNet weights", "looked for the cached copy {cached_file}"),
+            source=weights.url, name=name)
     return backbone
 
 
@@ -138,10 +140,18 @@ def _read_local_weights(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
     return state_dict
 
 
-def _download_weights(weights: WeightsEnum) -> Mapping[str, torch.Tensor]:
-    """torchvision's ImageNet state dict, from the torch hub cache or downloaded into it.
+def download_state_dict(weights: WeightsEnum, what: str, advice: str) -> Mapping[str, torch.Tensor]:
+    """torchvision's state dict for ``weights``, from the torch hub cache or downloaded into it.
 
     The file is read with ``weights_only=True`` (torch.hub's default is unsafe loading).
+
+    Args:
+        what: the weights' name in messages, e.g. ``"ImageNet weights"``.
+        advice: what to do offline; ``{url}`` and ``{cached_file}`` are filled in.
+
+    Raises:
+        PretrainedWeightsUnavailable: offline and not cached, or a cached copy that needs unsafe
+            loading; one line.
     """
     try:
         return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
@@ -155,10 +165,10 @@ def _download_weights(weights: WeightsEnum) -> Mapping[str, torch.Tensor]:
         cached_file = os.path.join(
             torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path)
         )
-        reason = " ".join(str(error).split())
+        reason = " ".join(str(error).split())[:200]
         raise PretrainedWeightsUnavailable(
-            f"cannot load ImageNet weights from {weights.url} ({type(error).__name__}: {reason}); "
-            f"looked for the cached copy {cached_file}"
+            f"cannot load {what} from {weights.url} ({type(error).__name__}: {reason}); "
+            + advice.format(url=weights.url, cached_file=cached_file)
         ) from error
 
 
