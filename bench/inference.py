@@ -6,8 +6,8 @@ subprocess: imports, model loading, decoding and writing included) and of the mo
 prediction of decoded, normalised images in this process), the peak RSS of that subprocess, and
 the share of pixels whose class agrees with the baseline: the same checkpoint in PyTorch fp32,
 contiguous, batch 1, one image after the other. Configurations are run in turn, round after
-round, so that a busy machine slows them all alike; the printed ratios are against the
-baseline measured in the same run.
+round (all whole-process runs, then all model-only runs), so that a busy machine slows them
+all alike; the printed ratios are against the baseline measured in the same run.
 
     python bench/inference.py --ckpt model_best.pth.tar --images $DEEPLAB_COCO_ROOT/val2017
     python bench/inference.py --ckpt ... --images ... --configs auto torch:off torch:bf16
@@ -134,25 +134,30 @@ def main(argv: list[str] | None = None) -> None:
         for path in paths:
             (subset / path.name).symlink_to(path.resolve())
         args.images = subset
+    results = {config: Result() for config in configs}
+    with tempfile.TemporaryDirectory() as scratch:
+        # Whole-process runs first, while this process is small: a child's peak RSS counts the
+        # memory it inherits before exec, so loaded models here would inflate every figure.
+        for round_index in range(0 if args.no_whole else args.rounds):
+            for config in configs:
+                seconds, rss = whole_process(config, args,
+                                             Path(scratch) / f"{config}{round_index}")
+                results[config].whole_seconds.append(seconds)
+                results[config].peak_rss = max(results[config].peak_rss, rss)
+                print(f"round {round_index} {config}: whole process {seconds:.1f} s", flush=True)
     images = [pil_to_uint8_tensor(load_image(path)) for path in paths]
     runners = {config: load_runner(config, args.ckpt) for config in configs}
-    results = {config: Result() for config in configs}
     reference: list[torch.Tensor] = []
-    with tempfile.TemporaryDirectory() as scratch:
-        for round_index in range(args.rounds):
-            for config in configs:
-                if not args.no_whole:
-                    seconds, rss = whole_process(config, args, Path(scratch) / f"{config}{round_index}")
-                    results[config].whole_seconds.append(seconds)
-                    results[config].peak_rss = max(results[config].peak_rss, rss)
-                seconds, labels = model_only(runners[config], images)
-                results[config].model_seconds.append(seconds)
-                reference = labels if config == BASELINE and not reference else reference
-                if round_index == 0:
-                    results[config].same_pixels = sum(int((a == b).sum())
-                                                      for a, b in zip(labels, reference))
-                    results[config].pixels = sum(label.numel() for label in labels)
-                print(f"round {round_index} {config}: model {seconds:.1f} s", flush=True)
+    for round_index in range(args.rounds):
+        for config in configs:
+            seconds, labels = model_only(runners[config], images)
+            results[config].model_seconds.append(seconds)
+            reference = labels if config == BASELINE and not reference else reference
+            if round_index == 0:
+                results[config].same_pixels = sum(int((a == b).sum())
+                                                  for a, b in zip(labels, reference))
+                results[config].pixels = sum(label.numel() for label in labels)
+            print(f"round {round_index} {config}: model {seconds:.1f} s", flush=True)
     report(results, len(images))
 
 
