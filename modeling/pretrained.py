@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -27,7 +26,7 @@ from torchvision.models.segmentation import (
     DeepLabV3_ResNet101_Weights,
 )
 
-from modeling.backbone import canonical_backbone_name, download_state_dict
+from modeling.backbone import canonical_backbone_name, download_state_dict, read_state_dict
 from modeling.deeplab import DeepLab
 
 logger = logging.getLogger(__name__)
@@ -170,15 +169,5 @@ def _source_key(key: str) -> str:
 
 
 def _read_state_dict(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"torchvision DeepLabV3 weights file not found: {os.fspath(path)}")
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as error:
-        first_line = (str(error).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"cannot read {os.fspath(path)} with weights_only=True: "
-                         f"{type(error).__name__}: {first_line}") from error
-    if not isinstance(state_dict, Mapping):
-        raise ValueError(f"{os.fspath(path)} holds a {type(state_dict).__name__}, not a state "
-                         "dict (save model.state_dict() of torchvision's deeplabv3_resnet*)")
-    return state_dict
+    return read_state_dict(path, "torchvision DeepLabV3 weights",
+                           "save model.state_dict() of torchvision's deeplabv3_resnet*")

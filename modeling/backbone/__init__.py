@@ -112,8 +112,9 @@ def build_backbone(
         multi_grid=settings.multi_grid,
     )
     if weights_path is not None:
-        _load_into(backbone, _read_local_weights(weights_path), source=os.fspath(weights_path),
-                   name=name)
+        state_dict = read_state_dict(weights_path, "backbone weights",
+                                     "save model.state_dict() of a torchvision ResNet")
+        _load_into(backbone, state_dict, source=os.fspath(weights_path), name=name)
     elif pretrained:
         weights = backbone.imagenet_weights
         _load_into(backbone, download_state_dict(
@@ -122,21 +123,29 @@ def build_backbone(
     return backbone
 
 
-def _read_local_weights(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike, what: str, save_hint: str
+                    ) -> Mapping[str, torch.Tensor]:
+    """A state dict saved with ``torch.save``, read with ``weights_only=True`` on the CPU.
+
+    Args:
+        what: the file's name in messages, e.g. ``"backbone weights"``.
+        save_hint: how to write a good file, for the message when it holds no state dict.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: unreadable, needs unsafe loading, or not a state dict; one line.
+    """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"backbone weights file not found: {os.fspath(path)}")
+        raise FileNotFoundError(f"{what} file not found: {os.fspath(path)}")
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ValueError(
-            f"cannot read backbone weights {os.fspath(path)}: {type(error).__name__}: {first_line}"
-        ) from error
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"cannot read {what} {os.fspath(path)} with weights_only=True: "
+                         f"{type(error).__name__}: {first_line}") from error
     if not isinstance(state_dict, Mapping):
-        raise ValueError(
-            f"backbone weights {os.fspath(path)} hold a {type(state_dict).__name__}, "
-            "not a state dict (save model.state_dict() of a torchvision ResNet)"
-        )
+        raise ValueError(f"{os.fspath(path)} holds a {type(state_dict).__name__}, not a state "
+                         f"dict of {what} ({save_hint})")
     return state_dict
 
 
