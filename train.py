@@ -245,7 +245,9 @@ def build_model(args: argparse.Namespace, checkpoint: dict | None, num_classes: 
         raise UserError(f"{error}; pass --no-pretrained to train from scratch, or "
                         f"--backbone-weights PATH with a local torchvision ResNet state "
                         f"dict") from None
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:  # a missing, unsafe or foreign file
+        if not args.backbone_weights:
+            raise
         raise UserError(f"--backbone-weights: {error}") from None
     if args.init:
         init_from_coco_deeplabv3(model, args.init, context)
