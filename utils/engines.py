@@ -19,7 +19,8 @@ from utils.onnx_model import INPUT_NAME, OUTPUT_NAME, export_onnx, settings_from
 
 ENGINES = ("torch", "onnxruntime", "openvino")
 ENGINE_CHOICES = ("auto",) + ENGINES
-#: On CPUs the ONNX runtimes ran this model about twice as fast as PyTorch (bench/inference.py).
+#: On this CPU the ONNX runtimes ran this model 1.2-1.5x as fast as PyTorch on a quiet machine,
+#: 2-3.5x on a busy one (bench/inference.py).
 CPU_PREFERENCE = ("openvino", "onnxruntime", "torch")
 _PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
 
