@@ -31,7 +31,8 @@ from dataloader.custom_transforms import Normalize
 from dataloader.images import ImageFiles, list_inputs, loader_for
 from dataloader.utils import DatasetError
 from modeling.deeplab import DeepLab
-from modeling.predict import predict_labels, predict_labels_tiled
+from modeling.predict import (DEFAULT_TILE, TILE_PIXEL_BUDGET, predict_labels,
+                              predict_labels_tiled)
 from utils.distributed import DistributedContext, cleanup, init_distributed
 from utils.engines import (ENGINE_CHOICES, Engine, engine_from_model, engine_from_onnx,
                            resolve_engine)
@@ -42,10 +43,6 @@ from utils.outputs import (IMAGE_FORMATS, OUTPUT_KINDS, already_written, parse_k
 from utils.saver import CheckpointError, load_checkpoint
 
 DEFAULT_CKPT = "modeling/deeplab-resnet.pth.tar"
-#: Inputs with more pixels than this (after --size) are predicted in windows (--tile auto):
-#: ResNet-101 stays under about 3 GB at this size, and a 24-megapixel photo too, in windows.
-TILE_PIXEL_BUDGET = 2048 * 2048
-DEFAULT_TILE = 1024
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+#: Inputs with more pixels than this (after --size) are predicted in windows (--tile auto):
+#: ResNet-101 stays under about 3 GB at this size, and a 24-megapixel photo too, in windows.
+TILE_PIXEL_BUDGET = 2048 * 2048
+DEFAULT_TILE = 1024
+
 
 def predict_probabilities(
     model: nn.Module,

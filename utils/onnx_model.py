@@ -64,9 +64,10 @@ def export_onnx(model: nn.Module, settings: Mapping[str, Any] | None = None) -> 
     return data if settings is None else with_metadata(data, settings)
 
 
-def metadata_for(settings: Mapping[str, Any]) -> dict[str, str]:
+def metadata_for(settings: Mapping[str, Any], precision: str = "fp32") -> dict[str, str]:
     """The ``metadata_props`` entries (strings) describing a model with these settings."""
     return {
+        "precision": precision,
         SETTINGS_KEY: json.dumps(dict(settings), sort_keys=True),
         "class_names": json.dumps(list(settings["class_names"])),
         "palette": json.dumps([list(map(int, color)) for color in settings["palette"]]),
@@ -79,12 +80,13 @@ def metadata_for(settings: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
-def with_metadata(data: bytes, settings: Mapping[str, Any]) -> bytes:
+def with_metadata(data: bytes, settings: Mapping[str, Any], precision: str = "fp32") -> bytes:
     """``data`` (a serialised ONNX model) with :func:`metadata_for` in its ``metadata_props``."""
     import onnx  # only exporting with metadata needs the onnx package
 
     proto = onnx.load_from_string(data)
-    onnx.helper.set_model_props(proto, metadata_for(settings))
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, metadata_for(settings, precision))
     return proto.SerializeToString()
 
 

@@ -1,0 +1,94 @@
+"""Post-training int8 quantization of an exported model with NNCF, OpenVINO's own quantizer.
+
+On a CPU without bf16 or int8-dot-product instructions (AVX2 only, as the 2-core test machine),
+fp32 DeepLabV3+ already runs close to the CPU's measured matrix-multiply rate
+(``bench/compute_ceiling.py``), so int8 is the one way to a large speed-up there. It is not
+free: quantized masks differ from fp32 masks on some pixels, how many depends on the model
+(pixels where two classes score nearly alike flip first). It is therefore never the default: ``export.py --int8`` writes it on purpose,
+and ``bench/inference.py`` measures its agreement with fp32 on the user's own images.
+
+NNCF is used instead of onnxruntime's ``quantize_static`` because it corrects the bias that
+quantization adds to each layer: on the demo-trained ResNet-18 and 16 real COCO val images its
+masks agreed with fp32 on 97.4% of pixels against 93.4% for onnxruntime's, both calibrated on 16
+COCO train images and run in OpenVINO (``bench/quantizers.py``).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from dataloader.custom_transforms import Normalize
+from dataloader.images import ImageFiles, list_inputs
+from dataloader.utils import DatasetError, verify_image
+from modeling.predict import DEFAULT_TILE, TILE_PIXEL_BUDGET
+from utils.errors import UserError
+from utils.onnx_model import INPUT_NAME
+
+INSTALL = "pip install -r requirements-deploy.txt -c constraints.txt"
+
+
+def calibration_images(in_path: str, count: int) -> list[str]:
+    """The first ``count`` readable images ``in_path`` names (file, folder or list); each
+    unreadable one is named on stderr and passed over.
+
+    Raises:
+        UserError: ``in_path`` is missing or holds no readable image.
+    """
+    try:
+        inputs = list_inputs(in_path)
+    except DatasetError as error:
+        raise UserError(str(error).replace("--in-path", "--calibration")) from None
+    chosen = []
+    for item in inputs:
+        if len(chosen) == count:
+            break
+        try:
+            verify_image(item.path)
+        except DatasetError as error:
+            print(f"warning: calibration skips {error}", file=sys.stderr)
+            continue
+        chosen.append(str(item.path))
+    if not chosen:
+        raise UserError(f"--calibration {in_path} has no readable image: name a folder of "
+                        f"images like the ones you will segment")
+    return chosen
+
+
+def model_input(path: str, normalize: Normalize) -> np.ndarray:
+    """A ``(1, 3, H, W)`` float32 model input, read and normalised by inference.py's own code
+    (EXIF orientation applied); an image inference.py would predict in windows gives its
+    central window."""
+    sample = ImageFiles([Path(path)])[0]
+    if "error" in sample:  # it was readable when chosen
+        raise UserError(f"--calibration: {sample['error']}")
+    pixels = sample["image"]
+    height, width = pixels.shape[-2:]
+    if height * width > TILE_PIXEL_BUDGET:
+        top, left = max(0, (height - DEFAULT_TILE) // 2), max(0, (width - DEFAULT_TILE) // 2)
+        pixels = pixels[:, top:top + DEFAULT_TILE, left:left + DEFAULT_TILE]
+    return normalize(pixels)[None].numpy()
+
+
+def quantize_int8(data: bytes, paths: list[str], normalize: Normalize) -> bytes:
+    """``data`` (a serialised fp32 ONNX model from :func:`utils.onnx_model.export_onnx`) with
+    int8 weights and activations (QuantizeLinear / DequantizeLinear pairs), calibrated on the
+    images at ``paths``. The metadata_props are kept.
+
+    Raises:
+        UserError: the nncf package is missing.
+    """
+    # NNCF imports torch.utils.cpp_extension, which warns that no CUDA runtime is found.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    try:
+        import nncf
+        import onnx
+    except ImportError:
+        raise UserError(f"export.py --int8 needs the nncf package: {INSTALL}") from None
+    nncf.set_log_level(logging.ERROR)
+    model = onnx.load_from_string(data)
+    dataset = nncf.Dataset(paths, lambda path: {INPUT_NAME: model_input(path, normalize)})
+    quantized = nncf.quantize(model, dataset, subset_size=len(paths))
+    return quantized.SerializeToString()
