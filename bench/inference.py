@@ -11,6 +11,12 @@ all alike; the printed ratios are against the baseline measured in the same run.
 
     python bench/inference.py --ckpt model_best.pth.tar --images $DEEPLAB_COCO_ROOT/val2017
     python bench/inference.py --ckpt ... --images ... --configs auto torch:off torch:bf16
+    python bench/inference.py --ckpt ... --images ... --configs auto openvino:int8 \
+        --int8-calibration $DEEPLAB_COCO_ROOT/train2017
+
+``ENGINE:int8`` runs a file written by ``export.py --int8`` (made once, before the timings,
+calibrated on ``--int8-calibration``: use other images than ``--images``, or the agreement
+flatters int8).
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ from utils.hardware import resolve_hardware  # noqa: E402
 from utils.distributed import DistributedContext  # noqa: E402
 
 BASELINE = "baseline"
+INT8 = "int8"
 #: inference.py flags of each configuration name (``engine:amp``; ``auto`` = the defaults).
 DEFAULT_CONFIGS = ("auto", "torch:off", "onnxruntime:off", "openvino:off")
 
@@ -47,7 +54,26 @@ def flags_of(config: str) -> list[str]:
     if config == "auto":
         return []
     engine, amp = config.split(":")
-    return ["--engine", engine, "--amp", amp]
+    return ["--engine", engine] + ([] if amp == INT8 else ["--amp", amp])
+
+
+def ckpt_of(config: str, args: argparse.Namespace) -> str:
+    """The file a configuration runs: the checkpoint, or its int8 export."""
+    return str(args.int8_file if config.endswith(":" + INT8) else args.ckpt)
+
+
+def export_int8(args: argparse.Namespace, scratch: Path) -> None:
+    """Write ``args.int8_file`` with export.py (timed apart: it is a one-off step)."""
+    if not args.int8_calibration:
+        raise SystemExit("an ENGINE:int8 config needs --int8-calibration IMAGES")
+    args.int8_file = scratch / "int8.onnx"
+    tic = time.perf_counter()
+    subprocess.run([sys.executable, str(REPO / "export.py"), "--ckpt", str(args.ckpt), "--out",
+                    str(args.int8_file), "--int8", "--calibration", str(args.int8_calibration),
+                    "--calibration-count", str(args.int8_count)], cwd=REPO, check=True,
+                   stdout=subprocess.DEVNULL)
+    print(f"export.py --int8 ({args.int8_count} calibration images): "
+          f"{time.perf_counter() - tic:.1f} s", flush=True)
 
 
 @dataclass
@@ -62,7 +88,7 @@ class Result:
 def whole_process(config: str, args: argparse.Namespace, out_dir: Path) -> tuple[float, int]:
     """Seconds and peak RSS (bytes, the largest process) of one inference.py run."""
     command = [sys.executable, str(REPO / "inference.py"), "--in-path", str(args.images),
-               "--out-path", str(out_dir), "--ckpt", str(args.ckpt), *flags_of(config)]
+               "--out-path", str(out_dir), "--ckpt", ckpt_of(config, args), *flags_of(config)]
     tic = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
@@ -113,8 +139,9 @@ def report(results: dict[str, Result], count: int) -> None:
         whole_text = (f"{count / whole:11.3f} {base_whole / whole:5.2f}x" if whole
                       else f"{'-':>11} {'-':>6}")
         agreement = 100 * result.same_pixels / max(result.pixels, 1)
+        rss_text = f"{result.peak_rss / 2**30:7.2f}GB" if whole else f"{'-':>9}"
         print(f"{config:18} {whole_text} {count / model:11.3f} {base_model / model:5.2f}x "
-              f"{result.peak_rss / 2**30:7.2f}GB {agreement:9.4f}%")
+              f"{rss_text} {agreement:9.4f}%")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,7 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ckpt", required=True, help="checkpoint (.pth.tar) to measure")
     parser.add_argument("--images", required=True, type=Path, help="folder of images")
     parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),
-                        help="engine:amp pairs (amp off|bf16|fp16|auto), or auto for defaults")
+                        help="engine:amp pairs (amp off|bf16|fp16|auto|int8), or auto for the "
+                             "defaults")
+    parser.add_argument("--int8-calibration", type=Path,
+                        help="images export.py --int8 calibrates on (not the --images)")
+    parser.add_argument("--int8-count", type=int, default=16, help="how many of them")
     parser.add_argument("--limit", type=int, help="use the first N images only")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--no-whole", action="store_true", help="model-only timings")
@@ -136,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
         args.images = subset
     results = {config: Result() for config in configs}
     with tempfile.TemporaryDirectory() as scratch:
+        if any(config.endswith(":" + INT8) for config in configs):
+            export_int8(args, Path(scratch))
         # Whole-process runs first, while this process is small: a child's peak RSS counts the
         # memory it inherits before exec, so loaded models here would inflate every figure.
         for round_index in range(0 if args.no_whole else args.rounds):
@@ -145,19 +178,19 @@ def main(argv: list[str] | None = None) -> None:
                 results[config].whole_seconds.append(seconds)
                 results[config].peak_rss = max(results[config].peak_rss, rss)
                 print(f"round {round_index} {config}: whole process {seconds:.1f} s", flush=True)
-    images = [pil_to_uint8_tensor(load_image(path)) for path in paths]
-    runners = {config: load_runner(config, args.ckpt) for config in configs}
-    reference: list[torch.Tensor] = []
-    for round_index in range(args.rounds):
-        for config in configs:
-            seconds, labels = model_only(runners[config], images)
-            results[config].model_seconds.append(seconds)
-            reference = labels if config == BASELINE and not reference else reference
-            if round_index == 0:
-                results[config].same_pixels = sum(int((a == b).sum())
-                                                  for a, b in zip(labels, reference))
-                results[config].pixels = sum(label.numel() for label in labels)
-            print(f"round {round_index} {config}: model {seconds:.1f} s", flush=True)
+        images = [pil_to_uint8_tensor(load_image(path)) for path in paths]
+        runners = {config: load_runner(config, ckpt_of(config, args)) for config in configs}
+        reference: list[torch.Tensor] = []
+        for round_index in range(args.rounds):
+            for config in configs:
+                seconds, labels = model_only(runners[config], images)
+                results[config].model_seconds.append(seconds)
+                reference = labels if config == BASELINE and not reference else reference
+                if round_index == 0:
+                    results[config].same_pixels = sum(int((a == b).sum())
+                                                      for a, b in zip(labels, reference))
+                    results[config].pixels = sum(label.numel() for label in labels)
+                print(f"round {round_index} {config}: model {seconds:.1f} s", flush=True)
     report(results, len(images))
 
 
