@@ -30,7 +30,6 @@ from tqdm import tqdm
 from dataloader.custom_transforms import Normalize
 from dataloader.images import ImageFiles, list_inputs, loader_for
 from dataloader.utils import DatasetError
-from modeling.deeplab import DeepLab
 from modeling.predict import (DEFAULT_TILE, TILE_PIXEL_BUDGET, predict_labels,
                               predict_labels_tiled)
 from utils.distributed import DistributedContext, cleanup, init_distributed
@@ -132,6 +131,8 @@ def load_engine(args: argparse.Namespace, hardware: Hardware) -> tuple[Engine, d
     except CheckpointError as error:
         raise UserError(str(error)) from None
     settings = checkpoint["settings"]
+    from modeling.deeplab import DeepLab  # imports torchvision (2 s), which an ONNX file skips
+
     model = DeepLab.from_state_dict(settings, checkpoint["model"]).eval()
     engine = engine_from_model(engine_name, model, hardware, amp_explicit=amp_explicit,
                                compile_model=args.compile)

@@ -15,12 +15,19 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as F
 from PIL import Image, ImageFilter
 
 from dataloader.utils import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 
 Sample = dict[str, Any]
+
+
+def _functional():
+    """torchvision's v2 functional transforms, imported on first use: importing torchvision
+    takes about 2 s (it loads torch._dynamo), which inference of an exported model never needs."""
+    import torchvision.transforms.v2.functional as functional
+
+    return functional
 
 
 def _uniform(low: float, high: float) -> float:
@@ -114,8 +121,8 @@ class RandomScaleCrop:
         label = _nearest_window(label, (new_width, new_height), (left, top, right, bottom))
         if size != (crop, crop):
             padding = [0, 0, crop - size[0], crop - size[1]]  # left, top, right, bottom
-            image = F.pad(image, padding, fill=0)
-            label = F.pad(label, padding, fill=IGNORE_INDEX)
+            image = _functional().pad(image, padding, fill=0)
+            label = _functional().pad(label, padding, fill=IGNORE_INDEX)
         return {**sample, "image": image, "label": label}
 
     def __repr__(self) -> str:
@@ -134,8 +141,8 @@ class RandomHorizontalFlip:
     def __call__(self, sample: Sample) -> Sample:
         if float(torch.rand(())) >= self.p:
             return sample
-        return {**sample, "image": F.horizontal_flip(sample["image"]),
-                "label": F.horizontal_flip(sample["label"])}
+        return {**sample, "image": _functional().horizontal_flip(sample["image"]),
+                "label": _functional().horizontal_flip(sample["label"])}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(p={self.p})"
@@ -189,7 +196,9 @@ class ResizeShortSide:
         self.size = size
 
     def __call__(self, sample: Sample) -> Sample:
-        image = F.resize(sample["image"], [self.size], interpolation=F.InterpolationMode.BILINEAR)
+        functional = _functional()
+        image = functional.resize(sample["image"], [self.size],
+                                  interpolation=functional.InterpolationMode.BILINEAR)
         return {**sample, "image": image}
 
     def __repr__(self) -> str:
