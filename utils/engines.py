@@ -19,8 +19,10 @@ from utils.onnx_model import INPUT_NAME, OUTPUT_NAME, export_onnx, settings_from
 
 ENGINES = ("torch", "onnxruntime", "openvino")
 ENGINE_CHOICES = ("auto",) + ENGINES
-#: On this CPU the ONNX runtimes ran this model 1.2-1.5x as fast as PyTorch on a quiet machine,
-#: 2-3.5x on a busy one (bench/inference.py).
+#: On this AVX2 CPU the ONNX runtimes ran ResNet-101 1.15-1.3x as fast as PyTorch fp32
+#: (bench/inference.py, quiet machine); OpenVINO comes first because it also runs the int8 files
+#: of ``export.py --int8`` about twice as fast as fp32 (bench/inference.py --configs
+#: openvino:int8 onnxruntime:int8).
 CPU_PREFERENCE = ("openvino", "onnxruntime", "torch")
 _PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
 
