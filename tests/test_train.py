@@ -38,7 +38,7 @@ def demo_root(demo_coco_root) -> Path:
 def trained(demo_root, tmp_path_factory) -> dict:
     run_dir = tmp_path_factory.mktemp("run") / "exp"
     args = train.get_args_parser().parse_args(
-        TINY + ["--dataset", "demo", "--data-root", str(demo_root), "--epochs", "12",
+        TINY + ["--dataset", "demo", "--data-root", str(demo_root), "--epochs", "8",
                 "--batch-size", "8", "--lr", "0.02", "--eval-interval", "4",
                 "--run-dir", str(run_dir)])
     result = train.main(args)
