@@ -9,7 +9,7 @@ Input ``image``: float32 ``(N, 3, H, W)``, RGB, ``(pixel / 255 - mean) / std``; 
 float32 ``(N, num_classes, H, W)``; batch, height and width are dynamic. The class names,
 palette, normalisation and architecture are in the file's metadata_props. ``--int8`` stores
 int8 weights and activations (QuantizeLinear / DequantizeLinear pairs, calibrated by NNCF on
-your images); OpenVINO runs it about 1.8x as fast as fp32 on an AVX2 CPU, and its masks differ
+your images); OpenVINO runs it 1.6-2.1x as fast as fp32 on an AVX2 CPU, and its masks differ
 from fp32 on some pixels: measure how many with bench/inference.py before you rely on it.
 """
 from __future__ import annotations
@@ -44,7 +44,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration-count", type=int, default=16,
                         help="--int8: how many of those images (the first, sorted)")
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
-                        help="compare onnxruntime's logits with PyTorch's on a random input")
+                        help="compare onnxruntime's logits with PyTorch's on a random input "
+                             "(fp32 exports only)")
     return parser
 
 
@@ -73,6 +74,8 @@ def main(args: argparse.Namespace) -> str:
     if args.int8 and not args.calibration:
         raise UserError("--int8 needs --calibration: a folder of images like the ones you will "
                         "segment (a few dozen are enough)")
+    if args.calibration and not args.int8:
+        raise UserError("--calibration is for --int8 exports: add --int8, or drop --calibration")
     if args.calibration_count < 1:
         raise UserError(f"--calibration-count must be at least 1, got {args.calibration_count}")
     calibration = []

@@ -120,6 +120,9 @@ def test_int8_refuses_missing_or_unreadable_calibration(tmp_path, capsys):
     assert export.cli(["--ckpt", str(ckpt), "--out", str(out), "--int8"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--calibration" in err
+    assert export.cli(["--ckpt", str(ckpt), "--out", str(out), "--calibration", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--int8" in err
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "empty.jpg").write_bytes(b"")
     assert export.cli(["--ckpt", str(ckpt), "--out", str(out), "--int8", "--calibration",

@@ -4,8 +4,9 @@ On a CPU without bf16 or int8-dot-product instructions (AVX2 only, as the 2-core
 fp32 DeepLabV3+ already runs close to the CPU's measured matrix-multiply rate
 (``bench/compute_ceiling.py``), so int8 is the one way to a large speed-up there. It is not
 free: quantized masks differ from fp32 masks on some pixels, how many depends on the model
-(pixels where two classes score nearly alike flip first). It is therefore never the default: ``export.py --int8`` writes it on purpose,
-and ``bench/inference.py`` measures its agreement with fp32 on the user's own images.
+(pixels where two classes score nearly alike flip first). It is therefore never the default:
+``export.py --int8`` writes it on purpose, and ``bench/inference.py`` measures its agreement
+with fp32 on the user's own images.
 
 NNCF is used instead of onnxruntime's ``quantize_static`` because it corrects the bias that
 quantization adds to each layer: with the same calibration images, its masks differ from fp32 on
