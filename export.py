@@ -79,8 +79,9 @@ def main(args: argparse.Namespace) -> str:
     if args.calibration_count < 1:
         raise UserError(f"--calibration-count must be at least 1, got {args.calibration_count}")
     calibration = []
-    if args.int8:  # refuse a bad folder before the slow part
-        from utils.quantize import calibration_images
+    if args.int8:  # refuse a missing package or a bad folder before the slow part
+        from utils.quantize import calibration_images, require_packages
+        require_packages()
         calibration = calibration_images(args.calibration, args.calibration_count)
     try:
         checkpoint = load_checkpoint(args.ckpt, map_location="cpu",

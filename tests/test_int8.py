@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 INSTALL = "pip install -r requirements-deploy.txt (make test installs it)"
 onnx = pytest.importorskip("onnx", reason=f"onnx is not installed: {INSTALL}")
 pytest.importorskip("openvino", reason=f"openvino is not installed: {INSTALL}")
+pytest.importorskip("onnxruntime", reason=f"onnxruntime is not installed: {INSTALL}")
 pytest.importorskip("nncf", reason=f"nncf is not installed: {INSTALL}")
 
 from utils import quantize  # noqa: E402  (needs nothing optional itself, tested with nncf)
@@ -134,3 +135,17 @@ def test_int8_refuses_missing_or_unreadable_calibration(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--calibration" in err and "missing" in err
     assert not out.exists()
+
+
+def test_int8_without_nncf_is_one_line_naming_the_install(tmp_path, capsys, monkeypatch):
+    ckpt = make_checkpoint(tmp_path / "r18.pth.tar")
+    write_image(tmp_path / "calibration" / "a.png", 32, 32)
+    real_find_spec = quantize.find_spec
+    monkeypatch.setattr(quantize, "find_spec",
+                        lambda name: None if name == "nncf" else real_find_spec(name))
+    assert export.cli(["--ckpt", str(ckpt), "--out", str(tmp_path / "int8.onnx"), "--int8",
+                       "--calibration", str(tmp_path / "calibration")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "nncf" in err and "requirements-deploy.txt" in err
+    assert not (tmp_path / "int8.onnx").exists()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,14 @@ from utils.errors import UserError
 from utils.onnx_model import INPUT_NAME
 
 INSTALL = "pip install -r requirements-deploy.txt -c constraints.txt"
+
+
+def require_packages() -> None:
+    """Raises UserError naming what ``--int8`` needs and is not installed (NNCF calibrates
+    ONNX models by running them in onnxruntime)."""
+    missing = [name for name in ("nncf", "onnx", "onnxruntime") if find_spec(name) is None]
+    if missing:
+        raise UserError(f"export.py --int8 needs the {', '.join(missing)} package(s): {INSTALL}")
 
 
 def calibration_images(in_path: str, count: int) -> list[str]:
@@ -79,15 +88,14 @@ def quantize_int8(data: bytes, paths: list[str], normalize: Normalize) -> bytes:
     images at ``paths``. The metadata_props are kept.
 
     Raises:
-        UserError: the nncf package is missing.
+        UserError: nncf, onnx or onnxruntime is missing.
     """
     # NNCF imports torch.utils.cpp_extension, which warns that no CUDA runtime is found.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    try:
-        import nncf
-        import onnx
-    except ImportError:
-        raise UserError(f"export.py --int8 needs the nncf package: {INSTALL}") from None
+    require_packages()
+    import nncf
+    import onnx
+
     nncf.set_log_level(logging.ERROR)
     model = onnx.load_from_string(data)
     dataset = nncf.Dataset(paths, lambda path: {INPUT_NAME: model_input(path, normalize)})
