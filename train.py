@@ -355,6 +355,8 @@ def main(args: argparse.Namespace) -> dict:
         checkpoint = read_checkpoint(args.resume)
         train_set, val_set = build_datasets(args, context)
         if args.check_data:  # read every sample before any model is built
+            if not context.is_main:  # once is enough: rank 0 reads and reports, and its exit
+                return {"data_ok": True}  # status is torchrun's
             report = check_datasets({"train": train_set, "val": val_set}, workers=args.workers)
             print(report.format())
             return {"data_ok": report.ok, "data_report": report}

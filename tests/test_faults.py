@@ -256,3 +256,18 @@ def test_sigterm_under_torchrun_saves_once_all_ranks_agree(long_demo, tmp_path):
     assert "interrupted by SIGTERM: checkpoint saved" in run.text(), run.text()[-2000:]
     checkpoint = torch.load(run_dir / "checkpoint.pth.tar", weights_only=True)
     assert 2 <= checkpoint["iteration"] < 16
+
+
+def test_check_data_under_torchrun_reports_once_and_fails_the_job(tmp_path):
+    root = tmp_path / "demo"
+    generate_demo_dataset(root, seed=2, num_train=4, num_val=2)
+    victim = sorted((root / "train2017").glob("*.jpg"))[0]
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    completed = subprocess.run(torchrun(["--data-root", str(root), "--check-data"]), cwd=REPO,
+                               env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode != 0  # rank 0 found a bad file: the job fails
+    out = completed.stdout
+    assert out.count("checked 4 train + 2 val samples") == 1, out
+    assert out.count(victim.name) == 1, out
+    assert out.count("data check FAILED: 1 bad sample(s)") == 1, out
