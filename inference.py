@@ -311,7 +311,8 @@ def run(args: argparse.Namespace, samples: Iterable[dict[str, Any]], hardware: H
     engine, settings, engine_name = load_engine(args, hardware)
     if args.engine == "auto" and engine_name == "torch" and hardware.device.type == "cpu":
         tqdm.write("note: running PyTorch; on CPUs OpenVINO or onnxruntime are faster "
-                   "(1.2-2x): pip install -r requirements-deploy.txt", file=sys.stderr)
+                   "(bench/inference.py), and OpenVINO runs export.py --int8 files: "
+                   "pip install -r requirements-deploy.txt", file=sys.stderr)
     if engine_name != "torch":
         hardware.channels_last = False  # the ONNX runtimes take plain NCHW arrays
     predictor = Predictor(engine=engine, hardware=hardware,
