@@ -24,7 +24,7 @@ from dataloader.custom_transforms import Normalize
 from modeling.deeplab import DeepLab
 from utils.errors import UserError
 from utils.fileio import atomic_write
-from utils.onnx_model import INPUT_NAME, OUTPUT_NAME, export_onnx, with_metadata
+from deploy.onnx_model import INPUT_NAME, OUTPUT_NAME, export_onnx, with_metadata
 from utils.saver import CheckpointError, load_checkpoint
 
 
@@ -80,7 +80,7 @@ def main(args: argparse.Namespace) -> str:
         raise UserError(f"--calibration-count must be at least 1, got {args.calibration_count}")
     calibration = []
     if args.int8:  # refuse a missing package or a bad folder before the slow part
-        from utils.quantize import calibration_images, require_packages
+        from deploy.quantize import calibration_images, require_packages
         require_packages()
         calibration = calibration_images(args.calibration, args.calibration_count)
     try:
@@ -92,7 +92,7 @@ def main(args: argparse.Namespace) -> str:
     model = DeepLab.from_state_dict(settings, checkpoint["model"]).eval()
     data = export_onnx(model, settings)
     if args.int8:
-        from utils.quantize import quantize_int8
+        from deploy.quantize import quantize_int8
         data = quantize_int8(data, calibration, Normalize(settings["mean"], settings["std"]))
         data = with_metadata(data, settings, precision=f"int8, calibrated on {len(calibration)} "
                                                        f"images of {args.calibration}")

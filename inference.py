@@ -17,9 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -30,16 +27,14 @@ from tqdm import tqdm
 from dataloader.custom_transforms import Normalize
 from dataloader.images import ImageFiles, list_inputs, loader_for
 from dataloader.utils import DatasetError
-from modeling.predict import (DEFAULT_TILE, TILE_PIXEL_BUDGET, predict_labels,
-                              predict_labels_tiled)
+from deploy.engines import ENGINE_CHOICES
+from deploy.outputs import (IMAGE_FORMATS, OUTPUT_KINDS, Writer, already_written, parse_kinds,
+                            plan_outputs)
+from deploy.predictor import Predictor, display_pixels, load_engine, predict_all
+from modeling.predict import DEFAULT_TILE, TILE_PIXEL_BUDGET
 from utils.distributed import DistributedContext, cleanup, init_distributed
-from utils.engines import (ENGINE_CHOICES, Engine, engine_from_model, engine_from_onnx,
-                           resolve_engine)
 from utils.errors import UserError
 from utils.hardware import Hardware, add_hardware_args, resolve_hardware
-from utils.outputs import (IMAGE_FORMATS, OUTPUT_KINDS, already_written, parse_kinds,
-                           plan_outputs, write_outputs)
-from utils.saver import CheckpointError, load_checkpoint
 
 DEFAULT_CKPT = "modeling/deeplab-resnet.pth.tar"
 
@@ -110,160 +105,6 @@ def check_flags(args: argparse.Namespace) -> list[str]:
     return kinds
 
 
-# --------------------------------------------------------------------------- the model
-
-
-def load_engine(args: argparse.Namespace, hardware: Hardware) -> tuple[Engine, dict, str]:
-    """The runtime running ``--ckpt`` and the model's settings; returns the engine's name too."""
-    engine_name = resolve_engine(args.engine, hardware.device)
-    amp_explicit = args.amp not in ("auto", "off")
-    if args.ckpt.lower().endswith(".onnx"):
-        engine, settings = engine_from_onnx(engine_name, args.ckpt, hardware,
-                                            amp_explicit=amp_explicit)
-        return engine, settings, engine_name
-    if not os.path.isfile(args.ckpt):
-        raise UserError(
-            f"checkpoint {args.ckpt} not found: train one with `python train.py` (or `make demo`)"
-            f" and pass --ckpt run/<dataset>/<checkname>/experiment_<k>/model_best.pth.tar")
-    try:
-        checkpoint = load_checkpoint(args.ckpt, map_location="cpu",
-                                     required_keys=("model", "settings"))
-    except CheckpointError as error:
-        raise UserError(str(error)) from None
-    settings = checkpoint["settings"]
-    from modeling.deeplab import DeepLab  # imports torchvision (2 s), which an ONNX file skips
-
-    model = DeepLab.from_state_dict(settings, checkpoint["model"]).eval()
-    engine = engine_from_model(engine_name, model, hardware, amp_explicit=amp_explicit,
-                               compile_model=args.compile)
-    return engine, settings, engine_name
-
-
-@dataclass
-class Predictor:
-    """Class ids for decoded samples: normalisation, batching, windows, scales and flips."""
-
-    engine: Engine
-    hardware: Hardware
-    normalize: Normalize
-    scales: list[float]
-    flip: bool
-    tile: int | None  # None: whole images below the pixel budget, windows above it
-    tile_overlap: int
-    batch_size: int
-
-    def prepare(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 ``(N, 3, H, W)`` -> the normalised model input on the device."""
-        return self.hardware.images(self.normalize(pixels.to(self.hardware.device)))
-
-    def window(self, pixels: torch.Tensor) -> int | None:
-        """The window side for this ``(3, H, W)`` input, or None to predict it whole."""
-        if self.tile is not None:
-            return self.tile or None
-        return DEFAULT_TILE if pixels.shape[-1] * pixels.shape[-2] > TILE_PIXEL_BUDGET else None
-
-    def whole(self, samples: list[dict[str, Any]]) -> list[torch.Tensor]:
-        """``(H, W)`` uint8 labels of same-size samples, predicted in one batch."""
-        images = self.prepare(torch.stack([sample["image"] for sample in samples]))
-        labels = predict_labels(self.engine, images, samples[0]["size"], self.scales, self.flip)
-        return list(labels.to(torch.uint8).cpu())
-
-    def windowed(self, sample: dict[str, Any], tile: int) -> torch.Tensor:
-        """``(H, W)`` uint8 labels of one large sample, window by window."""
-        labels = predict_labels_tiled(self.engine, sample["image"], self.prepare, tile=tile,
-                                      overlap=self.tile_overlap, batch_size=self.batch_size,
-                                      scales=self.scales, flip=self.flip)
-        if tuple(labels.shape) != tuple(sample["size"]):  # --size: back to the input's size
-            labels = torch.nn.functional.interpolate(
-                labels[None, None].float(), size=sample["size"], mode="nearest")[0, 0]
-        return labels.to(torch.uint8)
-
-
-# --------------------------------------------------------------------------- the run
-
-
-@dataclass
-class Writer:
-    """Encodes and writes outputs on background threads (Pillow releases the GIL while it
-    encodes), keeping at most ``limit`` inputs in flight so memory stays bounded."""
-
-    plans: list[dict[str, Path]]
-    names: list[Path]
-    palette: list[list[int]]
-    alpha: float
-    threads: int
-    pending: deque = field(default_factory=deque)
-    failures: int = 0
-
-    def __post_init__(self) -> None:
-        self.pool = ThreadPoolExecutor(max_workers=self.threads)
-        self.limit = 4 * self.threads
-
-    def submit(self, index: int, labels: torch.Tensor, image: torch.Tensor | None) -> None:
-        picture = None if image is None else image.permute(1, 2, 0).numpy()
-        self.pending.append((index, self.pool.submit(
-            write_outputs, self.plans[index], labels.numpy(), self.palette, picture, self.alpha)))
-        while len(self.pending) > self.limit:
-            self._collect()
-
-    def _collect(self) -> None:
-        index, future = self.pending.popleft()
-        try:
-            future.result()
-        except OSError as error:  # disk full, no permission: this input fails, others go on
-            tqdm.write(f"error: cannot write the outputs of {self.names[index]}: {error}",
-                       file=sys.stderr)
-            self.failures += 1
-
-    def close(self) -> None:
-        while self.pending:
-            self._collect()
-        self.pool.shutdown()
-
-
-def predict_all(samples: Iterable[dict[str, Any]], predictor: Predictor, writer: Writer,
-                needs_image: bool) -> int:
-    """Predict and hand to ``writer`` every sample; returns how many could not be read.
-
-    Whole images are grouped by size into batches of ``predictor.batch_size`` (a batched mask
-    equals the one-image mask: nothing is padded); at most twice that many wait at once.
-    """
-    bad = 0
-    waiting: dict[tuple, list[dict[str, Any]]] = {}
-
-    def flush(key: tuple) -> None:
-        batch = waiting.pop(key)
-        for sample, labels in zip(batch, predictor.whole(batch)):
-            writer.submit(sample["index"], labels, _display_pixels(sample) if needs_image
-                          else None)
-
-    for sample in samples:
-        if "error" in sample:
-            # One bad file must not cost the others their outputs.
-            tqdm.write(f"error: {sample['error']}; skipped", file=sys.stderr)
-            bad += 1
-            continue
-        tile = predictor.window(sample["image"])
-        if tile is not None:
-            writer.submit(sample["index"], predictor.windowed(sample, tile),
-                          _display_pixels(sample) if needs_image else None)
-            continue
-        # The model input's size and the output's (with --size, two sizes can give one input).
-        key = (tuple(sample["image"].shape[-2:]), tuple(sample["size"]))
-        waiting.setdefault(key, []).append(sample)
-        if len(waiting[key]) >= predictor.batch_size:
-            flush(key)
-        elif sum(map(len, waiting.values())) > 2 * predictor.batch_size:
-            flush(max(waiting, key=lambda k: len(waiting[k])))
-    for key in list(waiting):
-        flush(key)
-    return bad
-
-
-def _display_pixels(sample: dict[str, Any]) -> torch.Tensor:
-    return sample.get("original", sample["image"])
-
-
 def this_process_share(items: list, context: DistributedContext) -> list:
     """Rank ``r`` of ``w`` takes items ``r, r + w, ...``: the shares are disjoint and together
     are every item, however the ranks are spread over machines."""
@@ -308,10 +149,12 @@ def run(args: argparse.Namespace, samples: Iterable[dict[str, Any]], hardware: H
         inputs: list, plans: list[dict[str, Path]], needs_image: bool,
         show_progress: bool) -> int:
     """Load the model, predict every sample and write its outputs; returns the failures."""
-    engine, settings, engine_name = load_engine(args, hardware)
+    engine, settings, engine_name = load_engine(
+        args.ckpt, hardware, engine=args.engine, amp_explicit=args.amp not in ("auto", "off"),
+        compile_model=args.compile)
     if args.engine == "auto" and engine_name == "torch" and hardware.device.type == "cpu":
         tqdm.write("note: running PyTorch; on CPUs OpenVINO or onnxruntime are faster "
-                   "(bench/inference.py), and OpenVINO runs export.py --int8 files: "
+                   "(python -m bench.inference), and OpenVINO runs export.py --int8 files: "
                    "pip install -r requirements-deploy.txt", file=sys.stderr)
     if engine_name != "torch":
         hardware.channels_last = False  # the ONNX runtimes take plain NCHW arrays
@@ -321,15 +164,26 @@ def run(args: argparse.Namespace, samples: Iterable[dict[str, Any]], hardware: H
                           tile_overlap=args.tile_overlap, batch_size=args.batch_size)
     writer = Writer(plans=plans, names=[item.path for item in inputs],
                     palette=settings["palette"], alpha=args.alpha,
-                    threads=max(1, min(2, os.cpu_count() or 1)))
+                    threads=max(1, min(2, os.cpu_count() or 1)), on_error=report_error)
+
+    def emit(sample: dict[str, Any], labels: torch.Tensor) -> None:
+        image = display_pixels(sample).permute(1, 2, 0).numpy() if needs_image else None
+        writer.submit(sample["index"], labels.numpy(), image)
+
     progress = tqdm(samples, total=len(plans), desc=f"inference ({engine_name})",
                     disable=not show_progress, dynamic_ncols=True)
     try:
         with torch.inference_mode():
-            bad = predict_all(progress, predictor, writer, needs_image)
+            bad = predict_all(progress, predictor, emit,
+                              on_error=lambda message: report_error(f"{message}; skipped"))
     finally:
         writer.close()
     return bad + writer.failures
+
+
+def report_error(message: str) -> None:
+    """One input failed (unreadable, unwritable): say so above the progress bar; others go on."""
+    tqdm.write(f"error: {message}", file=sys.stderr)
 
 
 def cli(argv: list[str] | None = None) -> int:

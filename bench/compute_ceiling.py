@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from modeling.deeplab import DeepLab  # noqa: E402
-from utils.onnx_model import INPUT_NAME, export_onnx  # noqa: E402
+from deploy.onnx_model import INPUT_NAME, export_onnx  # noqa: E402
 
 
 def flops(model: torch.nn.Module, image: torch.Tensor) -> int:

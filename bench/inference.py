@@ -35,12 +35,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import inference  # noqa: E402
-from dataloader.custom_transforms import Normalize, pil_to_uint8_tensor  # noqa: E402
+from dataloader.custom_transforms import pil_to_uint8_tensor  # noqa: E402
 from dataloader.images import list_inputs  # noqa: E402
 from dataloader.utils import load_image  # noqa: E402
-from modeling.predict import predict_labels  # noqa: E402
-from utils.hardware import resolve_hardware  # noqa: E402
-from utils.distributed import DistributedContext  # noqa: E402
+from deploy.predictor import Predictor  # noqa: E402
 
 BASELINE = "baseline"
 INT8 = "int8"
@@ -103,19 +101,10 @@ def load_runner(config: str, ckpt: str):
     """The prediction function of a configuration, built by inference.py's own code."""
     args = inference.get_args_parser().parse_args(
         ["--in-path", ".", "--ckpt", ckpt, *flags_of(config)])
-    hardware = resolve_hardware(no_cuda=args.no_cuda, gpu_ids=None, amp=args.amp,
-                                channels_last=args.channels_last, context=DistributedContext())
-    engine, settings, name = inference.load_engine(args, hardware)
-    if name != "torch":
-        hardware.channels_last = False
-    normalize = Normalize(settings["mean"], settings["std"])
-
-    def predict(pixels: torch.Tensor) -> torch.Tensor:
-        image = hardware.images(normalize(pixels[None].to(hardware.device)))
-        with torch.inference_mode():
-            return predict_labels(engine, image, tuple(pixels.shape[-2:])).cpu()[0]
-
-    return predict
+    predictor, _ = Predictor.load(ckpt, engine=args.engine, amp=args.amp,
+                                  device="cpu" if args.no_cuda else None)
+    predictor.hardware.channels_last = predictor.hardware.channels_last and args.channels_last
+    return predictor.predict
 
 
 def model_only(predict, images: list[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:

@@ -26,8 +26,8 @@ from onnxruntime import quantization  # noqa: E402
 from dataloader.custom_transforms import Normalize  # noqa: E402
 from dataloader.images import list_inputs  # noqa: E402
 from modeling.deeplab import DeepLab  # noqa: E402
-from utils.onnx_model import INPUT_NAME, export_onnx  # noqa: E402
-from utils.quantize import calibration_images, model_input, quantize_int8  # noqa: E402
+from deploy.onnx_model import INPUT_NAME, export_onnx  # noqa: E402
+from deploy.quantize import calibration_images, model_input, quantize_int8  # noqa: E402
 from utils.saver import load_checkpoint  # noqa: E402
 
 

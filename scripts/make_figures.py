@@ -2,7 +2,7 @@
 
 - ``colour_scheme.png``: every class name beside its colour, from the checkpoint's settings.
 - ``results.png``: real COCO val images | ground truth | prediction, one row per image. The
-  prediction is made by inference.py's own code (same engine choice, preprocessing and
+  prediction is made by :class:`deploy.predictor.Predictor`, as inference.py makes it (same engine choice, preprocessing and
   prediction); the checkpoint's file name is written under the figure, so a figure always says
   which model drew it.
 
@@ -25,14 +25,11 @@ if __package__ in (None, ""):
     # Run as a file (python scripts/make_figures.py): make the repository importable.
     sys.path.insert(0, str(REPO_ROOT))
 
-import inference  # noqa: E402
 import mypath  # noqa: E402
-from dataloader.custom_transforms import Normalize, pil_to_uint8_tensor  # noqa: E402
+from dataloader.custom_transforms import pil_to_uint8_tensor  # noqa: E402
 from dataloader.datasets.coco import COCOSegmentation  # noqa: E402
-from modeling.predict import predict_labels  # noqa: E402
-from utils.distributed import DistributedContext  # noqa: E402
-from utils.hardware import resolve_hardware  # noqa: E402
-from utils.outputs import color_image  # noqa: E402
+from deploy.outputs import color_image  # noqa: E402
+from deploy.predictor import Predictor  # noqa: E402
 
 TEXT, BACKGROUND = (20, 20, 20), (255, 255, 255)
 ROW_HEIGHT = 180
@@ -88,18 +85,8 @@ def results_grid(rows: list[tuple[Image.Image, np.ndarray, np.ndarray]],
 
 def predictions(ckpt: str, images: list[Image.Image]) -> tuple[list[np.ndarray], dict]:
     """Class ids of each image, predicted as inference.py does with its default flags."""
-    args = inference.get_args_parser().parse_args(["--in-path", ".", "--ckpt", ckpt])
-    hardware = resolve_hardware(no_cuda=False, gpu_ids=None, amp=args.amp,
-                                channels_last=args.channels_last, context=DistributedContext())
-    engine, settings, name = inference.load_engine(args, hardware)
-    hardware.channels_last = hardware.channels_last and name == "torch"
-    normalize = Normalize(settings["mean"], settings["std"])
-    labels = []
-    with torch.inference_mode():
-        for image in images:
-            pixels = hardware.images(normalize(pil_to_uint8_tensor(image)[None]))
-            labels.append(predict_labels(engine, pixels, (image.height, image.width))[0]
-                          .to(torch.uint8).cpu().numpy())
+    predictor, settings = Predictor.load(ckpt)
+    labels = [predictor.predict(pil_to_uint8_tensor(image)).numpy() for image in images]
     return labels, settings
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import deploy.predictor
 import inference
 from inference_testing import make_checkpoint, read_mask, write_image
 
@@ -186,8 +187,8 @@ def test_large_inputs_go_window_by_window(ckpt, tmp_path, monkeypatch):
     write_image(tmp_path / "in" / "big.png", 150, 120, seed=5)
     assert run(ckpt, tmp_path / "in", tmp_path / "explicit", "--tile", "64",
                "--tile-overlap", "16") == 0
-    monkeypatch.setattr(inference, "TILE_PIXEL_BUDGET", 100 * 100)
-    monkeypatch.setattr(inference, "DEFAULT_TILE", 64)
+    monkeypatch.setattr(deploy.predictor, "TILE_PIXEL_BUDGET", 100 * 100)
+    monkeypatch.setattr(deploy.predictor, "DEFAULT_TILE", 64)
     assert run(ckpt, tmp_path / "in", tmp_path / "auto", "--tile-overlap", "16") == 0
     mask = read_mask(tmp_path / "auto" / "big.png")
     assert mask.shape == (120, 150)

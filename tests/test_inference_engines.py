@@ -15,7 +15,7 @@ from dataloader.custom_transforms import Normalize, pil_to_uint8_tensor
 from dataloader.utils import load_image
 from inference_testing import make_checkpoint, read_mask, write_image
 from modeling.deeplab import DeepLab
-from utils.engines import OnnxRuntimeEngine, OpenVinoEngine
+from deploy.engines import OnnxRuntimeEngine, OpenVinoEngine
 
 pytestmark = pytest.mark.slow
 INSTALL = "pip install -r requirements-deploy.txt (make test installs it)"

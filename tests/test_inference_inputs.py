@@ -10,7 +10,7 @@ from PIL import Image
 from dataloader.images import ImageFiles, list_inputs
 from dataloader.utils import DatasetError
 from utils.errors import UserError
-from utils.outputs import overlay_image, parse_kinds, plan_outputs, render
+from deploy.outputs import overlay_image, parse_kinds, plan_outputs, render
 
 
 def touch(path: Path, data: bytes = b"x") -> Path:

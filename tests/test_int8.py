@@ -16,7 +16,7 @@ from dataloader.custom_transforms import Normalize, pil_to_uint8_tensor
 from dataloader.utils import load_image
 from inference_testing import make_checkpoint, read_mask, write_image
 from modeling.deeplab import DeepLab
-from utils.engines import OpenVinoEngine
+from deploy.engines import OpenVinoEngine
 
 pytestmark = pytest.mark.slow
 INSTALL = "pip install -r requirements-deploy.txt (make test installs it)"
@@ -25,7 +25,7 @@ pytest.importorskip("openvino", reason=f"openvino is not installed: {INSTALL}")
 pytest.importorskip("onnxruntime", reason=f"onnxruntime is not installed: {INSTALL}")
 pytest.importorskip("nncf", reason=f"nncf is not installed: {INSTALL}")
 
-from utils import quantize  # noqa: E402  (needs nothing optional itself, tested with nncf)
+from deploy import quantize  # noqa: E402  (needs nothing optional itself, tested with nncf)
 
 
 @pytest.fixture(scope="module")

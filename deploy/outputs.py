@@ -3,13 +3,17 @@
 Outputs mirror the inputs' sub-folders under ``--out-path``. ``photos/2024/a.jpg`` gives
 ``2024/a.png`` (mask), ``2024/a_color.png`` and ``2024/a_overlay.png`` (or ``.jpg``). Before
 anything is written the whole plan is checked: two inputs that would write one file, or a file
-that would land on an input or inside the input folder, stop the run in one line.
+that would land on an input or inside the input folder, stop the run in one line. A
+:class:`Writer` encodes and writes them on background threads while the model runs.
 """
 from __future__ import annotations
 
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -122,3 +126,47 @@ def write_outputs(plan: dict[str, Path], labels: np.ndarray, palette: Sequence[S
         options = {"quality": JPEG_QUALITY} if file_format == "JPEG" else {}
         atomic_write(path, lambda handle, picture=picture: picture.save(
             handle, format=file_format, **options))
+
+
+@dataclass
+class Writer:
+    """Encodes and writes outputs on background threads (Pillow releases the GIL while it
+    encodes), keeping at most ``4 * threads`` inputs in flight so memory stays bounded.
+
+    A write that fails (disk full, no permission) is reported through ``on_error`` and counted
+    in ``failures``; the other inputs go on.
+    """
+
+    plans: list[dict[str, Path]]
+    names: list[Path]
+    palette: list[list[int]]
+    alpha: float
+    threads: int
+    on_error: Callable[[str], None]
+    pending: deque = field(default_factory=deque)
+    failures: int = 0
+
+    def __post_init__(self) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=self.threads)
+        self.limit = 4 * self.threads
+
+    def submit(self, index: int, labels: np.ndarray, image: np.ndarray | None) -> None:
+        """Write the outputs of input ``index``: ``(H, W)`` class ids and, for overlays, the
+        ``(H, W, 3)`` uint8 photo."""
+        self.pending.append((index, self.pool.submit(
+            write_outputs, self.plans[index], labels, self.palette, image, self.alpha)))
+        while len(self.pending) > self.limit:
+            self._collect()
+
+    def _collect(self) -> None:
+        index, future = self.pending.popleft()
+        try:
+            future.result()
+        except OSError as error:
+            self.on_error(f"cannot write the outputs of {self.names[index]}: {error}")
+            self.failures += 1
+
+    def close(self) -> None:
+        while self.pending:
+            self._collect()
+        self.pool.shutdown()

@@ -27,7 +27,7 @@ from dataloader.images import ImageFiles, list_inputs
 from dataloader.utils import DatasetError, verify_image
 from modeling.predict import DEFAULT_TILE, TILE_PIXEL_BUDGET
 from utils.errors import UserError
-from utils.onnx_model import INPUT_NAME
+from deploy.onnx_model import INPUT_NAME
 
 INSTALL = "pip install -r requirements-deploy.txt -c constraints.txt"
 
@@ -83,7 +83,7 @@ def model_input(path: str, normalize: Normalize) -> np.ndarray:
 
 
 def quantize_int8(data: bytes, paths: list[str], normalize: Normalize) -> bytes:
-    """``data`` (a serialised fp32 ONNX model from :func:`utils.onnx_model.export_onnx`) with
+    """``data`` (a serialised fp32 ONNX model from :func:`deploy.onnx_model.export_onnx`) with
     int8 weights and activations (QuantizeLinear / DequantizeLinear pairs), calibrated on the
     images at ``paths``. The metadata_props are kept.
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from utils.errors import UserError
 from utils.hardware import Hardware
-from utils.onnx_model import INPUT_NAME, OUTPUT_NAME, export_onnx, settings_from_metadata
+from deploy.onnx_model import INPUT_NAME, OUTPUT_NAME, export_onnx, settings_from_metadata
 
 ENGINES = ("torch", "onnxruntime", "openvino")
 ENGINE_CHOICES = ("auto",) + ENGINES
