@@ -5,19 +5,24 @@
     torchrun --nproc_per_node 8 train.py --backbone resnet              # DDP on one machine
     python train.py --eval-only --resume run/coco/deeplab-resnet101/experiment_0/model_best.pth.tar
 
-Only the scripts read command-line flags. ``main`` lists the steps of a run; the loop lives in
-utils/engine.py, device and precision in utils/hardware.py.
+Only the scripts read command-line flags. ``main`` shows a run: the builders, then each epoch
+trains (:func:`train_one_epoch`), evaluates when due (:func:`evaluate`) and saves. Device and
+precision come from utils/hardware.py, the plan of the run from utils/plan.py, checkpoints from
+utils/saver.py.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 import mypath
 from dataloader import custom_transforms as tr
@@ -29,20 +34,26 @@ from dataloader.utils import IGNORE_INDEX, DatasetError
 from modeling.backbone import (BACKBONE_ALIASES, BACKBONES, PretrainedWeightsUnavailable,
                                canonical_backbone_name)
 from modeling.deeplab import DeepLab
+from modeling.predict import predict_labels
 from modeling.pretrained import (coco_deeplabv3_state_dict, coco_deeplabv3_weights,
                                  init_from_torchvision_deeplabv3)
-from utils.distributed import (DEFAULT_TIMEOUT_MINUTES, DistributedContext, cleanup,
-                               init_distributed, main_process_first)
-from utils.engine import (DEFAULT_BATCH_PER_DEVICE, REFERENCE_BATCH, REFERENCE_LR, Checkpointer,
-                          Interrupted, LoopSettings, NonFiniteLoss, Optimisation, Schedule,
-                          TrainState, evaluate_checkpoint, fit, make_optimisation, make_schedule,
-                          restore_training_state)
+from utils.distributed import (DEFAULT_TIMEOUT_MINUTES, DistributedContext, any_true,
+                               broadcast_buffers, cleanup, init_distributed, main_process_first,
+                               ranks_in_sync)
 from utils.errors import UserError
-from utils.hardware import Hardware, add_hardware_args, prepare_model, resolve_hardware
-from utils.losses import LOSSES
-from utils.lr_scheduler import SCHEDULERS
-from utils.saver import CHECKPOINT_NAME, CheckpointError, Saver, load_checkpoint
-from utils.summaries import TensorboardSummary
+from utils.fileio import atomic_write_text
+from utils.hardware import (Hardware, add_hardware_args, cudnn_benchmark, prepare_model,
+                            resolve_hardware, usable_batch_size)
+from utils.losses import LOSSES, NonFiniteLoss, OutputsLoss, build_loss
+from utils.lr_scheduler import SCHEDULERS, build_lr_scheduler
+from utils.metrics import Evaluator
+from utils.optim import Optimisation, build_optimizer, grad_scaler
+from utils.plan import DEFAULT_BATCH_PER_DEVICE, REFERENCE_BATCH, REFERENCE_LR, TrainPlan, \
+    plan_training
+from utils.saver import (CHECKPOINT_NAME, Checkpointer, CheckpointError, Saver, TrainState,
+                         load_checkpoint, restore_training_state)
+from utils.signals import Interrupted, StopFlag
+from utils.summaries import TensorboardSummary, TrainLog
 
 logger = logging.getLogger("train")
 
@@ -278,60 +289,69 @@ def init_from_coco_deeplabv3(model: DeepLab, init: str, context: DistributedCont
               f"{model.backbone_name} (backbone, ASPP, aux head if any); the decoder starts fresh")
 
 
-def plan_schedule(args: argparse.Namespace, train_size: int, hardware: Hardware,
-                  context: DistributedContext) -> Schedule:
-    return make_schedule(train_size=train_size, batch_size=args.batch_size,
+def plan_run(args: argparse.Namespace, train_size: int, hardware: Hardware,
+             context: DistributedContext) -> TrainPlan:
+    return plan_training(train_size=train_size, batch_size=args.batch_size,
                          devices=hardware.devices_per_process, world_size=context.world_size,
-                         epochs=args.epochs or DEFAULT_EPOCHS[args.dataset], lr=args.lr)
+                         epochs=args.epochs or DEFAULT_EPOCHS[args.dataset], lr=args.lr,
+                         print_freq=args.print_freq, save_interval=args.save_interval,
+                         eval_interval=args.eval_interval)
 
 
-def build_optimisation(args: argparse.Namespace, model: DeepLab, schedule: Schedule, train_set,
+def build_optimisation(args: argparse.Namespace, model: DeepLab, plan: TrainPlan, train_set,
                        hardware: Hardware, context: DistributedContext) -> Optimisation:
     """Loss, SGD, schedule and scaler from the flags (class weights: rank 0 first)."""
     weight = None
     if args.use_balanced_weights:
         with main_process_first(context):
-            weight = compute_class_weights(train_set, model.num_classes, cache_dir=args.cache_dir)
-    return make_optimisation(
-        model, lr=schedule.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-        nesterov=args.nesterov, scheduler=args.lr_scheduler, total_iters=schedule.total_iters,
-        warmup_iters=args.warmup_iters, step_size=args.lr_step * schedule.iters_per_epoch,
-        gamma=args.lr_gamma, loss=args.loss_type, class_weight=weight,
-        focal_gamma=args.focal_gamma, aux_weight=args.aux_weight, ignore_index=IGNORE_INDEX,
-        hardware=hardware)
+            weight = compute_class_weights(train_set, model.num_classes,
+                                           cache_dir=args.cache_dir).to(hardware.device)
+    criterion = OutputsLoss(build_loss(args.loss_type, ignore_index=IGNORE_INDEX, weight=weight,
+                                       gamma=args.focal_gamma), aux_weight=args.aux_weight)
+    optimizer = build_optimizer(model, lr=plan.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay, nesterov=args.nesterov)
+    scheduler = build_lr_scheduler(optimizer, args.lr_scheduler, total_iters=plan.total_iters,
+                                   warmup_iters=args.warmup_iters,
+                                   step_size=args.lr_step * plan.iters_per_epoch,
+                                   gamma=args.lr_gamma)
+    return Optimisation(criterion=criterion, optimizer=optimizer, scheduler=scheduler,
+                        scaler=grad_scaler(hardware.device, hardware.amp_dtype))
 
 
-def open_run_folder(args: argparse.Namespace, *, settings: dict, schedule: Schedule,
-                    state: TrainState, hardware: Hardware, context: DistributedContext,
-                    sync_bn: bool, train_size: int) -> tuple[Saver | None,
-                                                             TensorboardSummary | None]:
-    """Rank 0's Saver and TensorBoard writer (None elsewhere); writes settings.json and says
-    what the run will do."""
+def open_run_folder(args: argparse.Namespace, *, model: DeepLab, optimisation: Optimisation,
+                    plan: TrainPlan, state: TrainState, settings: dict, hardware: Hardware,
+                    context: DistributedContext, sync_bn: bool) -> Checkpointer:
+    """The checkpointer: on rank 0 it owns the run folder (settings.json written, what the run
+    will do printed) and the TensorBoard writer; elsewhere it saves nothing."""
+    checkpointer = Checkpointer(saver=None, summary=None, model=model, optimisation=optimisation,
+                                plan=plan, settings=settings)
     if not context.is_main:
-        return None, None
+        return checkpointer
     checkname = args.checkname or f"deeplab-{settings['backbone']}"
     experiment_dir = args.run_dir or (
         os.path.dirname(os.path.abspath(args.resume)) if args.resume and not args.ft else None)
     saver = Saver(run_root=args.run_root, dataset=args.dataset, checkname=checkname,
                   experiment_dir=experiment_dir)
     saver.save_settings(dict(
-        vars(args), batch_size=schedule.batch_size, lr=schedule.lr, epochs=schedule.epochs,
-        iters_per_epoch=schedule.iters_per_epoch, total_iters=schedule.total_iters,
+        vars(args), batch_size=plan.batch_size, lr=plan.lr, epochs=plan.epochs,
+        iters_per_epoch=plan.iters_per_epoch, total_iters=plan.total_iters,
         world_size=context.world_size, sync_bn=sync_bn, amp_dtype=str(hardware.amp_dtype),
         device=str(hardware.device), model=settings))
     # Events of a killed run past its checkpoint are dropped by readers (purge_step), so each
     # step appears once; events up to the checkpoint were flushed before it was saved.
-    summary = TensorboardSummary(saver.experiment_dir,
-                                 purge_step=state.iteration + 1 if state.iteration else None)
-    print(f"run folder: {saver.experiment_dir}\n{train_size} train images, "
-          f"{settings['num_classes']} classes; {schedule}; {args.lr_scheduler}; device "
-          f"{hardware.device} x{hardware.devices_per_process}, {context.world_size} process(es), "
-          f"amp {hardware.amp_dtype}")
-    return saver, summary
+    checkpointer.saver = saver
+    checkpointer.summary = TensorboardSummary(
+        saver.experiment_dir, purge_step=state.iteration + 1 if state.iteration else None)
+    print(f"run folder: {saver.experiment_dir}\n{plan.iters_per_epoch * plan.total_batch} train "
+          f"images per epoch, {settings['num_classes']} classes; {plan}; {args.lr_scheduler}; "
+          f"device {hardware.device} x{hardware.devices_per_process}, {context.world_size} "
+          f"process(es), amp {hardware.amp_dtype}")
+    return checkpointer
 
 
-def loader(dataset, *, batch_size: int, shuffle: bool, args: argparse.Namespace,
-           context: DistributedContext, hardware: Hardware) -> tuple[Any, ResumableSampler]:
+def build_loader(dataset, args: argparse.Namespace, *, batch_size: int, shuffle: bool,
+                 context: DistributedContext, hardware: Hardware
+                 ) -> tuple[Any, ResumableSampler]:
     """Training loaders shuffle and drop the last partial batch; val loaders score every image."""
     return resumable_loader(dataset, batch_size=batch_size, shuffle=shuffle, seed=args.seed,
                             rank=context.rank, world_size=context.world_size,
@@ -355,11 +375,7 @@ def main(args: argparse.Namespace) -> dict:
         checkpoint = read_checkpoint(args.resume)
         train_set, val_set = build_datasets(args, context)
         if args.check_data:  # read every sample before any model is built
-            if not context.is_main:  # once is enough: rank 0 reads and reports, and its exit
-                return {"data_ok": True}  # status is torchrun's
-            report = check_datasets({"train": train_set, "val": val_set}, workers=args.workers)
-            print(report.format())
-            return {"data_ok": report.ok, "data_report": report}
+            return check_data(train_set, val_set, workers=args.workers, context=context)
         model = build_model(args, checkpoint, len(val_set.class_names), context)
         settings = dict(model.settings(), **val_set.metadata())  # a self-describing checkpoint
         # Same initial weights on every rank (DDP also broadcasts them), different dropout masks.
@@ -367,58 +383,271 @@ def main(args: argparse.Namespace) -> dict:
         model, plain_model, sync_bn = prepare_model(
             model, hardware, context=context, sync_bn=args.sync_bn, compile_model=args.compile)
         # Batch 1: full-resolution labels differ in size.
-        val_loader, _ = loader(val_set, batch_size=1, shuffle=False, args=args,
-                               context=context, hardware=hardware)
+        val_loader, _ = build_loader(val_set, args, batch_size=1, shuffle=False,
+                                     context=context, hardware=hardware)
         if args.eval_only:
-            return evaluate_checkpoint(
-                model=plain_model, loader=val_loader, settings=settings, hardware=hardware,
-                scales=args.eval_scales, flip=args.eval_flip, context=context,
-                json_path=args.eval_json or os.path.join(
-                    os.path.dirname(os.path.abspath(args.resume)), "eval_metrics.json"))
-        return train(args, model=model, plain_model=plain_model, settings=settings,
-                     train_set=train_set, val_loader=val_loader, checkpoint=checkpoint,
-                     hardware=hardware, context=context, sync_bn=sync_bn)
+            return evaluate_checkpoint(args, plain_model, val_loader, settings=settings,
+                                       hardware=hardware, context=context)
+
+        plan = plan_run(args, len(train_set), hardware, context)
+        train_loader, train_sampler = build_loader(train_set, args, batch_size=plan.batch_size,
+                                                   shuffle=True, context=context,
+                                                   hardware=hardware)
+        optimisation = build_optimisation(args, plain_model, plan, train_set, hardware, context)
+        state = TrainState() if checkpoint is None or args.ft else restore_training_state(
+            checkpoint, optimisation=optimisation, plan=plan, seed=args.seed, rank=context.rank)
+        checkpointer = open_run_folder(args, model=plain_model, optimisation=optimisation,
+                                       plan=plan, state=state, settings=settings,
+                                       hardware=hardware, context=context, sync_bn=sync_bn)
+        metrics = None
+        try:
+            with StopFlag().installed() as stop:
+                for epoch in range(state.epoch, plan.epochs):
+                    state.epoch = epoch
+                    if not state.eval_pending:  # else a resumed run owes this epoch's evaluation
+                        # Continue the epoch where a checkpoint stopped it.
+                        train_sampler.set_epoch(epoch, start=(
+                            state.iteration % plan.iters_per_epoch) * plan.batch_size)
+                        train_one_epoch(model, optimisation, train_loader, state=state, plan=plan,
+                                        hardware=hardware, context=context,
+                                        checkpointer=checkpointer, stop=stop)
+                        broadcast_buffers(plain_model, context)  # rank 0's BatchNorm statistics
+                        state.eval_pending = plan.evaluates_after(epoch)
+                    is_best = False
+                    if state.eval_pending:
+                        metrics = evaluate_epoch(plain_model, val_loader, state=state,
+                                                 checkpointer=checkpointer, hardware=hardware,
+                                                 context=context, args=args, stop=stop)
+                        state.eval_pending = False
+                        is_best = metrics["mean_iou"] is not None and \
+                            metrics["mean_iou"] > state.best_pred
+                        state.best_pred = metrics["mean_iou"] if is_best else state.best_pred
+                    checkpointer.save(state, is_best=is_best)
+        finally:
+            checkpointer.close()
+        check_ranks_in_sync(plain_model, context)
+        if context.is_main:
+            print(f"done: best mIoU {100 * state.best_pred:.2f}; checkpoints in "
+                  f"{checkpointer.saver.experiment_dir}")
+        return {"iteration": state.iteration, "best_pred": state.best_pred, "metrics": metrics,
+                "experiment_dir": checkpointer.saver and checkpointer.saver.experiment_dir,
+                "lr": optimisation.lr}
     finally:
         cleanup(context)
 
 
-def train(args: argparse.Namespace, *, model: nn.Module, plain_model: DeepLab, settings: dict,
-          train_set, val_loader, checkpoint: dict | None, hardware: Hardware,
-          context: DistributedContext, sync_bn: bool) -> dict:
-    """Plan the schedule, build the optimisation, restore, open the run folder and fit."""
-    schedule = plan_schedule(args, len(train_set), hardware, context)
-    train_loader, train_sampler = loader(train_set, batch_size=schedule.batch_size, shuffle=True,
-                                         args=args, context=context, hardware=hardware)
-    optimisation = build_optimisation(args, plain_model, schedule, train_set, hardware, context)
-    state = TrainState() if checkpoint is None or args.ft else restore_training_state(
-        checkpoint, optimisation=optimisation, iters_per_epoch=schedule.iters_per_epoch,
-        seed=args.seed, rank=context.rank)
-    saver, summary = open_run_folder(args, settings=settings, schedule=schedule, state=state,
-                                     hardware=hardware, context=context, sync_bn=sync_bn,
-                                     train_size=len(train_set))
-    loop = LoopSettings(
-        total_iters=schedule.total_iters, iters_per_epoch=schedule.iters_per_epoch,
-        batch_size=schedule.batch_size, print_freq=args.print_freq,
-        save_interval=args.save_interval, eval_interval=args.eval_interval,
-        eval_scales=tuple(args.eval_scales), eval_flip=args.eval_flip,
-        skip_bad_images=args.skip_bad_images)
-    checkpointer = Checkpointer(saver=saver, summary=summary, model=plain_model,
-                                optimisation=optimisation,
-                                iters_per_epoch=schedule.iters_per_epoch, settings=settings)
+# --------------------------------------------------------------------------- one epoch
+
+
+def train_one_epoch(model: nn.Module, optimisation: Optimisation, loader, *, state: TrainState,
+                    plan: TrainPlan, hardware: Hardware, context: DistributedContext,
+                    checkpointer: Checkpointer, stop: StopFlag) -> None:
+    """Train the rest of epoch ``state.epoch``, from step ``state.iteration``.
+
+    Losses are logged (and checked for NaN) every ``plan.print_freq`` steps and before every
+    save; the state is saved every ``plan.save_interval`` steps, and when a stop signal
+    arrives, after which :class:`Interrupted` is raised.
+
+    Raises:
+        NonFiniteLoss: the loss became NaN or infinite (nothing is saved after it).
+        Interrupted: a stop signal arrived; the state was saved first.
+    """
+    model.train()
+    skipped = 0
+    progress = tqdm(loader, desc=f"epoch {state.epoch}", disable=not context.is_main,
+                    initial=state.iteration % plan.iters_per_epoch, total=plan.iters_per_epoch,
+                    dynamic_ncols=True)
+    log = TrainLog(checkpointer.summary, progress, context.world_size)
+    # Under DDP with --skip-bad-images batches may shrink: the ranks agree on skipped steps.
+    agree_on_skips = context.enabled and loader.dataset.skip_bad_images
+    for batch in progress:
+        skipped += int(batch["skipped"])
+        inputs = step_batch(batch, hardware, context, agree_on_skips)
+        if inputs is not None:
+            loss = train_step(model, *inputs, optimisation, hardware)
+            log.add(state.iteration + 1, loss, optimisation.lr, len(inputs[0]))
+        optimisation.scheduler.step()
+        state.iteration += 1
+
+        at_epoch_end = state.iteration % plan.iters_per_epoch == 0
+        at_log_point = state.iteration % plan.print_freq == 0 or at_epoch_end
+        if at_log_point:
+            log.flush(state.iteration)
+        if plan.save_interval and state.iteration % plan.save_interval == 0 and not at_epoch_end:
+            log.flush(state.iteration)
+            checkpointer.save(state)
+        # One process reads its flag for free; under DDP all ranks must agree to stop at the same
+        # iteration, which costs a collective, so they compare flags at log points only.
+        if (stop.is_set if not context.enabled else
+                at_log_point and any_true(stop.is_set, context, hardware.device)):
+            log.flush(state.iteration)
+            checkpointer.save(state)
+            raise stop.interrupted()
+    if skipped and context.is_main:
+        print(f"epoch {state.epoch}: skipped {skipped} bad samples (--skip-bad-images)")
+
+
+def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+               optimisation: Optimisation, hardware: Hardware) -> torch.Tensor:
+    """One forward/backward/update; returns the (device) loss."""
+    with hardware.autocast():
+        loss = optimisation.criterion(model(images), targets)
+    optimisation.optimizer.zero_grad(set_to_none=True)
+    scaler = optimisation.scaler
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimisation.optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimisation.optimizer.step()
+    return loss
+
+
+def step_batch(batch: dict[str, Any], hardware: Hardware, context: DistributedContext,
+               agree: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The part of a loaded batch one step trains on (on the device), or None to skip the step.
+
+    BatchNorm in ASPP's image pooling needs 2 images per device: a batch that
+    ``--skip-bad-images`` shrank is cut to the largest size DataParallel splits into chunks of
+    at least 2, or skipped. With ``agree`` (DDP with skipping), the ranks skip together: a rank
+    that sat out would leave the others waiting in SyncBatchNorm and the gradient all-reduce.
+    """
+    size = len(batch["image"]) if "image" in batch else 0
+    usable = usable_batch_size(size, hardware.devices_per_process)
+    if agree and any_true(usable == 0, context, hardware.device):
+        return None
+    if usable == 0:
+        return None
+    return hardware.inputs({"image": batch["image"][:usable], "label": batch["label"][:usable]})
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+#: Under DDP the ranks compare stop flags every this many evaluation batches (a collective).
+EVAL_STOP_CHECK_INTERVAL = 10
+
+
+def _stop_requested(stop: StopFlag | None, index: int, common_batches: int,
+                    context: DistributedContext, device: torch.device) -> bool:
+    """Whether evaluation should stop before batch ``index``. One process reads its flag; DDP
+    ranks agree every :data:`EVAL_STOP_CHECK_INTERVAL` batches, while every rank still has
+    batches (``common_batches``), so that all of them take part in the collective."""
+    if stop is None:
+        return False
+    if not context.enabled:
+        return stop.is_set
+    if index % EVAL_STOP_CHECK_INTERVAL or index >= common_batches:
+        return False
+    return any_true(stop.is_set, context, device)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, *, num_classes: int, hardware: Hardware,
+             context: DistributedContext, scales: list[float], flip: bool,
+             stop: StopFlag | None = None) -> tuple[Evaluator, dict | None]:
+    """Score full-resolution predictions on every val image (summed over ranks).
+
+    A stop signal (``stop``) ends evaluation within a few batches: a full COCO val takes
+    minutes, longer than a pre-emption grace period.
+
+    Returns:
+        The evaluator and, for the TensorBoard grid, the first batch's tensors.
+
+    Raises:
+        Interrupted: ``stop`` was set during evaluation.
+    """
+    model.eval()
+    evaluator = Evaluator(num_classes, device=hardware.device)
+    first = None
+    common_batches = len(loader.dataset) // context.world_size // (loader.batch_size or 1)
+    progress = tqdm(loader, desc="val", disable=not context.is_main, dynamic_ncols=True)
+    with cudnn_benchmark(False):  # every full-resolution image has its own size
+        for index, batch in enumerate(progress):
+            if _stop_requested(stop, index, common_batches, context, hardware.device):
+                raise stop.interrupted()
+            if "image" not in batch:
+                continue
+            image, target = hardware.inputs(batch)
+            # The prediction inference.py writes for the same image (one shared function).
+            with hardware.autocast():
+                prediction = predict_labels(model, image, tuple(target.shape[-2:]), scales, flip)
+            evaluator.add_batch(target, prediction)
+            if first is None:
+                first = {"image": F.interpolate(image.float(), size=tuple(target.shape[-2:]),
+                                                mode="bilinear", align_corners=False).cpu(),
+                         "target": target.cpu(), "prediction": prediction.cpu()}
+    evaluator.all_reduce()
+    return evaluator, first
+
+
+def evaluate_epoch(model: nn.Module, val_loader, *, state: TrainState, checkpointer: Checkpointer,
+                   hardware: Hardware, context: DistributedContext, args: argparse.Namespace,
+                   stop: StopFlag) -> dict:
+    """Evaluate after an epoch: print the per-class table, write TensorBoard and metrics.json
+    (rank 0); returns the metrics. Interrupted, it saves the epoch's training first, with its
+    evaluation still owed (``state.eval_pending``), so ``--resume`` evaluates it."""
+    class_names = checkpointer.settings["class_names"]
     try:
-        results = fit(model=model, plain_model=plain_model, optimisation=optimisation,
-                      train_loader=train_loader, train_sampler=train_sampler,
-                      val_loader=val_loader, state=state, checkpointer=checkpointer, loop=loop,
-                      hardware=hardware, context=context)
-    finally:
-        if summary is not None:
-            summary.close()
-    if saver is not None:
-        print(f"done: best mIoU {100 * state.best_pred:.2f}; checkpoints in "
-              f"{saver.experiment_dir}")
-    return {"iteration": state.iteration, "best_pred": state.best_pred, "metrics": results,
-            "experiment_dir": saver.experiment_dir if saver else None,
-            "lr": optimisation.optimizer.param_groups[0]["lr"]}
+        evaluator, first = evaluate(model, val_loader, num_classes=len(class_names),
+                                    hardware=hardware, context=context,
+                                    scales=args.eval_scales, flip=args.eval_flip, stop=stop)
+    except Interrupted:
+        checkpointer.save(state)
+        raise
+    results = evaluator.results(class_names)
+    summary, saver = checkpointer.summary, checkpointer.saver
+    if saver is not None and summary is not None:
+        print(f"epoch {state.epoch} (iteration {state.iteration}):")
+        print(evaluator.format_table(class_names))
+        summary.log_metrics(results, state.iteration, class_names)
+        if first is not None:
+            settings = checkpointer.settings
+            summary.visualize(first["image"], first["target"], first["prediction"],
+                              palette=settings["palette"], mean=settings["mean"],
+                              std=settings["std"], step=state.iteration)
+        atomic_write_text(os.path.join(saver.experiment_dir, "metrics.json"),
+                          json.dumps(dict(results, epoch=state.epoch, iteration=state.iteration),
+                                     indent=2, sort_keys=True))
+    return results
+
+
+def evaluate_checkpoint(args: argparse.Namespace, model: nn.Module, val_loader, *,
+                        settings: dict, hardware: Hardware, context: DistributedContext) -> dict:
+    """``--eval-only``: score the ``--resume`` checkpoint's model and write its metrics to
+    ``--eval-json`` (default: eval_metrics.json beside the checkpoint)."""
+    class_names = settings["class_names"]
+    evaluator, _ = evaluate(model, val_loader, num_classes=len(class_names), hardware=hardware,
+                            context=context, scales=args.eval_scales, flip=args.eval_flip)
+    results = evaluator.results(class_names)
+    if context.is_main:
+        print(evaluator.format_table(class_names))
+        json_path = args.eval_json or os.path.join(
+            os.path.dirname(os.path.abspath(args.resume)), "eval_metrics.json")
+        atomic_write_text(json_path, json.dumps(results, indent=2, sort_keys=True))
+        print(f"metrics written to {json_path}")
+    return {"metrics": results}
+
+
+def check_data(train_set, val_set, *, workers: int, context: DistributedContext) -> dict:
+    """``--check-data``: rank 0 reads every sample and reports (its exit status is torchrun's)."""
+    if not context.is_main:
+        return {"data_ok": True}
+    report = check_datasets({"train": train_set, "val": val_set}, workers=workers)
+    print(report.format())
+    return {"data_ok": report.ok, "data_report": report}
+
+
+def check_ranks_in_sync(model: nn.Module, context: DistributedContext) -> None:
+    """After training under DDP every rank must hold the same weights; say so, or fail."""
+    if not context.enabled:
+        return
+    same = ranks_in_sync(model, context)
+    if context.is_main:
+        print(f"weights identical across {context.world_size} ranks: {'yes' if same else 'NO'}")
+    if not same:
+        raise RuntimeError("model weights differ across ranks after training")
 
 
 def cli(argv: list[str] | None = None) -> int:

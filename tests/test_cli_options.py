@@ -266,7 +266,7 @@ def cpu(devices: int = 1) -> SimpleNamespace:
 ])
 def test_default_lr_is_0_01_per_16_images_of_total_batch(flags, devices, world_size,
                                                           total_batch, lr):
-    schedule = train.plan_schedule(parse(flags + ["--epochs", "3"]), 200, cpu(devices),
+    schedule = train.plan_run(parse(flags + ["--epochs", "3"]), 200, cpu(devices),
                                    DistributedContext(rank=0, world_size=world_size))
     assert (schedule.total_batch, schedule.lr) == (total_batch, pytest.approx(lr))
     assert schedule.iters_per_epoch == 200 // total_batch
@@ -277,7 +277,7 @@ def learning_rates(flags: list[str], train_size: int):
     args = parse(flags)
     context = DistributedContext()
     model = DeepLab(backbone="resnet18", num_classes=3, aux_loss=True)
-    schedule = train.plan_schedule(args, train_size, cpu(), context)
+    schedule = train.plan_run(args, train_size, cpu(), context)
     optimisation = train.build_optimisation(args, model, schedule, None, cpu(), context)
     return model, schedule, optimisation
 

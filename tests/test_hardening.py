@@ -16,7 +16,7 @@ import train
 from modeling.deeplab import DeepLab
 from utils import distributed
 from utils.distributed import DistributedContext
-from utils.engine import evaluate, step_batch
+from train import evaluate, step_batch
 from utils.errors import UserError
 from utils.hardware import (Hardware, auto_amp_dtype, dataparallel_chunks, resolve_amp,
                             usable_batch_size)
@@ -55,10 +55,10 @@ def test_dataparallel_splits_like_torch_chunk():
 def test_a_batch_that_leaves_a_gpu_one_image_is_refused(batch, devices, suggestion):
     args = train.get_args_parser().parse_args(["--dataset", "demo", "--batch-size", str(batch)])
     with pytest.raises(UserError, match=f"use --batch-size {suggestion}$"):
-        train.plan_schedule(args, 1000, gpus(devices), DistributedContext())
+        train.plan_run(args, 1000, gpus(devices), DistributedContext())
     suggested = train.get_args_parser().parse_args(
         ["--dataset", "demo", "--batch-size", str(suggestion)])
-    schedule = train.plan_schedule(suggested, 1000, gpus(devices), DistributedContext())
+    schedule = train.plan_run(suggested, 1000, gpus(devices), DistributedContext())
     assert min(dataparallel_chunks(schedule.batch_size, devices)) >= 2
 
 
@@ -145,8 +145,8 @@ def test_evaluation_turns_cudnn_benchmark_off_and_restores_it(monkeypatch):
     data = [{"image": torch.zeros(3, 5 + i, 7), "label": torch.zeros(5 + i, 7, dtype=torch.long)}
             for i in range(3)]
     loader = torch.utils.data.DataLoader(data, batch_size=1)
-    evaluator, _ = evaluate(model=model, loader=loader, num_classes=2, hardware=CPU,
-                            scales=[1.0], flip=False, show_progress=False)
+    evaluator, _ = evaluate(model, loader, num_classes=2, hardware=CPU,
+                            context=DistributedContext(), scales=[1.0], flip=False)
     assert model.seen == [False, False, False]
     assert torch.backends.cudnn.benchmark is True
     assert evaluator.confusion_matrix.sum().item() == 5 * 7 + 6 * 7 + 7 * 7

@@ -13,7 +13,7 @@ import pytest
 
 import inference
 import train
-import utils.engine
+
 from dataloader.datasets.coco import COCOSegmentation
 from dataloader.datasets.demo import generate_demo_dataset
 from inference_testing import make_checkpoint, read_mask, write_image
@@ -32,12 +32,12 @@ def eval_only_predictions(monkeypatch, ckpt: Path, dataset: str, root: Path, tmp
     """The class ids train.py --eval-only scores, one per val image in dataset order."""
     recorded = []
 
-    class Recording(utils.engine.Evaluator):
+    class Recording(train.Evaluator):
         def add_batch(self, target, prediction):
             recorded.extend(p.cpu().numpy() for p in prediction)
             return super().add_batch(target, prediction)
 
-    monkeypatch.setattr(utils.engine, "Evaluator", Recording)
+    monkeypatch.setattr(train, "Evaluator", Recording)
     args = ["--dataset", dataset, "--data-root", str(root), "--eval-only", "--resume", str(ckpt),
             "--amp", "off", "--workers", "0", "--eval-json", str(tmp_path / "metrics.json")]
     train.main(train.get_args_parser().parse_args(

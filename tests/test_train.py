@@ -192,9 +192,7 @@ def test_unsafe_checkpoint_is_refused(tmp_path, capsys):
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_good_checkpoint(
         demo_root, tmp_path, monkeypatch, capsys):
-    from utils import engine
-
-    real_build_loss = engine.build_loss
+    real_build_loss = train.build_loss
 
     def poisoned_build_loss(*args, **kwargs):
         criterion = real_build_loss(*args, **kwargs)
@@ -207,7 +205,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_good_checkpoint(
 
         return loss
 
-    monkeypatch.setattr(engine, "build_loss", poisoned_build_loss)
+    monkeypatch.setattr(train, "build_loss", poisoned_build_loss)
     run_dir = tmp_path / "nan"
     status = train.cli(TINY + ["--dataset", "demo", "--data-root", str(demo_root), "--epochs", "1",
                                "--batch-size", "8", "--save-interval", "2",

@@ -120,3 +120,28 @@ def build_loss(
     if name == "focal":
         return SegmentationLoss(ignore_index=ignore_index, weight=weight, gamma=gamma)
     raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+
+
+class OutputsLoss(nn.Module):
+    """The training loss of a model's output dict: ``criterion(out) + aux_weight *
+    criterion(aux)`` when the auxiliary head's ``"aux"`` logits are there, else
+    ``criterion(out)``. Logits are scored in fp32 whatever the autocast precision.
+
+    Args:
+        criterion: the per-pixel loss of ``(N, C, H, W)`` logits against ``(N, H, W)`` targets.
+        aux_weight: weight of the auxiliary loss.
+    """
+
+    def __init__(self, criterion: nn.Module, aux_weight: float = 0.5) -> None:
+        super().__init__()
+        self.criterion, self.aux_weight = criterion, aux_weight
+
+    def forward(self, outputs: dict[str, Tensor], target: Tensor) -> Tensor:
+        loss = self.criterion(outputs["out"].float(), target)
+        if "aux" in outputs:
+            loss = loss + self.aux_weight * self.criterion(outputs["aux"].float(), target)
+        return loss
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite; training stops without saving the bad weights."""

@@ -1,4 +1,5 @@
-"""Crash-safe checkpoints, the run folder layout and RNG state capture for exact resumes.
+"""Crash-safe checkpoints, the run folder layout, and what a checkpoint holds to resume exactly
+(weights, optimiser, schedule, progress, RNG states).
 
 Every file is written with :func:`utils.fileio.atomic_write`, so a crash or a full disk leaves
 either the previous file or the new one, never half of one.
@@ -22,13 +23,19 @@ import pickle
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from utils.errors import UserError
 from utils.fileio import atomic_write, atomic_write_text, remove_stale_temporaries
+from utils.optim import Optimisation
+from utils.plan import TrainPlan
+from utils.summaries import TensorboardSummary
 
 logger = logging.getLogger(__name__)
 
@@ -261,3 +268,94 @@ def _json_path(value: Any) -> str:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     raise TypeError(f"setting of type {type(value).__name__} is not JSON serialisable: {value!r}")
+
+
+@dataclass
+class TrainState:
+    """Progress of a run, saved in every checkpoint."""
+
+    epoch: int = 0  # epoch in progress
+    iteration: int = 0  # optimiser steps completed since the start of training
+    best_pred: float = 0.0  # best val mIoU so far
+    eval_pending: bool = False  # the epoch has trained; its evaluation was interrupted
+
+
+def training_state(*, model: nn.Module, optimisation: Optimisation, state: TrainState,
+                   plan: TrainPlan, settings: dict) -> dict[str, Any]:
+    """Everything a checkpoint holds to continue exactly: weights, optimiser, schedule, scaler,
+    progress, RNG states and the model settings. Plain types only (``weights_only`` loading)."""
+    scaler = optimisation.scaler
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimisation.optimizer.state_dict(),
+        "scheduler": optimisation.scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": state.epoch,
+        "iteration": state.iteration,
+        "iters_per_epoch": plan.iters_per_epoch,
+        "best_pred": state.best_pred,
+        "eval_pending": state.eval_pending,
+        "rng": get_rng_state(),
+        "settings": settings,
+    }
+
+
+def restore_training_state(checkpoint: dict[str, Any], *, optimisation: Optimisation,
+                           plan: TrainPlan, seed: int, rank: int = 0) -> TrainState:
+    """Load what :func:`training_state` saved into ``optimisation`` and the RNGs (the model's
+    weights were loaded when it was built); returns the progress to continue from.
+
+    Only rank 0's RNG states are saved: the resume is exact for one process, and other ranks
+    re-seed their dropout from ``seed``, their rank and the iteration.
+
+    Raises:
+        UserError: the checkpoint holds no training state, or ran another number of iterations
+            per epoch.
+    """
+    if "optimizer" not in checkpoint or "iters_per_epoch" not in checkpoint:
+        raise UserError("--resume checkpoint holds weights without a training state (converted "
+                        "or exported): fine-tune from it with --ft, or evaluate it with "
+                        "--eval-only")
+    if checkpoint.get("iters_per_epoch") != plan.iters_per_epoch:
+        raise UserError(f"--resume checkpoint ran {checkpoint.get('iters_per_epoch')} "
+                        f"iterations per epoch, this set-up {plan.iters_per_epoch}: keep "
+                        f"--batch-size, the number of processes and the dataset")
+    optimisation.optimizer.load_state_dict(checkpoint["optimizer"])
+    optimisation.scheduler.load_state_dict(checkpoint["scheduler"])
+    if optimisation.scaler is not None and checkpoint.get("scaler"):
+        optimisation.scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_state(checkpoint["rng"])
+    if rank:
+        torch.manual_seed(seed + rank + checkpoint["iteration"])
+    pending = bool(checkpoint.get("eval_pending", False))
+    return TrainState(epoch=checkpoint["epoch"] if pending else
+                      plan.epoch_of(checkpoint["iteration"]),
+                      iteration=checkpoint["iteration"], best_pred=checkpoint["best_pred"],
+                      eval_pending=pending)
+
+
+@dataclass
+class Checkpointer:
+    """Rank 0's run folder (``saver``) and TensorBoard writer (``summary``); on other ranks both
+    are None and saving is a no-op."""
+
+    saver: Saver | None
+    summary: TensorboardSummary | None
+    model: nn.Module  # the plain (unwrapped) model
+    optimisation: Optimisation
+    plan: TrainPlan
+    settings: dict
+
+    def save(self, state: TrainState, is_best: bool = False) -> None:
+        if self.saver is None:
+            return
+        # Events up to the checkpoint are on disk; a resumed run purges the ones after it.
+        if self.summary is not None:
+            self.summary.flush()
+        self.saver.save(training_state(model=self.model, optimisation=self.optimisation,
+                                       state=state, plan=self.plan, settings=self.settings),
+                        is_best=is_best)
+
+    def close(self) -> None:
+        if self.summary is not None:
+            self.summary.close()

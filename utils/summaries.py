@@ -20,13 +20,18 @@ interrupted run are hidden instead of duplicated.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
+from tqdm import tqdm
+
+from utils.losses import NonFiniteLoss
 
 logger = logging.getLogger(__name__)
 
@@ -133,3 +138,58 @@ class TensorboardSummary:
     def close(self) -> None:
         """Flush and close the event file."""
         self.writer.close()
+
+
+class LossWindow:
+    """Per-iteration losses kept on the device until the next log point, so that the NaN check
+    and per-iteration TensorBoard scalars cost one host-device synchronisation per window."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[int, torch.Tensor, float]] = []
+
+    def add(self, step: int, loss: torch.Tensor, lr: float) -> None:
+        self.entries.append((step, loss.detach().float(), lr))
+
+    def drain(self) -> list[tuple[int, float, float]]:
+        """``(step, loss, lr)`` of every iteration since the last drain.
+
+        Raises:
+            NonFiniteLoss: naming the first iteration whose loss is NaN or infinite.
+        """
+        if not self.entries:
+            return []
+        values = torch.stack([loss for _, loss, _ in self.entries]).cpu().tolist()
+        entries = [(step, value, lr) for (step, _, lr), value in zip(self.entries, values)]
+        self.entries = []
+        for step, value, _ in entries:
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"loss is {value} at iteration {step}")
+        return entries
+
+
+class TrainLog:
+    """The loss window plus images-per-second, written to TensorBoard (rank 0's ``summary``;
+    None elsewhere) and the progress bar."""
+
+    def __init__(self, summary: TensorboardSummary | None, progress: tqdm, world_size: int):
+        self.window = LossWindow()
+        self.summary, self.progress, self.world_size = summary, progress, world_size
+        self.images_seen, self.tic = 0, time.perf_counter()
+
+    def add(self, step: int, loss: torch.Tensor, lr: float, images: int) -> None:
+        self.window.add(step, loss, lr)
+        self.images_seen += images
+
+    def flush(self, iteration: int) -> None:
+        """Check and write the window. Also called before every save: weights a NaN has reached
+        are never written."""
+        entries = self.window.drain()
+        if entries and self.summary is not None:
+            for step, value, lr in entries:
+                self.summary.add_scalar("train/loss", value, step)
+                self.summary.add_scalar("train/lr", lr, step)
+            elapsed = max(time.perf_counter() - self.tic, 1e-9)
+            self.summary.add_scalar("train/images_per_second",
+                                    self.images_seen * self.world_size / elapsed, iteration)
+            self.progress.set_postfix(loss=f"{entries[-1][1]:.4f}")
+        self.images_seen, self.tic = 0, time.perf_counter()

@@ -1,0 +1,42 @@
+"""What one training step uses besides the model and the batch: the loss, SGD with the head at
+10x the backbone's learning rate, the per-iteration schedule, and a GradScaler for fp16."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Optimisation:
+    """The loss (taking the model's output dict), optimiser, schedule and fp16 scaler."""
+
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+
+    @property
+    def lr(self) -> float:
+        """The backbone's learning rate for the next step."""
+        return self.optimizer.param_groups[0]["lr"]
+
+
+def build_optimizer(model: nn.Module, *, lr: float, momentum: float, weight_decay: float,
+                    nesterov: bool) -> torch.optim.SGD:
+    """SGD over two groups: the backbone at ``lr``, the head (ASPP, decoder, aux) at ``10 * lr``.
+
+    Args:
+        model: a :class:`modeling.deeplab.DeepLab` (its ``backbone_parameters`` and
+            ``head_parameters`` split the rates).
+    """
+    return torch.optim.SGD(
+        [{"params": list(model.backbone_parameters()), "lr": lr},
+         {"params": list(model.head_parameters()), "lr": lr * 10}],
+        lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+
+
+def grad_scaler(device: torch.device, amp_dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
+    """A GradScaler when autocasting to fp16 (bf16 and fp32 need none)."""
+    return torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
