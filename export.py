@@ -9,8 +9,9 @@ Input ``image``: float32 ``(N, 3, H, W)``, RGB, ``(pixel / 255 - mean) / std``; 
 float32 ``(N, num_classes, H, W)``; batch, height and width are dynamic. The class names,
 palette, normalisation and architecture are in the file's metadata_props. ``--int8`` stores
 int8 weights and activations (QuantizeLinear / DequantizeLinear pairs, calibrated by NNCF on
-your images); OpenVINO runs it 1.6-2.1x as fast as fp32 on an AVX2 CPU, and its masks differ
-from fp32 on some pixels: measure how many with bench/inference.py before you rely on it.
+your images); OpenVINO ran it faster than fp32 on the CPUs in the README's Results table, and
+its masks differ from fp32 on some pixels: measure how many with `python -m bench.inference`
+before you rely on it.
 """
 from __future__ import annotations
 

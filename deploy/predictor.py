@@ -56,7 +56,7 @@ def load_engine(ckpt: str, hardware: Hardware, *, engine: str = "auto",
     except CheckpointError as error:
         raise UserError(str(error)) from None
     settings = checkpoint["settings"]
-    from modeling.deeplab import DeepLab  # imports torchvision (2 s), which an ONNX file skips
+    from modeling.deeplab import DeepLab  # imports torchvision, which an ONNX file's start-up skips
 
     model = DeepLab.from_state_dict(settings, checkpoint["model"]).eval()
     runtime = engine_from_model(engine_name, model, hardware, amp_explicit=amp_explicit,
