@@ -32,7 +32,7 @@ from modeling.deeplab import DeepLab
 from modeling.pretrained import (coco_deeplabv3_state_dict, coco_deeplabv3_weights,
                                  init_from_torchvision_deeplabv3)
 from utils.distributed import (DEFAULT_TIMEOUT_MINUTES, DistributedContext, cleanup,
-                               init_distributed, main_process_first)
+                               init_distributed, launch_context, main_process_first)
 from utils.engine import (DEFAULT_BATCH_PER_DEVICE, REFERENCE_BATCH, REFERENCE_LR, Checkpointer,
                           Interrupted, LoopSettings, NonFiniteLoss, Optimisation, Schedule,
                           TrainState, evaluate_checkpoint, fit, make_optimisation, make_schedule,
@@ -42,6 +42,7 @@ from utils.hardware import Hardware, add_hardware_args, prepare_model, resolve_h
 from utils.losses import LOSSES
 from utils.lr_scheduler import SCHEDULERS
 from utils.saver import CHECKPOINT_NAME, CheckpointError, Saver, load_checkpoint
+from utils.slurm import DEFAULT_REQUEUE_SIGNAL, parse_signal, requeue_job
 from utils.summaries import TensorboardSummary
 
 logger = logging.getLogger("train")
@@ -152,6 +153,10 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
                      help="iterations between progress updates, TensorBoard writes and NaN "
                           "checks (every iteration's loss is logged)")
     run.add_argument("--seed", type=int, default=1)
+    run.add_argument("--requeue-signal", type=parse_signal, metavar="SIGNAL",
+                     default=DEFAULT_REQUEUE_SIGNAL.name, help="save at the next step, requeue "
+                     "the SLURM job (scontrol requeue) and exit on this signal (sbatch "
+                     "--signal=USR1@120); SIGTERM saves and exits without requeueing")
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -401,7 +406,7 @@ def train(args: argparse.Namespace, *, model: nn.Module, plain_model: DeepLab, s
         batch_size=schedule.batch_size, print_freq=args.print_freq,
         save_interval=args.save_interval, eval_interval=args.eval_interval,
         eval_scales=tuple(args.eval_scales), eval_flip=args.eval_flip,
-        skip_bad_images=args.skip_bad_images)
+        skip_bad_images=args.skip_bad_images, stop_signals=(args.requeue_signal,))
     checkpointer = Checkpointer(saver=saver, summary=summary, model=plain_model,
                                 optimisation=optimisation,
                                 iters_per_epoch=schedule.iters_per_epoch, settings=settings)
@@ -436,6 +441,8 @@ def cli(argv: list[str] | None = None) -> int:
     except Interrupted as error:
         print(f"interrupted by {error}: checkpoint saved; continue with --resume",
               file=sys.stderr)
+        if error.signum == args.requeue_signal and launch_context(os.environ)[0].is_main:
+            requeue_job(os.environ)  # under SLURM; --auto-resume continues the requeued job
         return 128 + error.signum
     except torch.cuda.OutOfMemoryError:
         print("error: GPU out of memory: lower --batch-size or --crop-size, or use --amp bf16/"

@@ -37,7 +37,8 @@ class NonFiniteLoss(Exception):
 
 
 class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived; a checkpoint was saved and the run exits."""
+    """A stop signal (SIGINT, SIGTERM, or one of ``LoopSettings.stop_signals``) arrived; a
+    checkpoint was saved and the run exits."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -141,18 +142,20 @@ def make_optimisation(model: nn.Module, *, lr: float, momentum: float, weight_de
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop saves and exits at the next iteration boundary."""
+    """Set by SIGINT/SIGTERM (and ``extra_signals``, e.g. SLURM's warning ahead of the time
+    limit); the loop saves and exits at the next iteration boundary."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra_signals: tuple[int, ...] = ()) -> None:
         self.signum: int | None = None
+        self.signals = (signal.SIGINT, signal.SIGTERM, *extra_signals)
 
     def __call__(self, signum: int, frame: Any) -> None:
         self.signum = signum
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["StopFlag"]:
-        """Catch SIGINT and SIGTERM with this flag inside the block; restore the old handlers."""
-        previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+        """Catch the stop signals with this flag inside the block; restore the old handlers."""
+        previous = {s: signal.signal(s, self) for s in self.signals}
         try:
             yield self
         finally:
@@ -479,6 +482,7 @@ class LoopSettings:
     eval_scales: tuple[float, ...] = (1.0,)
     eval_flip: bool = False
     skip_bad_images: bool = False  # batches may shrink: DDP ranks agree on skipped steps
+    stop_signals: tuple[int, ...] = ()  # also save and stop on these (besides SIGINT, SIGTERM)
 
 
 def evaluate_and_report(*, model: nn.Module, loader: torch.utils.data.DataLoader,
@@ -560,7 +564,7 @@ def fit(*, model: nn.Module, plain_model: nn.Module, optimisation: Optimisation,
         train_sampler: the train loader's ``ResumableSampler``.
     """
     last_results = None
-    with StopFlag().installed() as stop:
+    with StopFlag(loop.stop_signals).installed() as stop:
         while state.iteration < loop.total_iters or state.eval_pending:
             if not state.eval_pending:  # else a resumed run owes the last epoch's evaluation
                 _train_epoch(model=model, plain_model=plain_model, optimisation=optimisation,
