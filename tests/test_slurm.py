@@ -251,6 +251,8 @@ def slurm_env() -> dict[str, str]:
         _no_cluster(f"SLURM is not installed ({', '.join(missing)} not found): apt-get install "
                     f"slurm-wlm munge, then scripts/slurm/local_cluster.sh start")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") or k == "SLURM_CONF"}
+    if env.get("SLURM_CONF") and not os.path.isfile(env["SLURM_CONF"]):  # scontrol would retry
+        _no_cluster(f"SLURM_CONF names {env['SLURM_CONF']}, which does not exist")
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     try:
         ping = subprocess.run(["scontrol", "ping"], env=env, capture_output=True, text=True,
