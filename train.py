@@ -38,8 +38,8 @@ from modeling.predict import predict_labels
 from modeling.pretrained import (coco_deeplabv3_state_dict, coco_deeplabv3_weights,
                                  init_from_torchvision_deeplabv3)
 from utils.distributed import (DEFAULT_TIMEOUT_MINUTES, DistributedContext, any_true,
-                               broadcast_buffers, cleanup, init_distributed, main_process_first,
-                               ranks_in_sync)
+                               broadcast_buffers, cleanup, init_distributed, launch_context,
+                               main_process_first, ranks_in_sync)
 from utils.errors import UserError
 from utils.fileio import atomic_write_text
 from utils.hardware import (Hardware, add_hardware_args, cudnn_benchmark, prepare_model,
@@ -53,6 +53,7 @@ from utils.plan import DEFAULT_BATCH_PER_DEVICE, REFERENCE_BATCH, REFERENCE_LR, 
 from utils.saver import (CHECKPOINT_NAME, Checkpointer, CheckpointError, Saver, TrainState,
                          load_checkpoint, restore_training_state)
 from utils.signals import Interrupted, StopFlag
+from utils.slurm import DEFAULT_REQUEUE_SIGNAL, parse_signal, requeue_job
 from utils.summaries import TensorboardSummary, TrainLog
 
 logger = logging.getLogger("train")
@@ -163,6 +164,10 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
                      help="iterations between progress updates, TensorBoard writes and NaN "
                           "checks (every iteration's loss is logged)")
     run.add_argument("--seed", type=int, default=1)
+    run.add_argument("--requeue-signal", type=parse_signal, metavar="SIGNAL",
+                     default=DEFAULT_REQUEUE_SIGNAL.name, help="save at the next step, requeue "
+                     "the SLURM job (scontrol requeue) and exit on this signal (sbatch "
+                     "--signal=USR1@120); SIGTERM saves and exits without requeueing")
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -401,7 +406,7 @@ def main(args: argparse.Namespace) -> dict:
                                        hardware=hardware, context=context, sync_bn=sync_bn)
         metrics = None
         try:
-            with StopFlag().installed() as stop:
+            with StopFlag(extra_signals=(args.requeue_signal,)).installed() as stop:
                 for epoch in range(state.epoch, plan.epochs):
                     state.epoch = epoch
                     if not state.eval_pending:  # else a resumed run owes this epoch's evaluation
@@ -665,6 +670,8 @@ def cli(argv: list[str] | None = None) -> int:
     except Interrupted as error:
         print(f"interrupted by {error}: checkpoint saved; continue with --resume",
               file=sys.stderr)
+        if error.signum == args.requeue_signal and launch_context(os.environ)[0].is_main:
+            requeue_job(os.environ)  # under SLURM; --auto-resume continues the requeued job
         return 128 + error.signum
     except torch.cuda.OutOfMemoryError:
         print("error: GPU out of memory: lower --batch-size or --crop-size, or use --amp bf16/"

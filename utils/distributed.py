@@ -1,4 +1,5 @@
-"""Process-group plumbing for runs launched by torchrun (one process per GPU, or per CPU slot)."""
+"""Process-group plumbing for runs launched by torchrun or SLURM's srun (one process per GPU, or
+per CPU slot)."""
 from __future__ import annotations
 
 import contextlib
@@ -6,10 +7,12 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
+
+from utils.slurm import slurm_task
 
 logger = logging.getLogger(__name__)
 
@@ -36,28 +39,48 @@ class DistributedContext:
 DEFAULT_TIMEOUT_MINUTES = 60
 
 
+def launch_context(environ: Mapping[str, str]) -> tuple[DistributedContext, str | None]:
+    """Where the launcher placed this process, and the process group's ``init_method``.
+
+    torchrun's RANK / WORLD_SIZE / LOCAL_RANK come first (also when torchrun itself runs inside
+    an srun task); else an srun step of several tasks gives SLURM_PROCID / SLURM_NTASKS /
+    SLURM_LOCALID and a ``tcp://`` rendezvous on the step's first node (see
+    :meth:`utils.slurm.SlurmTask.rendezvous`). Anything else is one process (init_method None).
+    """
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return DistributedContext(rank=int(environ["RANK"]),
+                                  world_size=int(environ["WORLD_SIZE"]),
+                                  local_rank=int(environ.get("LOCAL_RANK", 0))), "env://"
+    task = slurm_task(environ)
+    if task is None or task.world_size < 2:
+        return DistributedContext(), None
+    address, port = task.rendezvous(environ)
+    host = f"[{address}]" if ":" in address else address  # an IPv6 address
+    return (DistributedContext(rank=task.rank, world_size=task.world_size,
+                               local_rank=task.local_rank), f"tcp://{host}:{port}")
+
+
 def init_distributed(use_cuda: bool,
                      timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistributedContext:
-    """Join the process group torchrun describes through RANK / WORLD_SIZE / LOCAL_RANK.
+    """Join the process group torchrun (RANK / WORLD_SIZE / LOCAL_RANK) or an ``srun`` step of
+    several tasks (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID) describes; see
+    :func:`launch_context`.
 
     Without those variables this is a single-process run and nothing is initialised. NCCL is used
     when the process drives a GPU, gloo on CPU; a collective that waits longer than
     ``timeout_minutes`` fails instead of hanging.
     """
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return DistributedContext()
-    context = DistributedContext(
-        rank=int(os.environ["RANK"]),
-        world_size=int(os.environ["WORLD_SIZE"]),
-        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-    )
+    context, init_method = launch_context(os.environ)
+    if init_method is None:
+        return context
     if use_cuda:
         torch.cuda.set_device(context.local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method=init_method,
+                                rank=context.rank, world_size=context.world_size,
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
-    logger.info("process %d of %d (local rank %d)", context.rank, context.world_size,
-                context.local_rank)
+    logger.info("process %d of %d (local rank %d, %s)", context.rank, context.world_size,
+                context.local_rank, init_method)
     return context
 
 

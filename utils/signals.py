@@ -1,5 +1,6 @@
-"""Stop signals: SIGINT and SIGTERM set a flag that the training loop reads at step boundaries,
-so that a run saves its state and exits instead of dying mid-write."""
+"""Stop signals: SIGINT, SIGTERM (and SLURM's warning signal, ``train.py --requeue-signal``) set
+a flag that the training loop reads at step boundaries, so that a run saves its state and exits
+instead of dying mid-write."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +9,7 @@ from typing import Any, Iterator
 
 
 class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived; a checkpoint was saved and the run exits."""
+    """A stop signal arrived; a checkpoint was saved and the run exits."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -16,10 +17,12 @@ class Interrupted(Exception):
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop saves and exits at the next iteration boundary."""
+    """Set by SIGINT, SIGTERM or one of ``extra_signals``; the loop saves and exits at the next
+    iteration boundary."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra_signals: tuple[int, ...] = ()) -> None:
         self.signum: int | None = None
+        self.signals = (signal.SIGINT, signal.SIGTERM, *extra_signals)
 
     def __call__(self, signum: int, frame: Any) -> None:
         self.signum = signum
@@ -34,8 +37,8 @@ class StopFlag:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["StopFlag"]:
-        """Catch SIGINT and SIGTERM with this flag inside the block; restore the old handlers."""
-        previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+        """Catch the stop signals with this flag inside the block; restore the old handlers."""
+        previous = {s: signal.signal(s, self) for s in self.signals}
         try:
             yield self
         finally:
