@@ -9,9 +9,9 @@ contiguous, batch 1, one image after the other. Configurations are run in turn, 
 round (all whole-process runs, then all model-only runs), so that a busy machine slows them
 all alike; the printed ratios are against the baseline measured in the same run.
 
-    python bench/inference.py --ckpt model_best.pth.tar --images $DEEPLAB_COCO_ROOT/val2017
-    python bench/inference.py --ckpt ... --images ... --configs auto torch:off torch:bf16
-    python bench/inference.py --ckpt ... --images ... --configs auto openvino:int8 \
+    python -m bench.inference --ckpt model_best.pth.tar --images $DEEPLAB_COCO_ROOT/val2017
+    python -m bench.inference --ckpt ... --images ... --configs auto torch:off torch:bf16
+    python -m bench.inference --ckpt ... --images ... --configs auto openvino:int8 \
         --int8-calibration $DEEPLAB_COCO_ROOT/train2017
 
 ``ENGINE:int8`` runs a file written by ``export.py --int8`` (made once, before the timings,
@@ -31,14 +31,13 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import inference
+from dataloader.custom_transforms import pil_to_uint8_tensor
+from dataloader.images import list_inputs
+from dataloader.utils import load_image
+from deploy.predictor import Predictor
 
-import inference  # noqa: E402
-from dataloader.custom_transforms import pil_to_uint8_tensor  # noqa: E402
-from dataloader.images import list_inputs  # noqa: E402
-from dataloader.utils import load_image  # noqa: E402
-from deploy.predictor import Predictor  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 BASELINE = "baseline"
 INT8 = "int8"
@@ -134,7 +133,8 @@ def report(results: dict[str, Result], count: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.inference", description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint (.pth.tar) to measure")
     parser.add_argument("--images", required=True, type=Path, help="folder of images")
     parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),
