@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 
-import inference
 from dataloader.custom_transforms import pil_to_uint8_tensor
 from dataloader.images import list_inputs
 from dataloader.utils import load_image
@@ -41,17 +40,35 @@ REPO = Path(__file__).resolve().parents[1]
 
 BASELINE = "baseline"
 INT8 = "int8"
-#: inference.py flags of each configuration name (``engine:amp``; ``auto`` = the defaults).
+#: Configuration names: ``engine:amp``, or ``auto`` for inference.py's defaults.
 DEFAULT_CONFIGS = ("auto", "torch:off", "onnxruntime:off", "openvino:off")
 
 
-def flags_of(config: str) -> list[str]:
-    if config == BASELINE:
-        return ["--engine", "torch", "--amp", "off", "--no-channels-last", "--workers", "0"]
-    if config == "auto":
-        return []
-    engine, amp = config.split(":")
-    return ["--engine", engine] + ([] if amp == INT8 else ["--amp", amp])
+@dataclass(frozen=True)
+class Config:
+    """What a configuration runs: :meth:`Predictor.load`'s ``engine`` and ``amp``, and the
+    memory format; the defaults are inference.py's."""
+
+    engine: str = "auto"
+    amp: str = "auto"
+    channels_last: bool = True
+
+
+def config_of(name: str) -> Config:
+    if name == BASELINE:
+        return Config(engine="torch", amp="off", channels_last=False)
+    if name == "auto":
+        return Config()
+    engine, amp = name.split(":")
+    return Config(engine=engine, amp="auto" if amp == INT8 else amp)
+
+
+def flags_of(name: str) -> list[str]:
+    """The inference.py flags that run configuration ``name`` in a whole process."""
+    config = config_of(name)
+    flags = ["--engine", config.engine, "--amp", config.amp,
+             "--channels-last" if config.channels_last else "--no-channels-last"]
+    return flags + (["--workers", "0"] if name == BASELINE else [])
 
 
 def ckpt_of(config: str, args: argparse.Namespace) -> str:
@@ -96,13 +113,11 @@ def whole_process(config: str, args: argparse.Namespace, out_dir: Path) -> tuple
     return seconds, usage.ru_maxrss * 1024
 
 
-def load_runner(config: str, ckpt: str):
-    """The prediction function of a configuration, built by inference.py's own code."""
-    args = inference.get_args_parser().parse_args(
-        ["--in-path", ".", "--ckpt", ckpt, *flags_of(config)])
-    predictor, _ = Predictor.load(ckpt, engine=args.engine, amp=args.amp,
-                                  device="cpu" if args.no_cuda else None)
-    predictor.hardware.channels_last = predictor.hardware.channels_last and args.channels_last
+def load_runner(name: str, ckpt: str):
+    """The prediction function of a configuration: the Predictor inference.py builds."""
+    config = config_of(name)
+    predictor, _ = Predictor.load(ckpt, engine=config.engine, amp=config.amp)
+    predictor.hardware.channels_last = predictor.hardware.channels_last and config.channels_last
     return predictor.predict
 
 
