@@ -24,8 +24,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 from dataloader.datasets.folder import read_class_names
 from dataloader.utils import (
     IMAGENET_MEAN,

@@ -19,14 +19,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 import mypath
 from dataloader.custom_transforms import pil_to_uint8_tensor
 from dataloader.datasets.coco import COCOSegmentation
 from deploy.outputs import color_image
 from deploy.predictor import Predictor
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 TEXT, BACKGROUND = (20, 20, 20), (255, 255, 255)
 ROW_HEIGHT = 180
 GAP = 6

@@ -17,10 +17,9 @@ from typing import Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 from utils.lr_scheduler import build_lr_scheduler
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 30
 ITERS_PER_EPOCH = 100
 BASE_LR = 0.01
