@@ -8,8 +8,8 @@ PyTorch's threads (the best case for any convolution, which runs as such product
 the model in PyTorch and, when installed, OpenVINO. ``FLOPs / rate`` is the time no fp32
 runtime can beat by much; the achieved share of the rate says how close each one is.
 
-    python bench/compute_ceiling.py --backbone resnet101 --out-stride 16 --size 480 640
-    python bench/compute_ceiling.py ... --vf-dir /tmp/vf   # VainF's model counted beside ours
+    python -m bench.compute_ceiling --backbone resnet101 --out-stride 16 --size 480 640
+    python -m bench.compute_ceiling ... --vf-dir /tmp/vf   # VainF's model counted beside ours
 """
 from __future__ import annotations
 
@@ -17,16 +17,12 @@ import argparse
 import importlib.util
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from modeling.deeplab import DeepLab  # noqa: E402
-from deploy.onnx_model import INPUT_NAME, export_onnx  # noqa: E402
+from deploy.onnx_model import INPUT_NAME, export_onnx
+from modeling.deeplab import DeepLab
 
 
 def flops(model: torch.nn.Module, image: torch.Tensor) -> int:
@@ -67,7 +63,8 @@ def vf_model(vf_dir: str, num_classes: int, output_stride: int) -> torch.nn.Modu
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.compute_ceiling", description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="resnet101")
     parser.add_argument("--out-stride", type=int, default=16)
     parser.add_argument("--num-classes", type=int, default=21)

@@ -1,6 +1,6 @@
 """Benchmark of the COCO data path: index start-up, worker memory, train-time throughput.
 
-    python bench/data_loader.py --data-root /path/to/coco
+    python -m bench.data_loader --data-root /path/to/coco
 
 1. Writes a synthetic instances file the size of COCO train2017 (118,287 images, ~860,000
    instances with COCO-like polygon sizes, 1 % crowd RLE) and times building the index from it
@@ -32,8 +32,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 # The 80 COCO category ids.
 COCO_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
@@ -250,7 +248,7 @@ def child_workers(root: str, cache_dir: str, workers: int, samples: int, seed: i
 
 
 def _run_child(arguments: list[str]) -> dict:
-    output = subprocess.run([sys.executable, __file__, *arguments], check=True,
+    output = subprocess.run([sys.executable, "-m", "bench.data_loader", *arguments], check=True,
                             capture_output=True, text=True, cwd=REPO)
     return json.loads(output.stdout.strip().splitlines()[-1])
 
@@ -292,8 +290,9 @@ def measure_throughput(root: str, base_size: int, crop_size: int, images: int) -
 # ------------------------------------------------------------------ script
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.data_loader", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data-root", default=os.environ.get("DEEPLAB_COCO_ROOT"),
                         help="real COCO 2017 folder for the throughput part (default: "
                              "$DEEPLAB_COCO_ROOT); without it that part is skipped")

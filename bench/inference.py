@@ -9,9 +9,9 @@ contiguous, batch 1, one image after the other. Configurations are run in turn, 
 round (all whole-process runs, then all model-only runs), so that a busy machine slows them
 all alike; the printed ratios are against the baseline measured in the same run.
 
-    python bench/inference.py --ckpt model_best.pth.tar --images $DEEPLAB_COCO_ROOT/val2017
-    python bench/inference.py --ckpt ... --images ... --configs auto torch:off torch:bf16
-    python bench/inference.py --ckpt ... --images ... --configs auto openvino:int8 \
+    python -m bench.inference --ckpt model_best.pth.tar --images $DEEPLAB_COCO_ROOT/val2017
+    python -m bench.inference --ckpt ... --images ... --configs auto torch:off torch:bf16
+    python -m bench.inference --ckpt ... --images ... --configs auto openvino:int8 \
         --int8-calibration $DEEPLAB_COCO_ROOT/train2017
 
 ``ENGINE:int8`` runs a file written by ``export.py --int8`` (made once, before the timings,
@@ -31,28 +31,44 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from dataloader.custom_transforms import pil_to_uint8_tensor
+from dataloader.images import list_inputs
+from dataloader.utils import load_image
+from deploy.predictor import Predictor
 
-import inference  # noqa: E402
-from dataloader.custom_transforms import pil_to_uint8_tensor  # noqa: E402
-from dataloader.images import list_inputs  # noqa: E402
-from dataloader.utils import load_image  # noqa: E402
-from deploy.predictor import Predictor  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 BASELINE = "baseline"
 INT8 = "int8"
-#: inference.py flags of each configuration name (``engine:amp``; ``auto`` = the defaults).
+#: Configuration names: ``engine:amp``, or ``auto`` for inference.py's defaults.
 DEFAULT_CONFIGS = ("auto", "torch:off", "onnxruntime:off", "openvino:off")
 
 
-def flags_of(config: str) -> list[str]:
-    if config == BASELINE:
-        return ["--engine", "torch", "--amp", "off", "--no-channels-last", "--workers", "0"]
-    if config == "auto":
-        return []
-    engine, amp = config.split(":")
-    return ["--engine", engine] + ([] if amp == INT8 else ["--amp", amp])
+@dataclass(frozen=True)
+class Config:
+    """What a configuration runs: :meth:`Predictor.load`'s ``engine`` and ``amp``, and the
+    memory format; the defaults are inference.py's."""
+
+    engine: str = "auto"
+    amp: str = "auto"
+    channels_last: bool = True
+
+
+def config_of(name: str) -> Config:
+    if name == BASELINE:
+        return Config(engine="torch", amp="off", channels_last=False)
+    if name == "auto":
+        return Config()
+    engine, amp = name.split(":")
+    return Config(engine=engine, amp="auto" if amp == INT8 else amp)
+
+
+def flags_of(name: str) -> list[str]:
+    """The inference.py flags that run configuration ``name`` in a whole process."""
+    config = config_of(name)
+    flags = ["--engine", config.engine, "--amp", config.amp,
+             "--channels-last" if config.channels_last else "--no-channels-last"]
+    return flags + (["--workers", "0"] if name == BASELINE else [])
 
 
 def ckpt_of(config: str, args: argparse.Namespace) -> str:
@@ -97,13 +113,11 @@ def whole_process(config: str, args: argparse.Namespace, out_dir: Path) -> tuple
     return seconds, usage.ru_maxrss * 1024
 
 
-def load_runner(config: str, ckpt: str):
-    """The prediction function of a configuration, built by inference.py's own code."""
-    args = inference.get_args_parser().parse_args(
-        ["--in-path", ".", "--ckpt", ckpt, *flags_of(config)])
-    predictor, _ = Predictor.load(ckpt, engine=args.engine, amp=args.amp,
-                                  device="cpu" if args.no_cuda else None)
-    predictor.hardware.channels_last = predictor.hardware.channels_last and args.channels_last
+def load_runner(name: str, ckpt: str):
+    """The prediction function of a configuration: the Predictor inference.py builds."""
+    config = config_of(name)
+    predictor, _ = Predictor.load(ckpt, engine=config.engine, amp=config.amp)
+    predictor.hardware.channels_last = predictor.hardware.channels_last and config.channels_last
     return predictor.predict
 
 
@@ -134,7 +148,8 @@ def report(results: dict[str, Result], count: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.inference", description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint (.pth.tar) to measure")
     parser.add_argument("--images", required=True, type=Path, help="folder of images")
     parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),

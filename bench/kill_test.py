@@ -2,7 +2,7 @@
 """Kill a training run with SIGKILL at random moments, restart it with --auto-resume each time,
 and compare the final weights with an uninterrupted run's (bit-identical for one process).
 
-    python bench/kill_test.py --kills 20 --seed 0
+    python -m bench.kill_test --kills 20 --seed 0
 
 The run trains ResNet-18 on a small generated demo set on the CPU, saving every
 ``--save-interval`` iterations. Each kill lands at a random moment before the run's end (a random
@@ -29,10 +29,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from dataloader.datasets.demo import generate_demo_dataset
 
-from dataloader.datasets.demo import generate_demo_dataset  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 #: tqdm's progress line: "epoch 2:  38%|###   | 3/8 [...]".
 _PROGRESS = re.compile(r"epoch (\d+):\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)")
@@ -167,7 +166,8 @@ def kill_test(*, kills: int, seed: int, epochs: int, save_interval: int, workdir
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.kill_test", description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0, help="kill moments and training seed")
     parser.add_argument("--epochs", type=int, default=5, help="of 8 iterations each")

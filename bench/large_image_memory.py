@@ -6,8 +6,8 @@ runs inference.py on it as a subprocess with the given flags and prints its wall
 resident memory (ru_maxrss of the process and its decoding worker, the larger of the two;
 ``--workers 0`` keeps everything in one process).
 
-    python bench/large_image_memory.py --ckpt model_best.pth.tar
-    python bench/large_image_memory.py --ckpt ... -- --workers 0 --engine torch
+    python -m bench.large_image_memory --ckpt model_best.pth.tar
+    python -m bench.large_image_memory --ckpt ... -- --workers 0 --engine torch
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def write_photo(path: Path, width: int, height: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.large_image_memory", description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--width", type=int, default=6000)
     parser.add_argument("--height", type=int, default=4000)

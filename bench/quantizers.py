@@ -5,30 +5,26 @@ Both quantize the same exported model, calibrated on the same images (read by ex
 code), and both results run in OpenVINO; printed is the share of pixels of ``--images`` whose
 class equals the fp32 model's, and the seconds per image.
 
-    python bench/quantizers.py --ckpt model_best.pth.tar \\
+    python -m bench.quantizers --ckpt model_best.pth.tar \\
         --calibration $DEEPLAB_COCO_ROOT/train2017 --images $DEEPLAB_COCO_ROOT/val2017
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import openvino
+from onnxruntime import quantization
 
-import openvino  # noqa: E402
-from onnxruntime import quantization  # noqa: E402
-
-from dataloader.custom_transforms import Normalize  # noqa: E402
-from dataloader.images import list_inputs  # noqa: E402
-from modeling.deeplab import DeepLab  # noqa: E402
-from deploy.onnx_model import INPUT_NAME, export_onnx  # noqa: E402
-from deploy.quantize import calibration_images, model_input, quantize_int8  # noqa: E402
-from utils.saver import load_checkpoint  # noqa: E402
+from dataloader.custom_transforms import Normalize
+from dataloader.images import list_inputs
+from deploy.onnx_model import INPUT_NAME, export_onnx
+from deploy.quantize import calibration_images, model_input, quantize_int8
+from modeling.deeplab import DeepLab
+from utils.saver import load_checkpoint
 
 
 def onnxruntime_int8(fp32: bytes, paths: list[str], normalize: Normalize, scratch: Path) -> bytes:
@@ -51,7 +47,8 @@ def onnxruntime_int8(fp32: bytes, paths: list[str], normalize: Normalize, scratc
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.quantizers", description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--calibration", required=True, help="images to calibrate on")
     parser.add_argument("--count", type=int, default=16, help="calibration images")

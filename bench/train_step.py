@@ -5,22 +5,18 @@ Each configuration runs the same forward + backward + SGD step on random data in
 the first configuration (fp32, contiguous) is the baseline and every other is printed as a ratio
 of its images per second. Run it on the machine you train on:
 
-    python bench/train_step.py                              # GPU if present, else CPU
-    python bench/train_step.py --backbone resnet101 --crop-size 513 --batch-size 8 --compile
+    python -m bench.train_step                           # GPU if present, else CPU
+    python -m bench.train_step --backbone resnet101 --crop-size 513 --batch-size 8 --compile
 """
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from modeling.deeplab import DeepLab  # noqa: E402
+from modeling.deeplab import DeepLab
 
 
 def step_time(model, optimizer, images, targets, dtype, steps: int, warmup: int) -> float:
@@ -44,7 +40,8 @@ def step_time(model, optimizer, images, targets, dtype, steps: int, warmup: int)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.train_step", description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--output-stride", type=int, default=16)
     parser.add_argument("--crop-size", type=int, default=128)

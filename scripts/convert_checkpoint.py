@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Convert a jfzhang95/pytorch-deeplab-xception checkpoint into a checkpoint of this project.
 
-    python scripts/convert_checkpoint.py deeplab-resnet.pth.tar deeplab-resnet-voc.pth.tar
+    python -m scripts.convert_checkpoint deeplab-resnet.pth.tar deeplab-resnet-voc.pth.tar
     python inference.py --in-path imgs --ckpt deeplab-resnet-voc.pth.tar
 
 The source is a file written by that repository's ``train.py`` with ``--backbone resnet`` (a dict
@@ -24,22 +24,17 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):
-    # Run as a file (python scripts/convert_checkpoint.py): make the repository importable.
-    sys.path.insert(0, str(REPO_ROOT))
-
-from dataloader.datasets.folder import read_class_names  # noqa: E402
-from dataloader.utils import (  # noqa: E402
+from dataloader.datasets.folder import read_class_names
+from dataloader.utils import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     VOC_CLASS_NAMES,
     DatasetError,
     palette_for,
 )
-from modeling.convert import NotConvertible, load_jfzhang95_resnet  # noqa: E402
-from modeling.deeplab import DeepLab  # noqa: E402
-from utils.saver import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+from modeling.convert import NotConvertible, load_jfzhang95_resnet
+from modeling.deeplab import DeepLab
+from utils.saver import CheckpointError, load_checkpoint, save_checkpoint
 
 SOURCE_REPOSITORY = "jfzhang95/pytorch-deeplab-xception"
 
@@ -50,6 +45,7 @@ class ConversionError(Exception):
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog="python -m scripts.convert_checkpoint",
         description=f"Convert a {SOURCE_REPOSITORY} ResNet checkpoint for this project",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

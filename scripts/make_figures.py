@@ -7,12 +7,11 @@
   which model drew it.
 
 Usage:
-    python scripts/make_figures.py --ckpt CKPT [--data-root $DEEPLAB_COCO_ROOT] [--count 4]
+    python -m scripts.make_figures --ckpt CKPT [--data-root $DEEPLAB_COCO_ROOT] [--count 4]
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -20,17 +19,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import mypath
+from dataloader.custom_transforms import pil_to_uint8_tensor
+from dataloader.datasets.coco import COCOSegmentation
+from deploy.outputs import color_image
+from deploy.predictor import Predictor
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):
-    # Run as a file (python scripts/make_figures.py): make the repository importable.
-    sys.path.insert(0, str(REPO_ROOT))
-
-import mypath  # noqa: E402
-from dataloader.custom_transforms import pil_to_uint8_tensor  # noqa: E402
-from dataloader.datasets.coco import COCOSegmentation  # noqa: E402
-from deploy.outputs import color_image  # noqa: E402
-from deploy.predictor import Predictor  # noqa: E402
-
 TEXT, BACKGROUND = (20, 20, 20), (255, 255, 255)
 ROW_HEIGHT = 180
 GAP = 6
@@ -91,7 +86,8 @@ def predictions(ckpt: str, images: list[Image.Image]) -> tuple[list[np.ndarray],
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.make_figures", description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint or .onnx file")
     parser.add_argument("--data-root", help="COCO 2017 root (default: $DEEPLAB_COCO_ROOT)")
     parser.add_argument("--count", type=int, default=4, help="val images in results.png")

@@ -6,25 +6,20 @@ base rate 0.01, without warmup and with 500 warmup iterations, as produced by
 with PIL only (matplotlib is not a dependency).
 
 Usage:
-    python scripts/plot_lr_schedules.py [--out-dir doc]
+    python -m scripts.plot_lr_schedules [--out-dir doc]
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from utils.lr_scheduler import build_lr_scheduler
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):
-    # Run as a file (python scripts/plot_lr_schedules.py): make the repository importable.
-    sys.path.insert(0, str(REPO_ROOT))
-
-from utils.lr_scheduler import build_lr_scheduler  # noqa: E402
-
 EPOCHS = 30
 ITERS_PER_EPOCH = 100
 BASE_LR = 0.01
@@ -147,7 +142,8 @@ def plot_all(out_dir: Path) -> list[Path]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.plot_lr_schedules", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--out-dir", type=Path, default=REPO_ROOT / "doc",
         help="folder for the PNG files (default: the repository's doc/)",

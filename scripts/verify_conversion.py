@@ -2,7 +2,7 @@
 """Check scripts/convert_checkpoint.py against the original code it converts from.
 
     git clone https://github.com/jfzhang95/pytorch-deeplab-xception /tmp/jf
-    python scripts/verify_conversion.py --original-repo /tmp/jf --images $DEEPLAB_COCO_ROOT/val2017
+    python -m scripts.verify_conversion --original-repo /tmp/jf --images $DEEPLAB_COCO_ROOT/val2017
 
 1. Builds that repository's ``DeepLab(backbone='resnet', output_stride=16, num_classes=21)``
    with its own code (ImageNet download turned off), gives it random weights and BatchNorm
@@ -11,10 +11,11 @@
    exactly as its ``train.py`` does (``state_dict``, ``optimizer``, ``epoch``, ``best_pred`` from
    its own ``Evaluator``), once as saved there and once with the ``module.`` prefix of
    ``nn.DataParallel``.
-2. Converts each file with ``scripts/convert_checkpoint.py`` (a separate process, as a user runs
-   it) and loads the result with ``inference.load_model``.
+2. Converts each file with ``python -m scripts.convert_checkpoint`` (a separate process, as a
+   user runs it) and rebuilds the result as a :class:`modeling.deeplab.DeepLab` from its settings.
 3. Runs both models on real images: the same tensor (from the original's own ``Normalize`` and
-   ``ToTensor``) into both, and this project's whole inference path (``inference.segment``, its
+   ``ToTensor``) into both, and this project's whole inference path (:class:`Predictor
+   <deploy.predictor.Predictor>` as ``inference.py --engine torch --amp off`` runs it, with its
    own preprocessing) against the original's argmax. Reports the largest logit difference
    relative to the largest logit magnitude and the pixels whose argmax differs. Exits 1 if, for
    the same input, the relative difference is above ``--tolerance`` or any pixel's argmax
@@ -29,6 +30,8 @@ The original repository is read from ``--original-repo`` at run time, never copi
 packages ``modeling``/``utils`` share names with ours, so its ``modeling`` is imported under a
 swapped ``sys.modules`` and its ``Saver``, ``Evaluator`` and transforms are loaded from their
 files (its ``dataloaders`` package imports SciPy, which is not needed for the transforms).
+Everything after that reading is :func:`verify`, which takes the original's code as an argument:
+``tests/test_convert.py`` runs it against a stand-in made of this project's modules.
 """
 from __future__ import annotations
 
@@ -51,11 +54,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):
-    sys.path.insert(0, str(REPO_ROOT))
+from dataloader.custom_transforms import Normalize, pil_to_uint8_tensor
+from deploy.predictor import Predictor
+from modeling.deeplab import DeepLab
+from utils.saver import load_checkpoint
 
-import inference  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 NUM_CLASSES = 21
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -63,6 +67,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog="python -m scripts.verify_conversion",
         description="Compare a converted checkpoint with jfzhang95/pytorch-deeplab-xception",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -236,8 +241,8 @@ def save_like_original(original: SimpleNamespace, model: nn.Module,
 
 def convert_with_our_script(src: Path, dst: Path, output_stride: int) -> str:
     """Run scripts/convert_checkpoint.py as a user would; returns its one-line summary."""
-    command = [sys.executable, str(REPO_ROOT / "scripts" / "convert_checkpoint.py"), str(src),
-               str(dst), "--out-stride", str(output_stride)]
+    command = [sys.executable, "-m", "scripts.convert_checkpoint", str(src), str(dst),
+               "--out-stride", str(output_stride)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
     if result.returncode != 0:
         raise SystemExit(f"conversion failed ({result.returncode}): {result.stderr.strip()}")
@@ -258,10 +263,15 @@ def compare(original: SimpleNamespace, theirs: nn.Module, ckpt: Path,
             images: list[Path]) -> list[dict[str, Any]]:
     """Per image: the same input tensor into both models, and this project's inference path
     (its own preprocessing) against the original's argmax."""
-    ours, settings = inference.load_model(str(ckpt), torch.device("cpu"))
+    checkpoint = load_checkpoint(ckpt, map_location="cpu", required_keys=("model", "settings"))
+    settings = checkpoint["settings"]
+    ours = DeepLab.from_state_dict(settings, checkpoint["model"]).eval()
+    predictor, _ = Predictor.load(str(ckpt), engine="torch", device="cpu", amp="off")
+    normalize = Normalize(settings["mean"], settings["std"])
     rows = []
     for path in images:
         image = Image.open(path).convert("RGB")
+        pixels = pil_to_uint8_tensor(image)
         x = original_input(original, image)
         their_logits = theirs(x)
         our_logits = ours(x)["out"]
@@ -269,15 +279,12 @@ def compare(original: SimpleNamespace, theirs: nn.Module, ckpt: Path,
         difference = (our_logits - their_logits).abs().max().item()
         their_argmax = their_logits.argmax(dim=1)[0]
 
-        # This project's own path: inference.py's preprocessing, softmax and argmax. Its input
-        # differs from the original's by float rounding (NumPy normalises in float64, torch in
-        # float32), so near-ties between the two best classes may flip; their gap is reported.
-        our_input = inference.TF.normalize(
-            inference.TF.to_dtype(inference.TF.pil_to_tensor(image), torch.float32, scale=True),
-            settings["mean"], settings["std"]).unsqueeze(0)
+        # This project's own path: inference.py's preprocessing and prediction. Its input
+        # differs from the original's by float rounding (NumPy normalises in float64, Normalize
+        # in float32), so near-ties between the two best classes may flip; their gap is reported.
+        our_input = normalize(pixels).unsqueeze(0)
         own_input_logits = ours(our_input)["out"]
-        segmented = torch.from_numpy(inference.segment(
-            ours, image, settings, torch.device("cpu"), size=None, scales=[1.0], flip=False)).long()
+        segmented = predictor.predict(pixels).long()
         flipped = segmented != their_argmax
         top2 = their_logits[0].topk(2, dim=0).values
         gaps = (top2[0] - top2[1])[flipped]
@@ -299,45 +306,97 @@ def compare(original: SimpleNamespace, theirs: nn.Module, ckpt: Path,
     return rows
 
 
-def main(args: argparse.Namespace) -> int:
-    torch.manual_seed(args.seed)
-    original = load_original(Path(args.original_repo))
-    if args.write_keys:
-        write_keys(original, Path(args.write_keys))
-        return 0
-    if not args.images:
-        raise SystemExit("error: --images DIR is needed (or --write-keys FILE)")
-    paths = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if len(paths) < args.num_images + 2:
-        raise SystemExit(f"error: --images {args.images} has {len(paths)} images; need "
-                         f"{args.num_images + 2} (2 calibrate BatchNorm)")
-    images, calibration_paths = paths[:args.num_images], paths[-2:]
+def image_paths(folder: str, count: int) -> tuple[list[Path], list[Path]]:
+    """``count`` images of ``folder`` to compare on, and its last 2 to measure BatchNorm
+    statistics on (name order)."""
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(paths) < count + 2:
+        raise SystemExit(f"error: --images {folder} has {len(paths)} images; need "
+                         f"{count + 2} (2 calibrate BatchNorm)")
+    return paths[:count], paths[-2:]
+
+
+def summarise(rows: list[dict[str, Any]], tolerance: float) -> dict[str, Any]:
+    """One conversion's totals over its images, and whether it passes.
+
+    The gate is the conversion: the same input must give the same logits and argmax. The
+    inference.py path must stay within the tolerance; its argmax flips at near-ties are reported,
+    not failed (they come from input rounding, not from the weights).
+    """
+    summary = {
+        "max_relative_difference": max(row["max_relative_difference"] for row in rows),
+        "argmax_differing_pixels": sum(row["argmax_differing_pixels"] for row in rows),
+        "inference_differing_pixels": sum(row["inference_differing_pixels"] for row in rows),
+        "pixels": sum(row["pixels"] for row in rows),
+        "inference_max_relative_difference":
+            max(row["inference_max_relative_difference"] for row in rows),
+    }
+    summary["passed"] = (summary["max_relative_difference"] <= tolerance
+                         and summary["argmax_differing_pixels"] == 0
+                         and summary["inference_max_relative_difference"] <= tolerance)
+    return summary
+
+
+def print_run(label: str, message: str, rows: list[dict[str, Any]], summary: dict[str, Any],
+              seconds: float) -> None:
+    print(f"\n[{label}] {message}")
+    for row in rows:
+        gap = row["inference_differing_max_top2_gap"]
+        print(f"  {row['image']} {row['size'][0]}x{row['size'][1]}, "
+              f"{row['classes_predicted']} classes predicted: same input: max|logit| "
+              f"{row['max_abs_logit']:.4g}, max|diff| {row['max_abs_difference']:.3g} "
+              f"(relative {row['max_relative_difference']:.3g}), argmax differs on "
+              f"{row['argmax_differing_pixels']} px | inference.py path: input max|diff| "
+              f"{row['input_max_abs_difference']:.2g}, relative logit diff "
+              f"{row['inference_max_relative_difference']:.2g}, argmax differs on "
+              f"{row['inference_differing_pixels']} px"
+              + (f" (top-2 logit gaps there <= {gap:.3g})" if gap is not None else ""))
+    pixels = summary["pixels"]
+    print(f"  {len(rows)} images, {pixels:,} pixels, same input: max relative logit "
+          f"difference {summary['max_relative_difference']:.3g}; argmax identical on "
+          f"{pixels - summary['argmax_differing_pixels']:,}/{pixels:,} pixels | inference.py "
+          f"path: max relative logit difference "
+          f"{summary['inference_max_relative_difference']:.2g}, argmax identical on "
+          f"{pixels - summary['inference_differing_pixels']:,}/{pixels:,}; {seconds:.0f} s")
+
+
+def verify(original: SimpleNamespace, *, images: list[Path], calibration_images: list[Path],
+           output_stride: int = 16, tolerance: float = 1e-4, work_dir: Path,
+           seed: int = 0) -> dict[str, Any]:
+    """Steps 1-3 of the module docstring with the original's code ``original`` (from
+    :func:`load_original`, or a stand-in with its interface).
+
+    Args:
+        images: compared on, whole.
+        calibration_images: BatchNorm statistics are measured on these (resized to 321 x 321).
+        work_dir: the checkpoints are written under it.
+
+    Returns:
+        The measurements; ``"passed"`` says whether every conversion passed the gate.
+    """
+    torch.manual_seed(seed)
     calibration = torch.cat([
         original_input(original, Image.open(p).convert("RGB").resize((321, 321)))
-        for p in calibration_paths])
-
-    theirs = build_original(original, args.out_stride, sync_bn=False)
-    synced = build_original(original, args.out_stride, sync_bn=True)
+        for p in calibration_images])
+    theirs = build_original(original, output_stride, sync_bn=False)
+    synced = build_original(original, output_stride, sync_bn=True)
     same_layout = [(k, v.shape) for k, v in theirs.state_dict().items()] == [
         (k, v.shape) for k, v in synced.state_dict().items()]
     del synced
-    generator = torch.Generator().manual_seed(args.seed)
-    randomise(theirs, calibration, generator)
+    randomise(theirs, calibration, torch.Generator().manual_seed(seed))
     optimizer = original_optimizer(theirs)
 
-    work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="verify_conversion_"))
-    work_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "original_entries": len(theirs.state_dict()),
         "original_parameters": sum(p.numel() for p in theirs.parameters()),
         "sync_bn_layout_identical": same_layout,
-        "tolerance": args.tolerance,
+        "tolerance": tolerance,
         "runs": {},
     }
     print(f"original: {report['original_entries']} entries, "
           f"{report['original_parameters']:,} parameters; SynchronizedBatchNorm2d layout "
           f"identical: {same_layout}")
-    ok = same_layout
+    passed = same_layout
     for prefix in (False, True):
         label = "module. prefix" if prefix else "as saved by train.py"
         folder = work_dir / ("prefixed" if prefix else "plain")
@@ -345,47 +404,35 @@ def main(args: argparse.Namespace) -> int:
         src = save_like_original(original, theirs, optimizer, folder, data_parallel_prefix=prefix)
         dst = src.with_name("converted.pth.tar")
         tic = time.perf_counter()
-        message = convert_with_our_script(src, dst, args.out_stride)
+        message = convert_with_our_script(src, dst, output_stride)
         rows = compare(original, theirs, dst, images)
-        worst = max(row["max_relative_difference"] for row in rows)
-        differing = sum(row["argmax_differing_pixels"] for row in rows)
-        inference_differing = sum(row["inference_differing_pixels"] for row in rows)
-        pixels = sum(row["pixels"] for row in rows)
-        print(f"\n[{label}] {message}")
-        for row in rows:
-            gap = row["inference_differing_max_top2_gap"]
-            print(f"  {row['image']} {row['size'][0]}x{row['size'][1]}, "
-                  f"{row['classes_predicted']} classes predicted: same input: max|logit| "
-                  f"{row['max_abs_logit']:.4g}, max|diff| {row['max_abs_difference']:.3g} "
-                  f"(relative {row['max_relative_difference']:.3g}), argmax differs on "
-                  f"{row['argmax_differing_pixels']} px | inference.py path: input max|diff| "
-                  f"{row['input_max_abs_difference']:.2g}, relative logit diff "
-                  f"{row['inference_max_relative_difference']:.2g}, argmax differs on "
-                  f"{row['inference_differing_pixels']} px"
-                  + (f" (top-2 logit gaps there <= {gap:.3g})" if gap is not None else ""))
-        inference_worst = max(row["inference_max_relative_difference"] for row in rows)
-        print(f"  {len(rows)} images, {pixels:,} pixels, same input: max relative logit "
-              f"difference {worst:.3g}; argmax identical on {pixels - differing:,}/{pixels:,} "
-              f"pixels | inference.py path: max relative logit difference {inference_worst:.2g}, "
-              f"argmax identical on {pixels - inference_differing:,}/{pixels:,}; "
-              f"{time.perf_counter() - tic:.0f} s")
+        summary = summarise(rows, tolerance)
+        print_run(label, message, rows, summary, time.perf_counter() - tic)
         report["runs"][label] = {"source": str(src), "converted": str(dst), "images": rows,
-                                 "max_relative_difference": worst,
-                                 "argmax_differing_pixels": differing,
-                                 "inference_differing_pixels": inference_differing,
-                                 "pixels": pixels}
-        report["runs"][label]["inference_max_relative_difference"] = inference_worst
-        # The gate is the conversion: the same input must give the same logits and argmax.
-        # The inference.py path must stay within the tolerance; its argmax flips at near-ties
-        # are reported, not failed (they come from input rounding, not from the weights).
-        ok = (ok and worst <= args.tolerance and differing == 0
-              and inference_worst <= args.tolerance)
-    report["passed"] = ok
+                                 **summary}
+        passed = passed and summary["passed"]
+    report["passed"] = passed
+    return report
+
+
+def main(args: argparse.Namespace) -> int:
+    original = load_original(Path(args.original_repo))
+    if args.write_keys:
+        write_keys(original, Path(args.write_keys))
+        return 0
+    if not args.images:
+        raise SystemExit("error: --images DIR is needed (or --write-keys FILE)")
+    images, calibration_images = image_paths(args.images, args.num_images)
+    work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="verify_conversion_"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    report = verify(original, images=images, calibration_images=calibration_images,
+                    output_stride=args.out_stride, tolerance=args.tolerance, work_dir=work_dir,
+                    seed=args.seed)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{'PASSED' if ok else 'FAILED'}: tolerance {args.tolerance:g} relative; argmax "
-          f"identical on every pixel for the same input")
-    return 0 if ok else 1
+    print(f"\n{'PASSED' if report['passed'] else 'FAILED'}: tolerance {args.tolerance:g} "
+          f"relative; argmax identical on every pixel for the same input")
+    return 0 if report["passed"] else 1
 
 
 if __name__ == "__main__":

@@ -2,24 +2,30 @@
 scripts/convert_checkpoint.py), without that repository.
 
 ``fixtures/jfzhang95_resnet101_keys.json`` lists the original model's 680 state-dict names and
-shapes in its order, written from its own code by ``scripts/verify_conversion.py --write-keys``.
-Numerical equality with the original code is checked by ``scripts/verify_conversion.py`` itself,
-which needs that repository; here, a fake original is made from our own model under the original's
-names (read off the fixture), so the converted model must compute exactly what ours computes.
+shapes in its order, written from its own code by ``python -m scripts.verify_conversion
+--write-keys``. Numerical equality with the original code is checked by
+``scripts/verify_conversion.py`` itself, which needs that repository; here, a fake original is
+made from our own model under the original's names (read off the fixture), so the converted model
+must compute exactly what ours computes, and verify_conversion's own check runs against such a
+stand-in.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
+import os
+import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 import inference
 import train
+from dataloader.custom_transforms import Normalize, pil_to_uint8_tensor
 from dataloader.datasets.coco import COCOSegmentation
 from dataloader.utils import VOC_CLASS_NAMES
 from modeling.convert import (
@@ -29,22 +35,13 @@ from modeling.convert import (
     strip_data_parallel_prefix,
 )
 from modeling.deeplab import DeepLab
+from scripts import convert_checkpoint, verify_conversion
+from utils.metrics import Evaluator
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "jfzhang95_resnet101_keys.json"
 TINY = ["--backbone", "resnet18", "--no-pretrained", "--no-cuda", "--amp", "off", "--workers",
         "0", "--crop-size", "64", "--base-size", "64", "--eval-size", "64"]
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location(
-        "convert_checkpoint", REPO_ROOT / "scripts" / "convert_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert_checkpoint = _load_script()
 
 
 def original_entries() -> list[tuple[str, tuple[int, ...]]]:
@@ -357,3 +354,213 @@ def test_plain_resume_of_a_converted_checkpoint_says_to_fine_tune(converted_file
     err = capsys.readouterr().err.strip()
     assert status == 2 and len(err.splitlines()) == 1
     assert "--ft" in err and "--eval-only" in err
+
+
+# ---------------------------------------------------------------- scripts/verify_conversion.py
+
+
+class OriginalNames(nn.Module):
+    """A stand-in for the original's ``DeepLab``: the modules of one of ours, registered under
+    the original's module names, so its ``state_dict()`` is what the original's would be and it
+    returns the logits tensor as the original does."""
+
+    def __init__(self, model: DeepLab, their_modules: dict[str, str]) -> None:
+        super().__init__()
+        self.backbone = model.backbone  # the original's ResNet uses torchvision's names
+        for ours, theirs in their_modules.items():
+            parent = self
+            *path, name = theirs.split(".")
+            for part in path:
+                if part not in parent._modules:
+                    parent.add_module(part, nn.Module())
+                parent = parent._modules[part]
+            parent.add_module(name, model.get_submodule(ours))
+        self._model = (model,)  # in a tuple: not registered, its names are ours
+
+    def train(self, mode: bool = True) -> "OriginalNames":
+        super().train(mode)
+        self._model[0].train(mode)  # dropout layers hold no weights, so only ours reaches them
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._model[0](x)["out"]
+
+    def get_1x_lr_params(self):
+        return self._model[0].backbone_parameters()
+
+    def get_10x_lr_params(self):
+        return self._model[0].head_parameters()
+
+
+class OriginalSaver:
+    """The original's ``Saver`` as its train.py uses it: ``run/<dataset>/<checkname>/
+    experiment_<k>/`` under the working directory, ``torch.save`` of the state as given."""
+
+    def __init__(self, args: SimpleNamespace) -> None:
+        directory = os.path.join("run", args.dataset, args.checkname)
+        run_id = len(os.listdir(directory)) if os.path.isdir(directory) else 0
+        self.experiment_dir = os.path.join(directory, f"experiment_{run_id}")
+        os.makedirs(self.experiment_dir)
+
+    def save_checkpoint(self, state: dict, is_best: bool, filename="checkpoint.pth.tar") -> None:
+        torch.save(state, os.path.join(self.experiment_dir, filename))
+
+
+class OriginalEvaluator(Evaluator):
+    """The original's ``Evaluator`` interface on ours: NumPy class ids in, its mIoU a NumPy
+    float64 (what their checkpoints store as ``best_pred``)."""
+
+    def add_batch(self, gt_image: np.ndarray, pre_image: np.ndarray) -> None:
+        super().add_batch(torch.from_numpy(gt_image), torch.from_numpy(pre_image))
+
+    def Mean_Intersection_over_Union(self) -> np.float64:  # noqa: N802 - the original's name
+        return np.float64(self.mean_iou())
+
+
+class OriginalTransforms:
+    """The original's evaluation ``Normalize`` and ``ToTensor`` on ``{"image", "label"}``
+    samples, made of this project's normalisation."""
+
+    class Normalize:
+        def __init__(self, mean, std) -> None:
+            self.normalize = Normalize(mean, std)
+
+        def __call__(self, sample: dict) -> dict:
+            return {"image": self.normalize(pil_to_uint8_tensor(sample["image"])),
+                    "label": sample["label"]}
+
+    class ToTensor:
+        def __call__(self, sample: dict) -> dict:
+            return sample
+
+
+def their_module_names(their_names: dict[str, str]) -> dict[str, str]:
+    """Our head module names -> the original's (from the state-dict names off the fixture)."""
+    modules: dict[str, str] = {}
+    for ours, theirs in their_names.items():
+        modules.setdefault(ours.rsplit(".", 1)[0], theirs.rsplit(".", 1)[0])
+    return modules
+
+
+def stand_in_original(their_modules: dict[str, str]) -> SimpleNamespace:
+    """What :func:`verify_conversion.load_original` returns, made of this project's modules: its
+    ``DeepLab`` builds our ResNet-18 (``align_corners`` on, as the original upsamples) under the
+    original's names."""
+
+    def build(*, backbone: str, output_stride: int, num_classes: int, sync_bn: bool,
+              freeze_bn: bool) -> OriginalNames:
+        assert backbone == "resnet" and not freeze_bn
+        model = DeepLab(backbone="resnet18", output_stride=output_stride,
+                        num_classes=num_classes, align_corners=True)
+        return OriginalNames(model, their_modules)
+
+    return SimpleNamespace(DeepLab=build, Saver=OriginalSaver, Evaluator=OriginalEvaluator,
+                           transforms=OriginalTransforms)
+
+
+#: (width, height) of the images compared on, then of the 2 BatchNorm is measured on.
+VERIFY_SIZES = [(64, 48), (45, 71), (33, 33), (80, 60), (60, 80)]
+
+
+@pytest.fixture(scope="module")
+def verify_images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("verify_images")
+    rng = np.random.default_rng(0)
+    for index, (width, height) in enumerate(VERIFY_SIZES):
+        blobs = rng.integers(0, 256, size=(4, 5, 3), dtype=np.uint8)
+        Image.fromarray(blobs).resize((width, height), Image.Resampling.BICUBIC).save(
+            folder / f"{index}.png")
+    return folder
+
+
+@pytest.mark.slow
+def test_verify_conversion_passes_against_a_faithful_stand_in(
+        their_names, verify_images, tmp_path, monkeypatch, capsys):
+    # The whole command as the real run goes, but for reading the original from its checkout.
+    original = stand_in_original(their_module_names(their_names))
+    monkeypatch.setattr(verify_conversion, "load_original", lambda repo: original)
+    report_file = tmp_path / "report.json"
+    status = verify_conversion.main(verify_conversion.get_args_parser().parse_args(
+        ["--original-repo", "unused", "--images", str(verify_images), "--num-images", "3",
+         "--work-dir", str(tmp_path / "work"), "--json", str(report_file)]))
+    out = capsys.readouterr().out
+    assert status == 0 and "PASSED" in out, out
+    report = json.loads(report_file.read_text())
+    assert report["passed"] and report["sync_bn_layout_identical"]
+    assert report["original_entries"] == len(DeepLab(backbone="resnet18").state_dict())
+    pixels = sum(width * height for width, height in VERIFY_SIZES[:3])
+    assert set(report["runs"]) == {"as saved by train.py", "module. prefix"}
+    for label, run in report["runs"].items():
+        # Our modules under their names, converted back: the same computation, bit for bit.
+        assert [row["image"] for row in run["images"]] == ["0.png", "1.png", "2.png"]
+        assert [row["size"] for row in run["images"]] == [list(s) for s in VERIFY_SIZES[:3]]
+        assert run["pixels"] == pixels
+        assert run["max_relative_difference"] == 0 and run["argmax_differing_pixels"] == 0
+        assert run["inference_max_relative_difference"] == 0
+        assert all(row["input_max_abs_difference"] == 0 for row in run["images"])
+        source = torch.load(run["source"], weights_only=False)  # written by the stand-in
+        prefixed = label == "module. prefix"
+        assert all(key.startswith("module.") == prefixed for key in source["state_dict"])
+        assert isinstance(source["best_pred"], np.float64) and source["epoch"] == 50
+        converted = torch.load(run["converted"], weights_only=True)
+        assert converted["settings"]["backbone"] == "resnet18"
+        assert converted["settings"]["align_corners"] is True
+
+
+def test_verify_conversion_fails_when_the_conversion_swaps_two_branches(
+        their_names, verify_images, tmp_path):
+    # The original's rate-12 and rate-18 ASPP branches under each other's names: the same shapes,
+    # so the conversion goes through, but the converted model computes something else. The
+    # steps of verify() one by one, converting in this process (the subprocess is the other
+    # test's).
+    modules = their_module_names(their_names)
+    swap = {"aspp.aspp2.atrous_conv": "aspp.aspp3.atrous_conv", "aspp.aspp2.bn": "aspp.aspp3.bn"}
+    swap.update({theirs: ours for ours, theirs in swap.items()})
+    original = stand_in_original({ours: swap.get(theirs, theirs)
+                                  for ours, theirs in modules.items()})
+    images, _ = verify_conversion.image_paths(str(verify_images), 3)
+    theirs = verify_conversion.build_original(original, 16, sync_bn=False)
+    randomised(theirs._model[0], seed=5)
+    optimizer = verify_conversion.original_optimizer(theirs)
+    src = verify_conversion.save_like_original(original, theirs, optimizer, tmp_path,
+                                               data_parallel_prefix=False)
+    convert_checkpoint.convert(src, tmp_path / "converted.pth.tar")
+    rows = verify_conversion.compare(original, theirs, tmp_path / "converted.pth.tar", images)
+    summary = verify_conversion.summarise(rows, tolerance=1e-4)
+    assert not summary["passed"]
+    assert summary["max_relative_difference"] > 1e-4
+    assert summary["pixels"] == sum(width * height for width, height in VERIFY_SIZES[:3])
+
+
+def test_verify_conversion_reads_the_original_from_its_checkout_and_puts_ours_back(tmp_path):
+    # A checkout's shape (its modeling/ shares our package's name), with placeholder classes.
+    repo = tmp_path / "pytorch-deeplab-xception"
+    files = {
+        "modeling/__init__.py": "",
+        "modeling/deeplab.py": "from modeling.backbone import resnet\nclass DeepLab:\n"
+                               "    backbone_module = resnet\n",
+        "modeling/backbone/__init__.py": "",
+        "modeling/backbone/resnet.py": "class ResNet:\n    def _load_pretrained_model(self):\n"
+                                       "        raise RuntimeError('downloads')\n",
+        "utils/saver.py": "class Saver:\n    pass\n",
+        "utils/metrics.py": "class Evaluator:\n    pass\n",
+        "dataloaders/custom_transforms.py": "class Normalize:\n    pass\n",
+    }
+    for name, text in files.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(text)
+    ours = sys.modules["modeling.deeplab"]
+    original = verify_conversion.load_original(repo)
+    assert original.DeepLab is not DeepLab and original.DeepLab.__module__ == "modeling.deeplab"
+    assert original.Saver.__name__ == "Saver" and original.Evaluator.__name__ == "Evaluator"
+    assert original.transforms.Normalize.__name__ == "Normalize"
+    # The ImageNet download is switched off; our own modeling package is back in place.
+    assert original.DeepLab.backbone_module.ResNet()._load_pretrained_model() is None
+    assert sys.modules["modeling.deeplab"] is ours and str(repo) not in sys.path
+    from modeling.deeplab import DeepLab as again
+    assert again is DeepLab
+
+
+def test_verify_conversion_refuses_a_folder_that_is_not_the_original(tmp_path):
+    with pytest.raises(SystemExit, match="has no modeling/deeplab.py"):
+        verify_conversion.load_original(tmp_path)

@@ -196,7 +196,7 @@ def test_auto_resume_continues_the_run_folder_it_finds(small_demo, tmp_path):
 
 
 def test_random_sigkills_then_auto_resume_end_bit_identical(tmp_path):
-    # The short version of bench/kill_test.py (20 kills there).
+    # `python -m bench.kill_test` itself, shortened (20 kills by default there).
     report = kill_test(kills=2, seed=0, epochs=2, save_interval=2, workdir=tmp_path,
                        log=lambda line: None)
     assert len(report["kills"]) == 2
