@@ -36,7 +36,7 @@ from utils.distributed import DistributedContext, cleanup, init_distributed
 from utils.engines import (ENGINE_CHOICES, Engine, engine_from_model, engine_from_onnx,
                            resolve_engine)
 from utils.errors import UserError
-from utils.hardware import Hardware, add_hardware_args, resolve_hardware
+from utils.hardware import Hardware, add_hardware_args, cpu_bf16_note, resolve_hardware
 from utils.outputs import (IMAGE_FORMATS, OUTPUT_KINDS, already_written, parse_kinds,
                            plan_outputs, write_outputs)
 from utils.saver import CheckpointError, load_checkpoint
@@ -313,6 +313,11 @@ def run(args: argparse.Namespace, samples: Iterable[dict[str, Any]], hardware: H
         tqdm.write("note: running PyTorch; on CPUs OpenVINO or onnxruntime are faster "
                    "(bench/inference.py), and OpenVINO runs export.py --int8 files: "
                    "pip install -r requirements-deploy.txt", file=sys.stderr)
+    note = cpu_bf16_note(args.amp, hardware.device, measure_with=(
+        "python -m bench.inference --ckpt CKPT --images SOME --configs auto torch:bf16 "
+        "openvino:bf16 --no-whole"))
+    if note and show_progress:
+        tqdm.write(note, file=sys.stderr)
     if engine_name != "torch":
         hardware.channels_last = False  # the ONNX runtimes take plain NCHW arrays
     predictor = Predictor(engine=engine, hardware=hardware,

@@ -38,7 +38,8 @@ from utils.engine import (DEFAULT_BATCH_PER_DEVICE, REFERENCE_BATCH, REFERENCE_L
                           TrainState, evaluate_checkpoint, fit, make_optimisation, make_schedule,
                           restore_training_state)
 from utils.errors import UserError
-from utils.hardware import Hardware, add_hardware_args, prepare_model, resolve_hardware
+from utils.hardware import (Hardware, add_hardware_args, cpu_bf16_note, prepare_model,
+                            resolve_hardware)
 from utils.losses import LOSSES
 from utils.lr_scheduler import SCHEDULERS
 from utils.saver import CHECKPOINT_NAME, CheckpointError, Saver, load_checkpoint
@@ -351,6 +352,9 @@ def main(args: argparse.Namespace) -> dict:
     try:
         hardware = resolve_hardware(no_cuda=args.no_cuda, gpu_ids=args.gpu_ids, amp=args.amp,
                                     channels_last=args.channels_last, context=context)
+        note = cpu_bf16_note(args.amp, hardware.device, measure_with="python -m bench.train_step")
+        if note and context.is_main:
+            print(note)
         torch.manual_seed(args.seed)
         checkpoint = read_checkpoint(args.resume)
         train_set, val_set = build_datasets(args, context)

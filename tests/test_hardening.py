@@ -1,6 +1,6 @@
 """Faults that hit real clusters, tested through their decision logic on the CPU: DataParallel
-chunks, agreed skips under DDP, the autocast dtype per GPU generation, cudnn tuning during
-evaluation, the process-group timeout and the classifier's initial loss."""
+chunks, agreed skips under DDP, the autocast dtype per GPU generation (and fp32 on every CPU),
+cudnn tuning during evaluation, the process-group timeout and the classifier's initial loss."""
 from __future__ import annotations
 
 import datetime
@@ -12,14 +12,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import inference
 import train
 from modeling.deeplab import DeepLab
-from utils import distributed
+from utils import distributed, hardware
 from utils.distributed import DistributedContext
 from utils.engine import evaluate, step_batch
 from utils.errors import UserError
-from utils.hardware import (Hardware, auto_amp_dtype, dataparallel_chunks, resolve_amp,
-                            usable_batch_size)
+from utils.hardware import (Hardware, auto_amp_dtype, cpu_bf16_note, dataparallel_chunks,
+                            resolve_amp, resolve_hardware, usable_batch_size)
 
 CPU = Hardware(device=torch.device("cpu"), gpu_ids=[], amp_dtype=None, channels_last=False)
 
@@ -121,9 +122,46 @@ def test_amp_auto_picks_native_bf16_only_from_ampere_on(capability, dtype, monke
     assert resolve_amp("off", torch.device("cuda", 0)) is None
 
 
-def test_amp_auto_on_cpus():
-    assert auto_amp_dtype("cpu", cpu_bf16=True) is torch.bfloat16
-    assert auto_amp_dtype("cpu", cpu_bf16=False) is None
+def test_amp_auto_is_fp32_on_every_cpu(cpu_bf16):
+    # Whatever the CPU reports (bf16 changes masks, and was slower on AVX512-BF16 without AMX).
+    cpu = torch.device("cpu")
+    assert auto_amp_dtype("cpu") is None
+    assert resolve_amp("auto", cpu) is None
+    assert resolve_amp("off", cpu) is None
+    assert resolve_amp("bf16", cpu) is torch.bfloat16  # the opt-in
+    assert train.get_args_parser().parse_args([]).amp == "auto"
+    assert inference.get_args_parser().parse_args(["--in-path", "x"]).amp == "auto"
+    # Training, evaluation and inference all take their precision from here.
+    resolved = resolve_hardware(no_cuda=True, gpu_ids=None, amp="auto", channels_last=None,
+                                context=DistributedContext())
+    assert resolved.device.type == "cpu" and resolved.amp_dtype is None
+
+
+def test_a_cpu_with_amx_is_told_how_to_measure_bf16(cpu_bf16):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    note = cpu_bf16_note("auto", cpu, measure_with="python -m bench.train_step")
+    if cpu_bf16:  # the fixture reports AMX along with bf16
+        assert "--amp bf16" in note and "python -m bench.train_step" in note
+        assert len(note.splitlines()) == 1
+    else:
+        assert note is None
+    # Nothing to say once the user chose, nor on a GPU.
+    for amp, device in (("bf16", cpu), ("off", cpu), ("auto", gpu)):
+        assert cpu_bf16_note(amp, device, measure_with="x") is None
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("flags\t\t: fpu avx512_bf16 amx_bf16 amx_tile amx_int8", True),  # a Sapphire Rapids Xeon
+    ("flags\t\t: fpu avx2 avx512f avx512_bf16", False),  # AVX512-BF16 only
+])
+def test_amx_is_read_from_the_cpu_flags(flags, expected, tmp_path, monkeypatch):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: some CPU\n{flags}\n\n")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    monkeypatch.setattr(hardware, "CPUINFO", str(cpuinfo))
+    assert hardware.cpu_has_amx() is expected
+    monkeypatch.setattr(hardware, "CPUINFO", str(tmp_path / "absent"))
+    assert hardware.cpu_has_amx() is False
 
 
 # ------------------------------------------------------------------ 6. no cudnn tuning in eval
