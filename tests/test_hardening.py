@@ -1,11 +1,13 @@
 """Faults that hit real clusters, tested through their decision logic on the CPU: DataParallel
 chunks, agreed skips under DDP, the autocast dtype per GPU generation (and fp32 on every CPU),
-cudnn tuning during evaluation, the process-group timeout and the classifier's initial loss."""
+the dtype of DataParallel's replicas, cudnn tuning during evaluation, the
+process-group timeout and the classifier's initial loss."""
 from __future__ import annotations
 
 import datetime
 import math
 import socket
+import threading
 
 import pytest
 import torch
@@ -19,8 +21,9 @@ from utils import distributed, hardware
 from utils.distributed import DistributedContext
 from utils.engine import evaluate, step_batch
 from utils.errors import UserError
-from utils.hardware import (Hardware, auto_amp_dtype, cpu_bf16_note, dataparallel_chunks,
-                            resolve_amp, resolve_hardware, usable_batch_size)
+from utils.hardware import (AutocastReplica, Hardware, auto_amp_dtype, cpu_bf16_note,
+                            dataparallel_chunks, prepare_model, resolve_amp, resolve_hardware,
+                            usable_batch_size)
 
 CPU = Hardware(device=torch.device("cpu"), gpu_ids=[], amp_dtype=None, channels_last=False)
 
@@ -162,6 +165,43 @@ def test_amx_is_read_from_the_cpu_flags(flags, expected, tmp_path, monkeypatch):
     assert hardware.cpu_has_amx() is expected
     monkeypatch.setattr(hardware, "CPUINFO", str(tmp_path / "absent"))
     assert hardware.cpu_has_amx() is False
+
+
+# ------------------------------------------------------------------ 4. DataParallel replica dtype
+
+
+@pytest.mark.parametrize("chosen, thread_default", [(torch.bfloat16, torch.float16),
+                                                    (torch.float16, torch.bfloat16)])
+def test_dataparallel_replicas_compute_in_the_chosen_dtype(chosen, thread_default):
+    conv = torch.nn.Conv2d(3, 2, 1)
+    two_gpus = Hardware(device=torch.device("cpu"), gpu_ids=[0, 1], amp_dtype=chosen,
+                        channels_last=False)
+    model, plain, _ = prepare_model(conv, two_gpus, context=DistributedContext(), sync_bn=None,
+                                    compile_model=False)
+    assert isinstance(model, torch.nn.DataParallel) and plain is conv
+    assert list(plain.state_dict()) == ["weight", "bias"]  # checkpoints keep their keys
+    seen = {}
+
+    def replica_thread() -> None:
+        # What parallel_apply does in each replica's thread: autocast re-entered with `enabled`
+        # only, so the dtype is the thread's default (CUDA's is fp16).
+        torch.set_autocast_dtype("cpu", thread_default)
+        with torch.autocast("cpu", enabled=True):
+            seen["dtype"] = model.module(torch.randn(2, 3, 4, 4)).dtype
+
+    thread = threading.Thread(target=replica_thread)
+    thread.start()
+    thread.join()
+    assert seen["dtype"] is chosen
+
+
+def test_dataparallel_in_fp32_is_not_wrapped():
+    conv = torch.nn.Conv2d(3, 2, 1)
+    two_gpus = Hardware(device=torch.device("cpu"), gpu_ids=[0, 1], amp_dtype=None,
+                        channels_last=False)
+    model, _, _ = prepare_model(conv, two_gpus, context=DistributedContext(), sync_bn=None,
+                                compile_model=False)
+    assert model.module is conv and not isinstance(model.module, AutocastReplica)
 
 
 # ------------------------------------------------------------------ 6. no cudnn tuning in eval

@@ -211,6 +211,25 @@ def resolve_hardware(
     )
 
 
+class AutocastReplica(nn.Module):
+    """Runs ``module`` under autocast in ``dtype``, whatever thread calls it.
+
+    DataParallel's ``parallel_apply`` re-enters autocast in each replica's thread with
+    ``enabled`` only, so the dtype there falls back to the device's default (fp16 on CUDA): a
+    bf16 run would compute its replicas in fp16, without a GradScaler. Only the DataParallel
+    wrapper holds this module; checkpoints save the plain model, so their keys do not change.
+    """
+
+    def __init__(self, module: nn.Module, *, device_type: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.module = module
+        self.device_type, self.dtype = device_type, dtype
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.module(*inputs, **kwargs)
+
+
 def prepare_model(
     model: nn.Module,
     hardware: Hardware,
@@ -248,6 +267,9 @@ def prepare_model(
     if context.enabled:
         model = nn.parallel.DistributedDataParallel(model, device_ids=hardware.gpu_ids or None)
     elif len(hardware.gpu_ids) > 1:
+        if hardware.amp_dtype is not None:
+            model = AutocastReplica(model, device_type=hardware.device.type,
+                                    dtype=hardware.amp_dtype)
         model = nn.DataParallel(model, device_ids=hardware.gpu_ids)
     if compile_model:
         model = torch.compile(model)
