@@ -36,7 +36,8 @@ from utils.distributed import DistributedContext, cleanup, init_distributed
 from utils.engines import (ENGINE_CHOICES, Engine, engine_from_model, engine_from_onnx,
                            resolve_engine)
 from utils.errors import UserError
-from utils.hardware import Hardware, add_hardware_args, cpu_bf16_note, resolve_hardware
+from utils.hardware import (Hardware, add_hardware_args, cpu_bf16_note, cudnn_benchmark,
+                            resolve_hardware)
 from utils.outputs import (IMAGE_FORMATS, OUTPUT_KINDS, already_written, parse_kinds,
                            plan_outputs, write_outputs)
 from utils.saver import CheckpointError, load_checkpoint
@@ -330,7 +331,8 @@ def run(args: argparse.Namespace, samples: Iterable[dict[str, Any]], hardware: H
     progress = tqdm(samples, total=len(plans), desc=f"inference ({engine_name})",
                     disable=not show_progress, dynamic_ncols=True)
     try:
-        with torch.inference_mode():
+        # No cuDNN autotuning: nearly every photo has its own size, and would be tuned anew.
+        with torch.inference_mode(), cudnn_benchmark(False):
             bad = predict_all(progress, predictor, writer, needs_image)
     finally:
         writer.close()

@@ -39,7 +39,7 @@ from dataloader.custom_transforms import Normalize, pil_to_uint8_tensor  # noqa:
 from dataloader.images import list_inputs  # noqa: E402
 from dataloader.utils import load_image  # noqa: E402
 from modeling.predict import predict_labels  # noqa: E402
-from utils.hardware import resolve_hardware  # noqa: E402
+from utils.hardware import cudnn_benchmark, resolve_hardware  # noqa: E402
 from utils.distributed import DistributedContext  # noqa: E402
 
 BASELINE = "baseline"
@@ -112,7 +112,7 @@ def load_runner(config: str, ckpt: str):
 
     def predict(pixels: torch.Tensor) -> torch.Tensor:
         image = hardware.images(normalize(pixels[None].to(hardware.device)))
-        with torch.inference_mode():
+        with torch.inference_mode(), cudnn_benchmark(False):  # as inference.py predicts
             return predict_labels(engine, image, tuple(pixels.shape[-2:])).cpu()[0]
 
     return predict

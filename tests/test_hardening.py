@@ -1,6 +1,6 @@
 """Faults that hit real clusters, tested through their decision logic on the CPU: DataParallel
 chunks, agreed skips under DDP, the autocast dtype per GPU generation (and fp32 on every CPU),
-the dtype of DataParallel's replicas, cudnn tuning during evaluation, the
+the dtype of DataParallel's replicas, cudnn tuning during evaluation and inference, the
 process-group timeout and the classifier's initial loss."""
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 
 import inference
 import train
@@ -228,6 +229,30 @@ def test_evaluation_turns_cudnn_benchmark_off_and_restores_it(monkeypatch):
     assert model.seen == [False, False, False]
     assert torch.backends.cudnn.benchmark is True
     assert evaluator.confusion_matrix.sum().item() == 5 * 7 + 6 * 7 + 7 * 7
+
+
+def test_inference_turns_cudnn_benchmark_off_and_restores_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    seen: list[bool] = []
+
+    def engine(image: torch.Tensor) -> dict[str, torch.Tensor]:
+        seen.append(torch.backends.cudnn.benchmark)
+        logits = torch.zeros(image.shape[0], 2, *image.shape[-2:])
+        logits[:, 1] = 1.0  # class 1 everywhere
+        return {"out": logits}
+
+    settings = {"mean": [0.5] * 3, "std": [0.25] * 3, "palette": [[0, 0, 0], [255, 0, 0]]}
+    monkeypatch.setattr(inference, "load_engine", lambda args, hardware: (engine, settings,
+                                                                          "torch"))
+    (tmp_path / "in").mkdir()
+    for index, size in enumerate([(9, 7), (8, 6)]):  # two sizes: tuning would run twice
+        Image.new("RGB", size, (10, 20, 30)).save(tmp_path / "in" / f"{index}.png")
+    assert inference.cli(["--in-path", str(tmp_path / "in"), "--out-path", str(tmp_path / "out"),
+                          "--workers", "0", "--no-cuda"]) == 0
+    assert seen == [False, False]
+    assert torch.backends.cudnn.benchmark is True
+    with Image.open(tmp_path / "out" / "0.png") as mask:
+        assert mask.size == (9, 7) and mask.getextrema() == (1, 1)
 
 
 # ------------------------------------------------------------------ 7. process-group timeout
