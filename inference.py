@@ -73,7 +73,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="checkpoint written by train.py, or an .onnx file from export.py")
     model.add_argument("--engine", default="auto", choices=ENGINE_CHOICES,
                        help="runtime; auto: torch on GPUs, else openvino, onnxruntime or torch, "
-                            "the first installed")
+                            "the first installed; for an .onnx file onnxruntime on GPUs (its "
+                            "CUDA build), else openvino or onnxruntime")
     add_hardware_args(model, channels_last=True)  # --channels-last, --compile: --engine torch
     model.add_argument("--batch-size", type=int, default=1,
                        help="images per model call; only images of one size are batched")
@@ -116,9 +117,10 @@ def check_flags(args: argparse.Namespace) -> list[str]:
 
 def load_engine(args: argparse.Namespace, hardware: Hardware) -> tuple[Engine, dict, str]:
     """The runtime running ``--ckpt`` and the model's settings; returns the engine's name too."""
-    engine_name = resolve_engine(args.engine, hardware.device)
+    onnx_file = args.ckpt.lower().endswith(".onnx")
+    engine_name = resolve_engine(args.engine, hardware.device, onnx_file=onnx_file)
     amp_explicit = args.amp not in ("auto", "off")
-    if args.ckpt.lower().endswith(".onnx"):
+    if onnx_file:
         engine, settings = engine_from_onnx(engine_name, args.ckpt, hardware,
                                             amp_explicit=amp_explicit)
         return engine, settings, engine_name

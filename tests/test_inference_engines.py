@@ -15,7 +15,9 @@ from dataloader.custom_transforms import Normalize, pil_to_uint8_tensor
 from dataloader.utils import load_image
 from inference_testing import make_checkpoint, read_mask, write_image
 from modeling.deeplab import DeepLab
-from utils.engines import OnnxRuntimeEngine, OpenVinoEngine
+from utils.engines import OnnxRuntimeEngine, OpenVinoEngine, resolve_engine
+from utils.errors import UserError
+from utils.hardware import Hardware
 
 pytestmark = pytest.mark.slow
 INSTALL = "pip install -r requirements-deploy.txt (make test installs it)"
@@ -125,6 +127,45 @@ def test_the_default_precision_is_fp32_whatever_the_cpu_reports(exported, tmp_pa
         assert agreement == 1.0
     else:  # the default engine: fp32 in another runtime
         assert agreement >= 0.999
+
+
+@pytest.mark.parametrize("cuda_onnxruntime, expected", [(True, "onnxruntime"),
+                                                        (False, "openvino")])
+def test_an_onnx_file_runs_by_default_on_a_gpu_machine(exported, tmp_path, monkeypatch,
+                                                       cuda_onnxruntime, expected):
+    """--engine auto on a GPU machine picks PyTorch for checkpoints, which cannot run an ONNX
+    file: that goes to onnxruntime's CUDA build where it is installed, else to OpenVINO (CPU),
+    in fp32 even where --amp auto chose bf16 for the GPU."""
+    import onnxruntime
+
+    providers = ["CUDAExecutionProvider"] * cuda_onnxruntime + ["CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: providers)
+    gpu = torch.device("cuda", 0)
+    assert resolve_engine("auto", gpu) == "torch"
+    assert resolve_engine("auto", gpu, onnx_file=True) == expected
+    # The engine really runs: built for a (pretended) Ampere GPU, on this machine's CPU.
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr("utils.engines.onnxruntime_has_cuda", lambda: cuda_onnxruntime)
+    hardware = Hardware(device=gpu, gpu_ids=[0], amp_dtype=torch.bfloat16, channels_last=True)
+    args = inference.get_args_parser().parse_args(["--in-path", ".", "--ckpt",
+                                                   str(exported["onnx"])])
+    engine, settings, name = inference.load_engine(args, hardware)
+    assert name == expected and settings["num_classes"] == 21
+    if name == "openvino":
+        import openvino
+
+        assert engine.compiled.get_property("INFERENCE_PRECISION_HINT") == openvino.Type.f32
+    image = torch.randn(1, 3, 40, 48, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected_labels = exported["model"](image)["out"].argmax(1)
+    assert agreement(engine(image)["out"].argmax(1), expected_labels) >= 0.999
+
+
+def test_an_onnx_file_without_a_runtime_is_one_line(monkeypatch):
+    monkeypatch.setattr("utils.engines.is_installed", lambda name: name == "torch")
+    with pytest.raises(UserError, match="requirements-deploy.txt"):
+        resolve_engine("auto", torch.device("cpu"), onnx_file=True)
+    assert resolve_engine("auto", torch.device("cpu")) == "torch"
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the legacy exporter, on purpose
