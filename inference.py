@@ -34,7 +34,8 @@ from deploy.predictor import Predictor, display_pixels, load_engine, predict_all
 from modeling.predict import DEFAULT_TILE, TILE_PIXEL_BUDGET
 from utils.distributed import DistributedContext, cleanup, init_distributed
 from utils.errors import UserError
-from utils.hardware import Hardware, add_hardware_args, resolve_hardware
+from utils.hardware import (Hardware, add_hardware_args, cpu_bf16_note, cudnn_benchmark,
+                            resolve_hardware)
 
 DEFAULT_CKPT = "modeling/deeplab-resnet.pth.tar"
 
@@ -67,7 +68,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="checkpoint written by train.py, or an .onnx file from export.py")
     model.add_argument("--engine", default="auto", choices=ENGINE_CHOICES,
                        help="runtime; auto: torch on GPUs, else openvino, onnxruntime or torch, "
-                            "the first installed")
+                            "the first installed; for an .onnx file onnxruntime on GPUs (its "
+                            "CUDA build), else openvino or onnxruntime")
     add_hardware_args(model, channels_last=True)  # --channels-last, --compile: --engine torch
     model.add_argument("--batch-size", type=int, default=1,
                        help="images per model call; only images of one size are batched")
@@ -156,6 +158,11 @@ def run(args: argparse.Namespace, samples: Iterable[dict[str, Any]], hardware: H
         tqdm.write("note: running PyTorch; on CPUs OpenVINO or onnxruntime are faster "
                    "(python -m bench.inference), and OpenVINO runs export.py --int8 files: "
                    "pip install -r requirements-deploy.txt", file=sys.stderr)
+    note = cpu_bf16_note(args.amp, hardware.device, measure_with=(
+        "python -m bench.inference --ckpt CKPT --images SOME --configs auto torch:bf16 "
+        "openvino:bf16 --no-whole"))
+    if note and show_progress:
+        tqdm.write(note, file=sys.stderr)
     if engine_name != "torch":
         hardware.channels_last = False  # the ONNX runtimes take plain NCHW arrays
     predictor = Predictor(engine=engine, hardware=hardware,
@@ -173,7 +180,8 @@ def run(args: argparse.Namespace, samples: Iterable[dict[str, Any]], hardware: H
     progress = tqdm(samples, total=len(plans), desc=f"inference ({engine_name})",
                     disable=not show_progress, dynamic_ncols=True)
     try:
-        with torch.inference_mode():
+        # No cuDNN autotuning: nearly every photo has its own size, and would be tuned anew.
+        with torch.inference_mode(), cudnn_benchmark(False):
             bad = predict_all(progress, predictor, emit,
                               on_error=lambda message: report_error(f"{message}; skipped"))
     finally:

@@ -42,8 +42,8 @@ from utils.distributed import (DEFAULT_TIMEOUT_MINUTES, DistributedContext, any_
                                main_process_first, ranks_in_sync)
 from utils.errors import UserError
 from utils.fileio import atomic_write_text
-from utils.hardware import (Hardware, add_hardware_args, cudnn_benchmark, prepare_model,
-                            resolve_hardware, usable_batch_size)
+from utils.hardware import (Hardware, add_hardware_args, cpu_bf16_note, cudnn_benchmark,
+                            prepare_model, resolve_hardware, usable_batch_size)
 from utils.losses import LOSSES, NonFiniteLoss, OutputsLoss, build_loss
 from utils.lr_scheduler import SCHEDULERS, build_lr_scheduler
 from utils.metrics import Evaluator
@@ -376,6 +376,9 @@ def main(args: argparse.Namespace) -> dict:
     try:
         hardware = resolve_hardware(no_cuda=args.no_cuda, gpu_ids=args.gpu_ids, amp=args.amp,
                                     channels_last=args.channels_last, context=context)
+        note = cpu_bf16_note(args.amp, hardware.device, measure_with="python -m bench.train_step")
+        if note and context.is_main:
+            print(note)
         torch.manual_seed(args.seed)
         checkpoint = read_checkpoint(args.resume)
         train_set, val_set = build_datasets(args, context)

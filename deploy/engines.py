@@ -19,10 +19,9 @@ from deploy.onnx_model import INPUT_NAME, OUTPUT_NAME, export_onnx, settings_fro
 
 ENGINES = ("torch", "onnxruntime", "openvino")
 ENGINE_CHOICES = ("auto",) + ENGINES
-#: On this AVX2 CPU the ONNX runtimes ran ResNet-101 1.15-1.3x as fast as PyTorch fp32
-#: (bench/inference.py, quiet machine); OpenVINO comes first because it also runs the int8 files
-#: of ``export.py --int8`` about twice as fast as fp32 (bench/inference.py --configs
-#: openvino:int8 onnxruntime:int8).
+#: OpenVINO first: on the CPUs measured (README, Results) the ONNX runtimes ran faster than
+#: PyTorch fp32, and OpenVINO also runs the int8 files of ``export.py --int8``
+#: (``python -m bench.inference --configs openvino:int8 onnxruntime:int8`` measures yours).
 CPU_PREFERENCE = ("openvino", "onnxruntime", "torch")
 _PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
 
@@ -34,13 +33,34 @@ def is_installed(engine: str) -> bool:
     return engine == "torch" or importlib.util.find_spec(_PACKAGES[engine]) is not None
 
 
-def resolve_engine(engine: str, device: torch.device) -> str:
-    """``auto``: PyTorch on GPUs, else the first installed of :data:`CPU_PREFERENCE`.
+def onnxruntime_has_cuda() -> bool:
+    """Whether the installed onnxruntime is the build with the CUDA provider."""
+    if not is_installed("onnxruntime"):
+        return False
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def resolve_engine(engine: str, device: torch.device, *, onnx_file: bool = False) -> str:
+    """``auto``: PyTorch on GPUs, else the first installed of :data:`CPU_PREFERENCE`. An ONNX
+    file (``onnx_file``), which PyTorch cannot run, goes to onnxruntime on GPUs where its CUDA
+    build is installed, else to the first installed of OpenVINO and onnxruntime on the CPU.
 
     Raises:
-        UserError: the named engine's package is not installed (the line says how to install).
+        UserError: the named engine's package is not installed, or no ONNX runtime is for an
+            ONNX file (the line says how to install).
     """
     if engine == "auto":
+        if onnx_file:
+            if device.type == "cuda" and onnxruntime_has_cuda():
+                return "onnxruntime"
+            runtimes = [name for name in CPU_PREFERENCE if name != "torch" and is_installed(name)]
+            if not runtimes:
+                raise UserError("an ONNX file runs with onnxruntime or OpenVINO, and neither is "
+                                "installed: pip install -r requirements-deploy.txt -c "
+                                "constraints.txt, or pass the .pth.tar checkpoint")
+            return runtimes[0]
         if device.type == "cuda":
             return "torch"
         return next(name for name in CPU_PREFERENCE if is_installed(name))
@@ -130,7 +150,9 @@ def onnx_engine(name: str, model: str | bytes, hardware: Hardware, *,
             raise UserError("--engine onnxruntime runs in fp32: use --amp off (or auto), or "
                             "--engine openvino / torch for bf16")
         return OnnxRuntimeEngine(model, threads=threads, use_cuda=hardware.device.type == "cuda")
-    return OpenVinoEngine(model, threads=threads, amp_dtype=hardware.amp_dtype)
+    # OpenVINO computes on the CPU even on a GPU machine, where --amp auto's choice is the GPU's.
+    return OpenVinoEngine(model, threads=threads,
+                          amp_dtype=hardware.amp_dtype if amp_explicit else None)
 
 
 def engine_from_onnx(name: str, path: str, hardware: Hardware, *,

@@ -23,7 +23,7 @@ from modeling.predict import (DEFAULT_TILE, TILE_PIXEL_BUDGET, predict_labels,
                               predict_labels_tiled)
 from utils.distributed import DistributedContext
 from utils.errors import UserError
-from utils.hardware import Hardware, resolve_hardware
+from utils.hardware import Hardware, cudnn_benchmark, resolve_hardware
 from utils.saver import CheckpointError, load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -42,8 +42,9 @@ def load_engine(ckpt: str, hardware: Hardware, *, engine: str = "auto",
     Raises:
         UserError: a missing or unreadable file, or an engine that cannot run it.
     """
-    engine_name = resolve_engine(engine, hardware.device)
-    if ckpt.lower().endswith(".onnx"):
+    onnx_file = ckpt.lower().endswith(".onnx")
+    engine_name = resolve_engine(engine, hardware.device, onnx_file=onnx_file)
+    if onnx_file:
         runtime, settings = engine_from_onnx(engine_name, ckpt, hardware,
                                              amp_explicit=amp_explicit)
         return runtime, settings, engine_name
@@ -126,12 +127,13 @@ class Predictor:
                 labels[None, None].float(), size=sample["size"], mode="nearest")[0, 0]
         return labels.to(torch.uint8)
 
-    @torch.inference_mode()
     def predict(self, image: torch.Tensor) -> torch.Tensor:
         """``(H, W)`` uint8 class ids of one uint8 ``(3, H, W)`` RGB image."""
         sample = {"image": image, "size": tuple(image.shape[-2:])}
         tile = self.window(image)
-        return self.windowed(sample, tile) if tile is not None else self.whole([sample])[0]
+        # No cuDNN autotuning: nearly every photo has its own size, and would be tuned anew.
+        with torch.inference_mode(), cudnn_benchmark(False):
+            return self.windowed(sample, tile) if tile is not None else self.whole([sample])[0]
 
 
 def display_pixels(sample: dict[str, Any]) -> torch.Tensor:

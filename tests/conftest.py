@@ -13,7 +13,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from utils import hardware
 
 
 def rectangle(x0: float, y0: float, x1: float, y1: float) -> list[float]:
@@ -137,3 +140,15 @@ def private_caches(tmp_path_factory: pytest.TempPathFactory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DEEPLAB_CACHE_DIR", str(tmp_path_factory.mktemp("deeplab-cache")))
         yield
+
+
+@pytest.fixture(params=[False, True], ids=["cpu-without-bf16", "cpu-with-bf16-and-amx"])
+def cpu_bf16(request, monkeypatch) -> bool:
+    """This CPU reports native bf16 (AVX512-BF16 and AMX) or none, whatever it really has, so a
+    test of a default that could follow the CPU runs the same assertions on every CI machine."""
+    reports = request.param
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: reports)
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: reports, raising=False)
+    monkeypatch.setattr(hardware, "cpu_has_amx", lambda: reports)
+    return reports

@@ -1,24 +1,29 @@
 """Faults that hit real clusters, tested through their decision logic on the CPU: DataParallel
-chunks, agreed skips under DDP, the autocast dtype per GPU generation, cudnn tuning during
-evaluation, the process-group timeout and the classifier's initial loss."""
+chunks, agreed skips under DDP, the autocast dtype per GPU generation (and fp32 on every CPU),
+the dtype of DataParallel's replicas, cudnn tuning during evaluation and inference, the
+process-group timeout and the classifier's initial loss."""
 from __future__ import annotations
 
 import datetime
 import math
 import socket
+import threading
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 
+import inference
 import train
 from modeling.deeplab import DeepLab
-from utils import distributed
+from utils import distributed, hardware
 from utils.distributed import DistributedContext
 from train import evaluate, step_batch
 from utils.errors import UserError
-from utils.hardware import (Hardware, auto_amp_dtype, dataparallel_chunks, resolve_amp,
+from utils.hardware import (AutocastReplica, Hardware, auto_amp_dtype, cpu_bf16_note,
+                            dataparallel_chunks, prepare_model, resolve_amp, resolve_hardware,
                             usable_batch_size)
 
 CPU = Hardware(device=torch.device("cpu"), gpu_ids=[], amp_dtype=None, channels_last=False)
@@ -121,9 +126,83 @@ def test_amp_auto_picks_native_bf16_only_from_ampere_on(capability, dtype, monke
     assert resolve_amp("off", torch.device("cuda", 0)) is None
 
 
-def test_amp_auto_on_cpus():
-    assert auto_amp_dtype("cpu", cpu_bf16=True) is torch.bfloat16
-    assert auto_amp_dtype("cpu", cpu_bf16=False) is None
+def test_amp_auto_is_fp32_on_every_cpu(cpu_bf16):
+    # Whatever the CPU reports (bf16 changes masks, and was slower on AVX512-BF16 without AMX).
+    cpu = torch.device("cpu")
+    assert auto_amp_dtype("cpu") is None
+    assert resolve_amp("auto", cpu) is None
+    assert resolve_amp("off", cpu) is None
+    assert resolve_amp("bf16", cpu) is torch.bfloat16  # the opt-in
+    assert train.get_args_parser().parse_args([]).amp == "auto"
+    assert inference.get_args_parser().parse_args(["--in-path", "x"]).amp == "auto"
+    # Training, evaluation and inference all take their precision from here.
+    resolved = resolve_hardware(no_cuda=True, gpu_ids=None, amp="auto", channels_last=None,
+                                context=DistributedContext())
+    assert resolved.device.type == "cpu" and resolved.amp_dtype is None
+
+
+def test_a_cpu_with_amx_is_told_how_to_measure_bf16(cpu_bf16):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    note = cpu_bf16_note("auto", cpu, measure_with="python -m bench.train_step")
+    if cpu_bf16:  # the fixture reports AMX along with bf16
+        assert "--amp bf16" in note and "python -m bench.train_step" in note
+        assert len(note.splitlines()) == 1
+    else:
+        assert note is None
+    # Nothing to say once the user chose, nor on a GPU.
+    for amp, device in (("bf16", cpu), ("off", cpu), ("auto", gpu)):
+        assert cpu_bf16_note(amp, device, measure_with="x") is None
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("flags\t\t: fpu avx512_bf16 amx_bf16 amx_tile amx_int8", True),  # a Sapphire Rapids Xeon
+    ("flags\t\t: fpu avx2 avx512f avx512_bf16", False),  # AVX512-BF16 only
+])
+def test_amx_is_read_from_the_cpu_flags(flags, expected, tmp_path, monkeypatch):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: some CPU\n{flags}\n\n")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    monkeypatch.setattr(hardware, "CPUINFO", str(cpuinfo))
+    assert hardware.cpu_has_amx() is expected
+    monkeypatch.setattr(hardware, "CPUINFO", str(tmp_path / "absent"))
+    assert hardware.cpu_has_amx() is False
+
+
+# ------------------------------------------------------------------ 4. DataParallel replica dtype
+
+
+@pytest.mark.parametrize("chosen, thread_default", [(torch.bfloat16, torch.float16),
+                                                    (torch.float16, torch.bfloat16)])
+def test_dataparallel_replicas_compute_in_the_chosen_dtype(chosen, thread_default):
+    conv = torch.nn.Conv2d(3, 2, 1)
+    two_gpus = Hardware(device=torch.device("cpu"), gpu_ids=[0, 1], amp_dtype=chosen,
+                        channels_last=False)
+    model, plain, _ = prepare_model(conv, two_gpus, context=DistributedContext(), sync_bn=None,
+                                    compile_model=False)
+    assert isinstance(model, torch.nn.DataParallel) and plain is conv
+    assert list(plain.state_dict()) == ["weight", "bias"]  # checkpoints keep their keys
+    seen = {}
+
+    def replica_thread() -> None:
+        # What parallel_apply does in each replica's thread: autocast re-entered with `enabled`
+        # only, so the dtype is the thread's default (CUDA's is fp16).
+        torch.set_autocast_dtype("cpu", thread_default)
+        with torch.autocast("cpu", enabled=True):
+            seen["dtype"] = model.module(torch.randn(2, 3, 4, 4)).dtype
+
+    thread = threading.Thread(target=replica_thread)
+    thread.start()
+    thread.join()
+    assert seen["dtype"] is chosen
+
+
+def test_dataparallel_in_fp32_is_not_wrapped():
+    conv = torch.nn.Conv2d(3, 2, 1)
+    two_gpus = Hardware(device=torch.device("cpu"), gpu_ids=[0, 1], amp_dtype=None,
+                        channels_last=False)
+    model, _, _ = prepare_model(conv, two_gpus, context=DistributedContext(), sync_bn=None,
+                                compile_model=False)
+    assert model.module is conv and not isinstance(model.module, AutocastReplica)
 
 
 # ------------------------------------------------------------------ 6. no cudnn tuning in eval
@@ -152,6 +231,30 @@ def test_evaluation_turns_cudnn_benchmark_off_and_restores_it(monkeypatch):
     assert evaluator.confusion_matrix.sum().item() == 5 * 7 + 6 * 7 + 7 * 7
 
 
+def test_inference_turns_cudnn_benchmark_off_and_restores_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    seen: list[bool] = []
+
+    def engine(image: torch.Tensor) -> dict[str, torch.Tensor]:
+        seen.append(torch.backends.cudnn.benchmark)
+        logits = torch.zeros(image.shape[0], 2, *image.shape[-2:])
+        logits[:, 1] = 1.0  # class 1 everywhere
+        return {"out": logits}
+
+    settings = {"mean": [0.5] * 3, "std": [0.25] * 3, "palette": [[0, 0, 0], [255, 0, 0]]}
+    monkeypatch.setattr(inference, "load_engine", lambda ckpt, hardware, **options: (
+        engine, settings, "torch"))
+    (tmp_path / "in").mkdir()
+    for index, size in enumerate([(9, 7), (8, 6)]):  # two sizes: tuning would run twice
+        Image.new("RGB", size, (10, 20, 30)).save(tmp_path / "in" / f"{index}.png")
+    assert inference.cli(["--in-path", str(tmp_path / "in"), "--out-path", str(tmp_path / "out"),
+                          "--workers", "0", "--no-cuda"]) == 0
+    assert seen == [False, False]
+    assert torch.backends.cudnn.benchmark is True
+    with Image.open(tmp_path / "out" / "0.png") as mask:
+        assert mask.size == (9, 7) and mask.getextrema() == (1, 1)
+
+
 # ------------------------------------------------------------------ 7. process-group timeout
 
 
@@ -163,7 +266,7 @@ def test_process_group_gets_a_timeout_longer_than_rank_zeros_first_start(monkeyp
     monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: seen.update(kwargs))
     context = distributed.init_distributed(use_cuda=False, timeout_minutes=90)
     assert context.rank == 1 and context.world_size == 2
-    assert seen == {"backend": "gloo", "timeout": datetime.timedelta(minutes=90)}
+    assert seen["backend"] == "gloo" and seen["timeout"] == datetime.timedelta(minutes=90)
     # The default is well past PyTorch's 10 minutes, and --dist-timeout sets it.
     assert train.get_args_parser().parse_args([]).dist_timeout == 60
     assert train.get_args_parser().parse_args(["--dist-timeout", "5"]).dist_timeout == 5

@@ -214,3 +214,14 @@ def test_user_errors_are_one_line(ckpt, tmp_path, capsys, monkeypatch):
     err = one_error_line(capsys)
     assert "openvino" in err and "pip install" in err
     assert not out.exists()
+
+
+def test_a_cpu_with_amx_hears_of_bf16_once_and_others_not(ckpt, tmp_path, capsys, cpu_bf16):
+    image = write_image(tmp_path / "a.png", 20, 20)
+    assert run(ckpt, image, tmp_path / "auto") == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "--amp bf16" in line]
+    assert len(notes) == (1 if cpu_bf16 else 0)  # the fixture's bf16 CPU has AMX
+    if cpu_bf16:
+        assert "python -m bench.inference" in notes[0]
+    assert run(ckpt, image, tmp_path / "bf16", "--amp", "bf16") == 0  # chosen: nothing to add
+    assert "--amp bf16" not in capsys.readouterr().err

@@ -15,7 +15,10 @@ from dataloader.custom_transforms import Normalize, pil_to_uint8_tensor
 from dataloader.utils import load_image
 from inference_testing import make_checkpoint, read_mask, write_image
 from modeling.deeplab import DeepLab
-from deploy.engines import OnnxRuntimeEngine, OpenVinoEngine
+from deploy.engines import OnnxRuntimeEngine, OpenVinoEngine, resolve_engine
+from deploy.predictor import load_engine
+from utils.errors import UserError
+from utils.hardware import Hardware
 
 pytestmark = pytest.mark.slow
 INSTALL = "pip install -r requirements-deploy.txt (make test installs it)"
@@ -89,9 +92,9 @@ def test_onnxruntime_agrees_with_pytorch_fp32_on_real_images(exported):
     assert same / total >= 0.999, same / total
 
 
-@pytest.mark.parametrize("ckpt_kind,engine", [("onnx", "onnxruntime"), ("onnx", "openvino"),
-                                              ("ckpt", "openvino"), ("ckpt", "auto")])
-def test_inference_runs_the_same_pipeline_on_every_engine(exported, tmp_path, ckpt_kind, engine):
+def masks_agreement(exported, tmp_path: Path, ckpt_kind: str, flags: list[str]) -> float:
+    """The share of pixels whose class ``inference.py --ckpt <ckpt_kind> FLAGS`` gives as
+    ``--engine torch --amp off`` does, on three generated images."""
     for seed, (width, height) in enumerate([(64, 48), (48, 64), (80, 60)]):
         write_image(tmp_path / "in" / f"{seed}.png", width, height, seed=seed)
     common = ["--in-path", str(tmp_path / "in"), "--workers", "0"]
@@ -99,13 +102,69 @@ def test_inference_runs_the_same_pipeline_on_every_engine(exported, tmp_path, ck
                                    str(exported["ckpt"]), "--engine", "torch", "--amp",
                                    "off"]) == 0
     assert inference.cli(common + ["--out-path", str(tmp_path / "other"), "--ckpt",
-                                   str(exported[ckpt_kind]), "--engine", engine]) == 0
+                                   str(exported[ckpt_kind]), *flags]) == 0
     same = total = 0
     for seed in range(3):
         expected = read_mask(tmp_path / "torch" / f"{seed}.png")
         got = read_mask(tmp_path / "other" / f"{seed}.png")
         same, total = same + int((got == expected).sum()), total + expected.size
-    assert same / total >= 0.999
+    return same / total
+
+
+@pytest.mark.parametrize("ckpt_kind,engine", [("onnx", "onnxruntime"), ("onnx", "openvino"),
+                                              ("ckpt", "openvino")])
+def test_inference_runs_the_same_pipeline_on_every_engine(exported, tmp_path, ckpt_kind, engine):
+    # fp32 against fp32: random weights leave a few near-ties that rounding may flip.
+    flags = ["--engine", engine, "--amp", "off"]
+    assert masks_agreement(exported, tmp_path, ckpt_kind, flags) >= 0.999
+
+
+@pytest.mark.parametrize("ckpt_kind,flags", [("ckpt", []), ("onnx", []),
+                                             ("ckpt", ["--engine", "torch"])])
+def test_the_default_precision_is_fp32_whatever_the_cpu_reports(exported, tmp_path, ckpt_kind,
+                                                                flags, cpu_bf16):
+    agreement = masks_agreement(exported, tmp_path, ckpt_kind, flags)
+    if flags:  # PyTorch in its default precision is exactly the fp32 run
+        assert agreement == 1.0
+    else:  # the default engine: fp32 in another runtime
+        assert agreement >= 0.999
+
+
+@pytest.mark.parametrize("cuda_onnxruntime, expected", [(True, "onnxruntime"),
+                                                        (False, "openvino")])
+def test_an_onnx_file_runs_by_default_on_a_gpu_machine(exported, tmp_path, monkeypatch,
+                                                       cuda_onnxruntime, expected):
+    """--engine auto on a GPU machine picks PyTorch for checkpoints, which cannot run an ONNX
+    file: that goes to onnxruntime's CUDA build where it is installed, else to OpenVINO (CPU),
+    in fp32 even where --amp auto chose bf16 for the GPU."""
+    import onnxruntime
+
+    providers = ["CUDAExecutionProvider"] * cuda_onnxruntime + ["CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: providers)
+    gpu = torch.device("cuda", 0)
+    assert resolve_engine("auto", gpu) == "torch"
+    assert resolve_engine("auto", gpu, onnx_file=True) == expected
+    # The engine really runs: built for a (pretended) Ampere GPU, on this machine's CPU.
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr("deploy.engines.onnxruntime_has_cuda", lambda: cuda_onnxruntime)
+    hardware = Hardware(device=gpu, gpu_ids=[0], amp_dtype=torch.bfloat16, channels_last=True)
+    engine, settings, name = load_engine(str(exported["onnx"]), hardware)
+    assert name == expected and settings["num_classes"] == 21
+    if name == "openvino":
+        import openvino
+
+        assert engine.compiled.get_property("INFERENCE_PRECISION_HINT") == openvino.Type.f32
+    image = torch.randn(1, 3, 40, 48, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected_labels = exported["model"](image)["out"].argmax(1)
+    assert agreement(engine(image)["out"].argmax(1), expected_labels) >= 0.999
+
+
+def test_an_onnx_file_without_a_runtime_is_one_line(monkeypatch):
+    monkeypatch.setattr("deploy.engines.is_installed", lambda name: name == "torch")
+    with pytest.raises(UserError, match="requirements-deploy.txt"):
+        resolve_engine("auto", torch.device("cpu"), onnx_file=True)
+    assert resolve_engine("auto", torch.device("cpu")) == "torch"
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the legacy exporter, on purpose

@@ -18,6 +18,7 @@ from utils.distributed import DistributedContext
 from utils.errors import UserError
 
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
+CPUINFO = "/proc/cpuinfo"  # Linux's CPU flags, where torch's own AMX check is missing
 
 
 def add_hardware_args(group: argparse._ArgumentGroup, *, channels_last: bool | None) -> None:
@@ -25,8 +26,8 @@ def add_hardware_args(group: argparse._ArgumentGroup, *, channels_last: bool | N
     ``--channels-last`` (default ``channels_last``; None means on for GPUs) and ``--compile``."""
     group.add_argument("--no-cuda", action="store_true", help="use the CPU even with a GPU")
     group.add_argument("--amp", default="auto", choices=AMP_CHOICES,
-                       help="precision; auto: bf16 on CPUs with native bf16 and GPUs of compute "
-                            "capability 8+, fp16 on older GPUs, else fp32")
+                       help="precision; auto: bf16 on GPUs of compute capability 8+, fp16 on "
+                            "older GPUs, fp32 on CPUs (bf16 there is an opt-in: --amp bf16)")
     group.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                        default=channels_last, help="channels_last memory format" + (
                            " (default: on for GPUs)" if channels_last is None else ""))
@@ -70,26 +71,46 @@ class Hardware:
                               enabled=self.amp_dtype is not None)
 
 
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 / AMX), where autocast pays off."""
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Xeon 4th generation and later), the one kind of CPU
+    where ``--amp bf16`` may beat fp32: AVX512-BF16 without AMX ran it slower (README)."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
+        if torch.cpu._is_amx_tile_supported():
+            return True
+    except (AttributeError, RuntimeError):  # a private helper: read the kernel's flags instead
+        pass
+    try:
+        with open(CPUINFO, encoding="utf-8") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "")
+    except OSError:
         return False
+    return bool({"amx_bf16", "amx_tile"} & set(flags.split()))
 
 
-def auto_amp_dtype(device_type: str, *, cuda_capability: tuple[int, int] | None = None,
-                   cpu_bf16: bool = False) -> torch.dtype | None:
-    """What ``--amp auto`` picks: bf16 where the hardware computes it natively (GPUs of compute
-    capability 8.0 and later, CPUs with AVX512-BF16 / AMX), fp16 on older GPUs, else fp32.
+def cpu_bf16_note(amp: str, device: torch.device, *, measure_with: str) -> str | None:
+    """One line for ``--amp auto`` on a CPU with AMX: fp32 was chosen, ``--amp bf16`` may be
+    faster there, and ``measure_with`` (a command) compares the two; None everywhere else."""
+    if amp != "auto" or device.type != "cpu" or not cpu_has_amx():
+        return None
+    return (f"note: --amp auto runs fp32 on CPUs; this one has AMX, where --amp bf16 may be "
+            f"faster (its masks differ slightly): measure both with `{measure_with}`")
+
+
+def auto_amp_dtype(device_type: str, *,
+                   cuda_capability: tuple[int, int] | None = None) -> torch.dtype | None:
+    """What ``--amp auto`` picks: bf16 on GPUs of compute capability 8.0 and later, fp16 on older
+    GPUs, fp32 (None) on CPUs.
 
     ``torch.cuda.is_bf16_supported()`` also counts emulated bf16, which on a V100 or T4
-    (capability 7.x) is far slower than fp16, so the capability decides.
+    (capability 7.x) is far slower than fp16, so the capability decides. On CPUs bf16 is an
+    opt-in whatever the CPU reports: it changes some pixels of the masks, and on a CPU with
+    AVX512-BF16 but no AMX it was slower than fp32 too, so a default that followed the CPU flag
+    would give different answers, slower, from one machine to the next.
     """
     if device_type == "cuda":
         return torch.bfloat16 if cuda_capability is not None and cuda_capability >= (8, 0) \
             else torch.float16
-    return torch.bfloat16 if cpu_bf16 else None
+    return None
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
@@ -108,7 +129,7 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
         raise UserError("--amp fp16 needs a GPU; use --amp bf16 or --amp off on the CPU")
     if amp == "bf16":
         return torch.bfloat16
-    return auto_amp_dtype("cpu", cpu_bf16=cpu_supports_bf16())
+    return auto_amp_dtype("cpu")
 
 
 @contextlib.contextmanager
@@ -190,6 +211,25 @@ def resolve_hardware(
     )
 
 
+class AutocastReplica(nn.Module):
+    """Runs ``module`` under autocast in ``dtype``, whatever thread calls it.
+
+    DataParallel's ``parallel_apply`` re-enters autocast in each replica's thread with
+    ``enabled`` only, so the dtype there falls back to the device's default (fp16 on CUDA): a
+    bf16 run would compute its replicas in fp16, without a GradScaler. Only the DataParallel
+    wrapper holds this module; checkpoints save the plain model, so their keys do not change.
+    """
+
+    def __init__(self, module: nn.Module, *, device_type: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.module = module
+        self.device_type, self.dtype = device_type, dtype
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.module(*inputs, **kwargs)
+
+
 def prepare_model(
     model: nn.Module,
     hardware: Hardware,
@@ -227,6 +267,9 @@ def prepare_model(
     if context.enabled:
         model = nn.parallel.DistributedDataParallel(model, device_ids=hardware.gpu_ids or None)
     elif len(hardware.gpu_ids) > 1:
+        if hardware.amp_dtype is not None:
+            model = AutocastReplica(model, device_type=hardware.device.type,
+                                    dtype=hardware.amp_dtype)
         model = nn.DataParallel(model, device_ids=hardware.gpu_ids)
     if compile_model:
         model = torch.compile(model)
