@@ -1,17 +1,17 @@
 """Post-training int8 quantization of an exported model with NNCF, OpenVINO's own quantizer.
 
-On a CPU without bf16 or int8-dot-product instructions (AVX2 only, as the 2-core test machine),
-fp32 DeepLabV3+ already runs close to the CPU's measured matrix-multiply rate
-(``bench/compute_ceiling.py``), so int8 is the one way to a large speed-up there. It is not
+On a CPU without bf16 or int8-dot-product instructions (AVX2 only), fp32 DeepLabV3+ already
+runs close to the CPU's measured matrix-multiply rate (``python -m bench.compute_ceiling``), so
+int8 is the one way to a large speed-up there. It is not
 free: quantized masks differ from fp32 masks on some pixels, how many depends on the model
 (pixels where two classes score nearly alike flip first). It is therefore never the default:
-``export.py --int8`` writes it on purpose, and ``bench/inference.py`` measures its agreement
+``export.py --int8`` writes it on purpose, and ``python -m bench.inference`` measures its agreement
 with fp32 on the user's own images.
 
 NNCF is used instead of onnxruntime's ``quantize_static`` because it corrects the bias that
 quantization adds to each layer: with the same calibration images, its masks differ from fp32 on
-about half as many pixels (``bench/quantizers.py``: 0.23% against 0.44% of 16 COCO val images
-for the ``make demo`` ResNet-18).
+fewer pixels (``python -m bench.quantizers``; README, Results: the NNCF against quantize_static
+row).
 """
 from __future__ import annotations
 

@@ -110,7 +110,7 @@ class DeepLab(nn.Module):
         """Rebuild the architecture and take ``state_dict``'s tensors as its weights.
 
         Built on the meta device, so no time is spent initialising weights that are replaced at
-        once (a second for ResNet-101 on a CPU); the tensors are used as they are (``assign``).
+        once (noticeable for ResNet-101 on a CPU); the tensors are used as they are (``assign``).
 
         Raises:
             RuntimeError: ``state_dict`` lacks a tensor of this architecture or has others.
