@@ -19,6 +19,7 @@ import train
 from bench.kill_test import Run, kill_test
 from dataloader.datasets.coco import COCOSegmentation
 from dataloader.datasets.demo import generate_demo_dataset
+from utils.fileio import FolderLock
 
 pytestmark = pytest.mark.slow
 
@@ -80,6 +81,167 @@ def wait_for_checkpoint(process: subprocess.Popen, path: Path, timeout: float = 
             process.kill()
             pytest.fail("no checkpoint within the timeout")
         time.sleep(0.02)
+
+
+def poly_lrs(lr: float, total: int, steps: range) -> list[float]:
+    """The poly schedule's rate for 1-based steps ``steps`` of a ``total``-step run, by hand."""
+    return [lr * (1 - (step - 1) / total) ** 0.9 for step in steps]
+
+
+def record_used_lrs(patch: pytest.MonkeyPatch) -> list[float]:
+    """Record the backbone learning rate every SGD step actually uses."""
+    used, real_step = [], torch.optim.SGD.step
+
+    def step(self, closure=None):
+        used.append(self.param_groups[0]["lr"])
+        return real_step(self, closure)
+
+    patch.setattr(torch.optim.SGD, "step", step)
+    return used
+
+
+def folder_state(folder: Path) -> dict[str, bytes]:
+    """Every file of a run folder and its bytes (event files included)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(small_demo, tmp_path_factory) -> dict:
+    """One finished epoch (4 steps) found by --auto-resume under ``runs``; shared read-only."""
+    runs = tmp_path_factory.mktemp("finished") / "runs"
+    flags = TINY + ["--data-root", str(small_demo), "--epochs", "1", "--workers", "0"]
+    with pytest.MonkeyPatch.context() as patch:
+        used = record_used_lrs(patch)
+        result = train.main(train.get_args_parser().parse_args(
+            flags + ["--auto-resume", "--run-root", str(runs)]))
+    folder = runs / "demo" / "deeplab-resnet18" / "experiment_0"
+    assert Path(result["experiment_dir"]) == folder
+    return dict(result, flags=flags, runs=runs, folder=folder, used_lrs=used,
+                files=folder_state(folder))
+
+
+def test_each_step_trains_at_its_own_rate_and_tensorboard_says_so(finished_run):
+    # The rate of step k is the schedule's at iteration k - 1: 0.01 for the first step.
+    expected = poly_lrs(0.01, 4, range(1, 5))
+    assert finished_run["used_lrs"] == pytest.approx(expected, rel=1e-12)
+    accumulator = EventAccumulator(str(finished_run["folder"]))
+    accumulator.Reload()
+    logged = [(event.step, event.value) for event in accumulator.Scalars("train/lr")]
+    assert [step for step, _ in logged] == [1, 2, 3, 4]
+    assert [value for _, value in logged] == pytest.approx(expected, rel=1e-6)
+
+
+def test_sigterm_in_an_epochs_last_iteration_keeps_its_evaluation(finished_run, tmp_path,
+                                                                 monkeypatch):
+    # The signal arrives during the last step of the run's only epoch: the checkpoint owes the
+    # evaluation, and the resumed run gives it (the uninterrupted run's score, metrics.json and
+    # model_best), instead of finishing with "best mIoU 0.00".
+    real_train_step, steps = train.train_step, []
+
+    def signalled_in_step_4(*args, **kwargs):
+        steps.append(len(steps) + 1)
+        loss = real_train_step(*args, **kwargs)
+        if len(steps) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(train, "train_step", signalled_in_step_4)
+    run_dir = tmp_path / "last-step"
+    flags = finished_run["flags"] + ["--run-dir", str(run_dir)]
+    assert train.cli(flags) == 128 + signal.SIGTERM
+    checkpoint = torch.load(run_dir / "checkpoint.pth.tar", weights_only=True)
+    assert (checkpoint["iteration"], checkpoint["epoch"], checkpoint["eval_pending"]) == (4, 0, True)
+    assert not (run_dir / "metrics.json").exists()
+
+    monkeypatch.setattr(train, "train_step", real_train_step)
+    resumed = train.main(train.get_args_parser().parse_args(
+        flags + ["--resume", str(run_dir / "checkpoint.pth.tar")]))
+    assert resumed["iteration"] == 4
+    assert resumed["best_pred"] == finished_run["best_pred"] > 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert (metrics["epoch"], metrics["iteration"]) == (0, 4)
+    assert metrics["mean_iou"] == finished_run["best_pred"]
+    best = torch.load(run_dir / "model_best.pth.tar", weights_only=True)
+    assert best["best_pred"] == finished_run["best_pred"]
+
+
+def test_auto_resume_continues_only_the_run_it_found(finished_run, capsys):
+    flags = finished_run["flags"] + ["--auto-resume", "--run-root", str(finished_run["runs"])]
+    # Other flags: another experiment, refused in one line that names them.
+    assert train.cli(flags + ["--lr", "0.02", "--loss-type", "focal"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "--lr 0.01 -> 0.02" in err and '--loss-type "ce" -> "focal"' in err
+    assert str(finished_run["folder"]) in err
+    # The same flags: the run is finished, it says so and writes nothing.
+    assert train.cli(flags) == 0
+    out = capsys.readouterr().out
+    assert "finished at iteration 4 of 4" in out
+    assert f"best mIoU {100 * finished_run['best_pred']:.2f}" in out
+    assert folder_state(finished_run["folder"]) == finished_run["files"]
+    assert sorted(p.name for p in finished_run["folder"].parent.iterdir()) == ["experiment_0"]
+
+
+def test_a_run_folder_is_not_reused_or_shared(finished_run, tmp_path, capsys):
+    folder = finished_run["folder"]
+    checkpoint = folder / "checkpoint.pth.tar"
+    # A new run into a folder that holds one: refused, nothing replaced.
+    assert train.cli(finished_run["flags"] + ["--run-dir", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--resume {checkpoint}" in err, err
+    # Continuing from model_best there would replace the newer checkpoint.pth.tar beside it.
+    assert train.cli(finished_run["flags"] + ["--epochs", "2", "--resume",
+                                              str(folder / "model_best.pth.tar")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--run-dir NEW_FOLDER" in err, err
+    # A live run holds the folder (here: its lock, as a running train.py holds it).
+    lock = FolderLock(folder)
+    try:
+        stale = folder / ".checkpoint.pth.tar.0123456789ab.tmp"  # the live run's write
+        stale.write_bytes(b"x")
+        assert train.cli(finished_run["flags"] + ["--epochs", "2",
+                                                  "--resume", str(checkpoint)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "in use by another process" in err, err
+        assert stale.exists()
+        stale.unlink()
+    finally:
+        lock.release()
+    assert folder_state(folder) == finished_run["files"]
+
+
+def test_resume_with_other_lr_momentum_and_weight_decay_runs_them(finished_run, tmp_path,
+                                                                 monkeypatch, caplog, capsys):
+    # One more epoch from the finished run's model_best, in a folder of its own, with other SGD
+    # flags (and --sync-bn, which a single process cannot use): what settings.json, the start-up
+    # line and TensorBoard say is what trains.
+    run_dir = tmp_path / "branch"
+    used = record_used_lrs(monkeypatch)
+    with caplog.at_level("WARNING"):
+        result = train.main(train.get_args_parser().parse_args(
+            finished_run["flags"] + [
+                "--epochs", "2", "--lr", "0.005", "--momentum", "0.8", "--weight-decay", "0.001",
+                "--nesterov", "--sync-bn", "--run-dir", str(run_dir),
+                "--resume", str(finished_run["folder"] / "model_best.pth.tar")]))
+    assert result["iteration"] == 8
+    expected = poly_lrs(0.005, 8, range(5, 9))
+    assert used == pytest.approx(expected, rel=1e-12)
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    logged = [(event.step, event.value) for event in accumulator.Scalars("train/lr")]
+    assert [step for step, _ in logged] == [5, 6, 7, 8]
+    assert [value for _, value in logged] == pytest.approx(expected, rel=1e-6)
+    checkpoint = torch.load(run_dir / "checkpoint.pth.tar", weights_only=True)
+    for group in checkpoint["optimizer"]["param_groups"]:
+        assert (group["momentum"], group["weight_decay"], group["nesterov"]) == (0.8, 1e-3, True)
+    assert checkpoint["scheduler"]["base_lrs"] == pytest.approx([0.005, 0.05])
+    settings = json.loads((run_dir / "settings.json").read_text())
+    assert (settings["lr"], settings["momentum"], settings["weight_decay"]) == (0.005, 0.8, 1e-3)
+    assert settings["nesterov"] is True and settings["sync_bn"] is False
+    assert "lr 0.005 (head 0.05)" in capsys.readouterr().out
+    assert "base_lrs [0.01, 0.1] -> [0.005, 0.05]" in caplog.text
+    assert "momentum 0.9 -> 0.8" in caplog.text and "--sync-bn has no effect" in caplog.text
+    assert folder_state(finished_run["folder"]) == finished_run["files"]
 
 
 def test_killed_run_resumes_exactly(small_demo, tmp_path):
