@@ -570,7 +570,8 @@ def train_one_epoch(model: nn.Module, optimisation: Optimisation, loader, *, sta
     boundary = StepBoundary(plan=plan, log=log, stop=stop, checkpointer=checkpointer,
                             context=context, device=hardware.device)
     # Under DDP with --skip-bad-images batches may shrink: the ranks agree on skipped steps.
-    agree_on_skips = context.enabled and loader.dataset.skip_bad_images
+    # (loader.dataset is the SeededDataset around the training set.)
+    agree_on_skips = context.enabled and loader.dataset.dataset.skip_bad_images
     for batch in progress:
         skipped += int(batch["skipped"])
         inputs = step_batch(batch, hardware, context, agree_on_skips)
