@@ -1,14 +1,17 @@
 """Runs that are killed, interrupted or distributed behave as a careful user expects (CPU)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -244,29 +247,98 @@ def test_resume_with_other_lr_momentum_and_weight_decay_runs_them(finished_run, 
     assert folder_state(finished_run["folder"]) == finished_run["files"]
 
 
+#: train.py's command line that stops itself (SIGSTOP) at a chosen moment, so that the test's
+#: SIGKILL lands exactly there: "evaluation": at the second image of its first evaluation;
+#: "epoch-start": entering its second epoch, right after the checkpoint of the first one's end.
+SELF_STOPPING_TRAIN = """
+import os, signal, sys
+import train
+moment, calls = sys.argv[1], []
+def stopping_at_call_2(real):
+    def wrapper(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return real(*args, **kwargs)
+    return wrapper
+if moment == "evaluation":
+    train.predict_labels = stopping_at_call_2(train.predict_labels)
+else:
+    train.train_one_epoch = stopping_at_call_2(train.train_one_epoch)
+sys.exit(train.cli(sys.argv[2:]))
+"""
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def is_stopped(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] == "T"
+
+
+def wait_until_stopped(run: Run, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not is_stopped(run.process.pid):
+        if run.process.poll() is not None:
+            run.wait()
+            pytest.fail(f"run ended before stopping itself:\n{run.text()[-3000:]}")
+        if time.monotonic() > deadline:
+            run.kill()
+            pytest.fail(f"the run did not stop itself:\n{run.text()[-3000:]}")
+        time.sleep(0.02)
+
+
 def test_killed_run_resumes_exactly(small_demo, tmp_path):
+    # 3 epochs of 4 iterations: interval checkpoints at 2, 6 and 10, epoch-end checkpoints at
+    # 4, 8 and 12, evaluations after epoch 1 (iteration 8) and epoch 2 (12, the last).
     common = TINY + ["--data-root", str(small_demo), "--epochs", "3", "--workers", "1",
                      "--save-interval", "2", "--eval-interval", "2"]
-    # The reference: an uninterrupted run.
-    reference = train.main(train.get_args_parser().parse_args(
-        common + ["--run-dir", str(tmp_path / "reference")]))
+    # The reference: an uninterrupted run, on one thread as the killed runs (bench.kill_test.Run:
+    # OMP_NUM_THREADS=1); CPU kernels sum in another order on another number of threads.
+    with one_thread():
+        reference = train.main(train.get_args_parser().parse_args(
+            common + ["--run-dir", str(tmp_path / "reference")]))
     reference_ckpt = torch.load(tmp_path / "reference" / "checkpoint.pth.tar",
                                 weights_only=True)
 
     # The same run, killed with SIGKILL right after its first checkpoint...
     run_dir = tmp_path / "killed"
-    process = start(common + ["--run-dir", str(run_dir)])
-    wait_for_checkpoint(process, run_dir / "checkpoint.pth.tar")
-    process.send_signal(signal.SIGSTOP)
-    killed_at = torch.load(run_dir / "checkpoint.pth.tar", weights_only=True)["iteration"]
-    process.kill()
-    process.communicate()
-    assert 0 < killed_at < reference["iteration"]
+    flags = common + ["--auto-resume", "--run-dir", str(run_dir)]
+    checkpoint_path = run_dir / "checkpoint.pth.tar"
+    run = Run([sys.executable, str(REPO / "train.py"), *flags])
+    deadline = time.monotonic() + 300
+    while not checkpoint_path.exists() and run.process.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(run.process.pid, signal.SIGSTOP)
+    killed_at = [torch.load(checkpoint_path, weights_only=True)["iteration"]]
+    run.kill()
+    assert 0 < killed_at[0] < 6
+    # ...then, each time continued by the same command, killed in an evaluation (the checkpoint
+    # is the interval one before it), right after an epoch's end (its checkpoint, evaluated) and
+    # in the final evaluation.
+    for moment, saved_at in (("evaluation", 6), ("epoch-start", 8), ("evaluation", 10)):
+        run = Run([sys.executable, "-c", SELF_STOPPING_TRAIN, moment, *flags])
+        wait_until_stopped(run)
+        checkpoint = torch.load(checkpoint_path, weights_only=True)
+        killed_at.append(checkpoint["iteration"])
+        run.kill()
+        assert (moment, checkpoint["iteration"]) == (moment, saved_at), run.text()[-2000:]
+        assert checkpoint["eval_pending"] is False
+        assert checkpoint["best_pred"] == (0.0 if saved_at < 8 else pytest.approx(
+            reference_miou(tmp_path / "reference", iteration=8), rel=1e-6))
 
-    # ...then resumed from that checkpoint.
-    resumed = train.main(train.get_args_parser().parse_args(
-        common + ["--resume", str(run_dir / "checkpoint.pth.tar")]))
-    resumed_ckpt = torch.load(run_dir / "checkpoint.pth.tar", weights_only=True)
+    # ...and continued to its end.
+    with one_thread():
+        resumed = train.main(train.get_args_parser().parse_args(flags))
+    resumed_ckpt = torch.load(checkpoint_path, weights_only=True)
 
     assert resumed["iteration"] == reference["iteration"] == 12
     assert resumed["lr"] == reference["lr"]
@@ -275,16 +347,30 @@ def test_killed_run_resumes_exactly(small_demo, tmp_path):
     for name, tensor in reference_ckpt["model"].items():
         assert torch.equal(tensor, resumed_ckpt["model"][name]), name
     assert resumed["best_pred"] == reference["best_pred"]
+    best = torch.load(run_dir / "model_best.pth.tar", weights_only=True)
+    reference_best = torch.load(tmp_path / "reference" / "model_best.pth.tar", weights_only=True)
+    assert best["iteration"] == reference_best["iteration"]
+    assert json.loads((run_dir / "metrics.json").read_text()) == json.loads(
+        (tmp_path / "reference" / "metrics.json").read_text())
 
-    # TensorBoard sees each step once, in order, across the killed and the resumed run.
+    # TensorBoard sees each step once, in order, across the killed and the resumed runs.
     accumulator = EventAccumulator(str(run_dir))
     accumulator.Reload()
-    steps = [event.step for event in accumulator.Scalars("train/loss")]
-    assert steps == list(range(1, 13))
-    losses = [event.value for event in accumulator.Scalars("train/loss")]
     reference_acc = EventAccumulator(str(tmp_path / "reference"))
     reference_acc.Reload()
-    assert losses == [event.value for event in reference_acc.Scalars("train/loss")]
+    steps = [event.step for event in accumulator.Scalars("train/loss")]
+    assert steps == list(range(1, 13))
+    for tag in ("train/loss", "val/mIoU"):
+        assert [(e.step, e.value) for e in accumulator.Scalars(tag)] == [
+            (e.step, e.value) for e in reference_acc.Scalars(tag)], tag
+    assert [e.step for e in accumulator.Scalars("val/mIoU")] == [8, 12]
+
+
+def reference_miou(run_dir: Path, iteration: int) -> float:
+    """A run's mIoU of the evaluation at ``iteration`` (from TensorBoard: float32)."""
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    return next(e.value for e in accumulator.Scalars("val/mIoU") if e.step == iteration)
 
 
 def test_sigterm_mid_epoch_saves_that_iteration_and_exits(long_demo, tmp_path):
@@ -339,9 +425,16 @@ def test_auto_resume_continues_the_run_folder_it_finds(small_demo, tmp_path):
     first = train.main(parse(common + ["--epochs", "1"]))
     folder = tmp_path / "runs" / "demo" / "deeplab-resnet18" / "experiment_0"
     assert Path(first["experiment_dir"]) == folder and first["iteration"] == 4
+    # The run's best score so far, set out of reach here: a resumed run that does not beat it
+    # keeps it (and the model_best it belongs to) whatever it scores.
+    checkpoint = torch.load(folder / "checkpoint.pth.tar", weights_only=True)
+    torch.save(dict(checkpoint, best_pred=0.99), folder / "checkpoint.pth.tar")
+    best_file = (folder / "model_best.pth.tar").read_bytes()
     # Requeued with the same command (here asking for one more epoch): same folder, resumed.
     second = train.main(parse(common + ["--epochs", "2"]))
     assert Path(second["experiment_dir"]) == folder and second["iteration"] == 8
+    assert second["best_pred"] == 0.99 and second["metrics"]["mean_iou"] < 0.99
+    assert (folder / "model_best.pth.tar").read_bytes() == best_file
     settings = json.loads((folder / "settings.json").read_text())
     assert settings["resume"] == str(folder / "checkpoint.pth.tar")
     assert sorted(p.name for p in folder.parent.iterdir()) == ["experiment_0"]
@@ -407,17 +500,102 @@ def test_torchrun_two_processes_on_cpu(odd_val_demo, tmp_path):
     assert single["pixel_accuracy"] == ddp_metrics["pixel_accuracy"]
 
 
-def test_sigterm_under_torchrun_saves_once_all_ranks_agree(long_demo, tmp_path):
-    # No interval saves: the checkpoint exists only if the ranks agreed to stop and rank 0 saved.
+def worker_pid(launcher: int, rank: int, timeout: float = 120) -> int:
+    """The process of ``rank`` among the descendants of ``launcher`` (read from its RANK)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        queue = [launcher]
+        while queue:
+            pid = queue.pop(0)
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                children = [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+                            for child in (task / "children").read_text().split()]
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if pid != launcher and f"RANK={rank}".encode() in environ:
+                return pid
+            queue += children
+        time.sleep(0.1)
+    pytest.fail(f"no rank {rank} process under {launcher}")
+
+
+def test_sigterm_to_one_rank_under_torchrun_stops_every_rank(long_demo, tmp_path):
+    # Only rank 1 is signalled: the ranks agree to stop (at the next step, --print-freq 1) and
+    # rank 0, never signalled, saves. No interval saves: only that can leave a checkpoint.
     run_dir = tmp_path / "ddp-term"
     run = Run(torchrun(["--data-root", str(long_demo), "--epochs", "1", "--print-freq", "1",
                         "--run-dir", str(run_dir)]))
     wait_for_output(run, r"epoch 0:\s+\d+%\|[^|]*\|\s*[2-9]/16")
-    os.killpg(run.process.pid, signal.SIGTERM)
-    run.wait(timeout=120)
-    assert "interrupted by SIGTERM: checkpoint saved" in run.text(), run.text()[-2000:]
+    os.kill(worker_pid(run.process.pid, rank=1), signal.SIGTERM)
+    run.wait(timeout=300)
+    text = run.text()
+    assert text.count("interrupted by SIGTERM") == 2, text[-3000:]  # each rank's last line
+    assert not re.search(r"\[rank\d\]:\s*Traceback", text), text[-3000:]  # torchrun's own: ok
     checkpoint = torch.load(run_dir / "checkpoint.pth.tar", weights_only=True)
     assert 2 <= checkpoint["iteration"] < 16
+
+
+def test_sigterm_to_rank_0_under_torchrun_saves_at_the_next_step(long_demo, tmp_path):
+    # With --print-freq 20 the ranks compare stop flags only at the epoch's end (iteration 16):
+    # waiting for that agreement to save could outlast a launcher's grace period. Rank 0, which
+    # alone is signalled here, saves at the next step and the ranks stop at the agreement.
+    run_dir = tmp_path / "ddp-term-0"
+    run = Run(torchrun(["--data-root", str(long_demo), "--epochs", "1", "--print-freq", "20",
+                        "--run-dir", str(run_dir)]))
+    wait_for_output(run, r"epoch 0:\s+\d+%\|[^|]*\|\s*[2-5]/16")
+    reached = int(re.findall(r"epoch 0:\s+\d+%\|[^|]*\|\s*(\d+)/16", run.text())[-1])
+    os.kill(worker_pid(run.process.pid, rank=0), signal.SIGTERM)
+    run.wait(timeout=300)
+    text = run.text()
+    assert text.count("interrupted by SIGTERM") == 2, text[-3000:]
+    assert not re.search(r"\[rank\d\]:\s*Traceback", text), text[-3000:]  # torchrun's own: ok
+    checkpoint = torch.load(run_dir / "checkpoint.pth.tar", weights_only=True)
+    assert reached <= checkpoint["iteration"] < 16
+    assert checkpoint["eval_pending"] is False
+
+
+#: train.py under a launcher, with rank 1's loss NaN at its step ``argv[1]``.
+NAN_ON_RANK_1 = """
+import math, os, sys
+import train
+poisoned_step, real_build_loss = int(sys.argv[1]), train.build_loss
+def build_loss(*args, **kwargs):
+    criterion, calls = real_build_loss(*args, **kwargs), []
+    def loss(logits, target):
+        calls.append(None)
+        value = criterion(logits, target)
+        poisoned = os.environ["RANK"] == "1" and len(calls) == poisoned_step
+        return value * math.nan if poisoned else value
+    return loss
+train.build_loss = build_loss
+sys.exit(train.cli(sys.argv[2:]))
+"""
+
+
+def test_nan_loss_on_one_rank_stops_every_rank(small_demo, tmp_path):
+    # Two processes started as a launcher that does not tear the others down starts them (srun,
+    # mpirun): a rank leaving alone on its NaN would leave the other in its next collective.
+    # 16 images, 2 ranks of 2: 4 steps. The NaN is in rank 1's last loss, where rank 0's own
+    # losses are all still finite.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    run_dir = tmp_path / "nan"
+    flags = [*TINY, "--workers", "0", "--batch-size", "2", "--data-root", str(small_demo),
+             "--epochs", "1", "--run-dir", str(run_dir), "--dist-timeout", "3"]
+    processes = [subprocess.Popen(
+        [sys.executable, "-c", NAN_ON_RANK_1, "4", *flags], cwd=REPO, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1"))
+        for rank in (0, 1)]
+    errors = [process.communicate(timeout=600)[1] for process in processes]
+    assert [process.returncode for process in processes] == [3, 3], errors
+    assert "loss is nan at iteration 4" in errors[1]
+    assert "loss is not finite on another rank, by iteration 4" in errors[0]
+    assert not any("Traceback" in err for err in errors), errors
+    assert not (run_dir / "checkpoint.pth.tar").exists()
 
 
 def test_check_data_under_torchrun_reports_once_and_fails_the_job(tmp_path):
