@@ -361,10 +361,10 @@ def init_from_coco_deeplabv3(model: DeepLab, init: str, context: DistributedCont
 
 def plan_run(args: argparse.Namespace, train_size: int, hardware: Hardware,
              context: DistributedContext) -> TrainPlan:
+    epochs = DEFAULT_EPOCHS[args.dataset] if args.epochs is None else args.epochs
     return plan_training(train_size=train_size, batch_size=args.batch_size,
                          devices=hardware.devices_per_process, world_size=context.world_size,
-                         epochs=DEFAULT_EPOCHS[args.dataset] if args.epochs is None else args.epochs,
-                         lr=args.lr,
+                         epochs=epochs, lr=args.lr,
                          print_freq=args.print_freq, save_interval=args.save_interval,
                          eval_interval=args.eval_interval)
 
