@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,8 +39,8 @@ from modeling.predict import predict_labels
 from modeling.pretrained import (coco_deeplabv3_state_dict, coco_deeplabv3_weights,
                                  init_from_torchvision_deeplabv3)
 from utils.distributed import (DEFAULT_TIMEOUT_MINUTES, DistributedContext, any_true,
-                               broadcast_buffers, cleanup, init_distributed, launch_context,
-                               main_process_first, ranks_in_sync)
+                               any_true_each, broadcast_buffers, cleanup, init_distributed,
+                               launch_context, main_process_first, ranks_in_sync)
 from utils.errors import UserError
 from utils.fileio import atomic_write_text
 from utils.hardware import (Hardware, add_hardware_args, cpu_bf16_note, cudnn_benchmark,
@@ -50,8 +51,8 @@ from utils.metrics import Evaluator
 from utils.optim import Optimisation, build_optimizer, grad_scaler
 from utils.plan import DEFAULT_BATCH_PER_DEVICE, REFERENCE_BATCH, REFERENCE_LR, TrainPlan, \
     plan_training
-from utils.saver import (CHECKPOINT_NAME, Checkpointer, CheckpointError, Saver, TrainState,
-                         load_checkpoint, restore_training_state)
+from utils.saver import (CHECKPOINT_NAME, SETTINGS_NAME, Checkpointer, CheckpointError, Saver,
+                         TrainState, load_checkpoint, restore_training_state)
 from utils.signals import Interrupted, StopFlag
 from utils.slurm import DEFAULT_REQUEUE_SIGNAL, parse_signal, requeue_job
 from utils.summaries import TensorboardSummary, TrainLog
@@ -188,6 +189,22 @@ def check_flags(args: argparse.Namespace) -> None:
             coco_deeplabv3_weights(args.backbone)
         except ValueError as error:
             raise UserError(f"--init: {error}: use --backbone resnet50 or resnet101") from None
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value} (leave it out for the "
+                            f"default)")
+    for flag, folder in (("--run-dir", args.run_dir), ("--run-root", args.run_root)):
+        if folder:
+            check_folder_path(flag, folder)
+
+
+def check_folder_path(flag: str, folder: str) -> None:
+    """A folder that exists or can be created: no file where a folder on its path should be."""
+    path = Path(folder).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{flag} {folder}: {existing} is a file, not a folder: pick another "
+                        f"{flag}")
 
 
 # --------------------------------------------------------------------------- the steps of a run
@@ -205,6 +222,59 @@ def auto_resume(args: argparse.Namespace) -> argparse.Namespace:
         return argparse.Namespace(**dict(vars(args), resume=os.path.join(folder, CHECKPOINT_NAME),
                                          ft=False, run_dir=str(folder)))
     return argparse.Namespace(**dict(vars(args), run_dir=folder and str(folder)))
+
+
+def check_run_folder(args: argparse.Namespace) -> None:
+    """Refuse to write into a folder whose latest checkpoint is not the one this run continues:
+    a new run (or ``--ft``) would replace another run's ``model_best`` and repeat its TensorBoard
+    steps, and ``--resume .../model_best.pth.tar`` would replace the newer checkpoint.pth.tar
+    beside it (and hide the later TensorBoard events)."""
+    resumed = bool(args.resume) and not args.ft
+    folder = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if resumed else None)
+    if args.eval_only or folder is None:
+        return
+    latest = Path(folder) / CHECKPOINT_NAME
+    if not latest.is_file() or (resumed and (not os.path.isfile(args.resume) or
+                                             latest.samefile(args.resume))):
+        return  # a new folder, or the run's own checkpoint (a missing --resume: reported later)
+    if resumed:
+        raise UserError(f"--resume {args.resume} would continue in {folder} and replace the "
+                        f"{CHECKPOINT_NAME} there: resume {latest} to continue that run, or add "
+                        f"--run-dir NEW_FOLDER to continue from {os.path.basename(args.resume)} "
+                        f"in a folder of its own")
+    raise UserError(f"--run-dir {folder} already holds a run ({CHECKPOINT_NAME}): continue it "
+                    f"with --resume {latest} (or --auto-resume), or pick a new --run-dir")
+
+
+#: Settings a requeued ``--auto-resume`` command may change: where things are, how fast and how
+#: often it reports, and the run's length. Any other difference is another experiment.
+REQUEUE_MAY_CHANGE = frozenset({
+    "resume", "auto_resume", "ft", "run_dir", "run_root", "checkname", "epochs", "total_iters",
+    "data_root", "cache_dir", "workers", "print_freq", "save_interval", "dist_timeout",
+    "eval_json", "eval_only", "check_data", "no_cuda", "gpu_ids", "amp", "amp_dtype", "device",
+    "compile", "channels_last", "model"})
+
+
+def check_requeued_settings(args: argparse.Namespace, run_settings: dict) -> None:
+    """``--auto-resume`` continues only the run whose folder it found: the settings.json there
+    must agree with this command's but for :data:`REQUEUE_MAY_CHANGE` (an explicit ``--resume``
+    applies changed flags instead, with a warning)."""
+    if not (args.auto_resume and args.resume):
+        return
+    folder = os.path.dirname(os.path.abspath(args.resume))
+    try:
+        previous = json.loads(Path(folder, SETTINGS_NAME).read_text())
+    except (OSError, ValueError):
+        return  # nothing to compare with (a folder from before settings.json)
+    current = json.loads(json.dumps(run_settings, default=os.fspath))
+    differing = [f"{'--' + key.replace('_', '-') if key in vars(args) else key} "
+                 f"{json.dumps(previous[key])} -> {json.dumps(current[key])}"
+                 for key in sorted(current) if key not in REQUEUE_MAY_CHANGE and key in previous
+                 and previous[key] != current[key]]
+    if differing:
+        raise UserError(f"--auto-resume found {folder}, a run with other settings "
+                        f"({', '.join(differing)}): repeat its flags to continue it, or give "
+                        f"another --run-dir or --checkname to start a new run")
 
 
 def read_checkpoint(path: str | None) -> dict | None:
@@ -296,9 +366,10 @@ def init_from_coco_deeplabv3(model: DeepLab, init: str, context: DistributedCont
 
 def plan_run(args: argparse.Namespace, train_size: int, hardware: Hardware,
              context: DistributedContext) -> TrainPlan:
+    epochs = DEFAULT_EPOCHS[args.dataset] if args.epochs is None else args.epochs
     return plan_training(train_size=train_size, batch_size=args.batch_size,
                          devices=hardware.devices_per_process, world_size=context.world_size,
-                         epochs=args.epochs or DEFAULT_EPOCHS[args.dataset], lr=args.lr,
+                         epochs=epochs, lr=args.lr,
                          print_freq=args.print_freq, save_interval=args.save_interval,
                          eval_interval=args.eval_interval)
 
@@ -313,6 +384,10 @@ def build_optimisation(args: argparse.Namespace, model: DeepLab, plan: TrainPlan
                                            cache_dir=args.cache_dir).to(hardware.device)
     criterion = OutputsLoss(build_loss(args.loss_type, ignore_index=IGNORE_INDEX, weight=weight,
                                        gamma=args.focal_gamma), aux_weight=args.aux_weight)
+    if not 0 <= args.warmup_iters < plan.total_iters:
+        raise UserError(f"--warmup-iters {args.warmup_iters} must be at least 0 and below the "
+                        f"run's {plan.total_iters} iterations ({plan.epochs} epochs x "
+                        f"{plan.iters_per_epoch})")
     optimizer = build_optimizer(model, lr=plan.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay, nesterov=args.nesterov)
     scheduler = build_lr_scheduler(optimizer, args.lr_scheduler, total_iters=plan.total_iters,
@@ -323,30 +398,60 @@ def build_optimisation(args: argparse.Namespace, model: DeepLab, plan: TrainPlan
                         scaler=grad_scaler(hardware.device, hardware.amp_dtype))
 
 
+def run_settings(args: argparse.Namespace, *, plan: TrainPlan, settings: dict,
+                 hardware: Hardware, context: DistributedContext, sync_bn: bool) -> dict:
+    """What settings.json records: the flags, with the values that run where they were resolved
+    (batch, learning rate, epochs, SyncBatchNorm) and the model's settings."""
+    return dict(vars(args), batch_size=plan.batch_size, lr=plan.lr, epochs=plan.epochs,
+                iters_per_epoch=plan.iters_per_epoch, total_iters=plan.total_iters,
+                world_size=context.world_size, sync_bn=sync_bn,
+                amp_dtype=str(hardware.amp_dtype), device=str(hardware.device), model=settings)
+
+
+def report_finished(args: argparse.Namespace, state: TrainState, plan: TrainPlan,
+                    context: DistributedContext) -> dict:
+    """A resumed run with nothing left to do says so and writes nothing."""
+    folder = os.path.dirname(os.path.abspath(args.resume))
+    if context.is_main:
+        print(f"{folder}: finished at iteration {state.iteration} of {plan.total_iters}, best "
+              f"mIoU {100 * state.best_pred:.2f}; nothing to do (a larger --epochs trains on)")
+    return {"iteration": state.iteration, "best_pred": state.best_pred, "metrics": None,
+            "experiment_dir": folder, "lr": None, "finished": True}
+
+
 def open_run_folder(args: argparse.Namespace, *, model: DeepLab, optimisation: Optimisation,
-                    plan: TrainPlan, state: TrainState, settings: dict, hardware: Hardware,
-                    context: DistributedContext, sync_bn: bool) -> Checkpointer:
-    """The checkpointer: on rank 0 it owns the run folder (settings.json written, what the run
-    will do printed) and the TensorBoard writer; elsewhere it saves nothing."""
+                    plan: TrainPlan, state: TrainState, settings: dict, run_settings: dict,
+                    hardware: Hardware, context: DistributedContext) -> Checkpointer:
+    """The checkpointer: on rank 0 it owns the run folder (locked, settings.json written, what
+    the run will do printed) and the TensorBoard writer; elsewhere it saves nothing."""
     checkpointer = Checkpointer(saver=None, summary=None, model=model, optimisation=optimisation,
                                 plan=plan, settings=settings)
-    if not context.is_main:
-        return checkpointer
     checkname = args.checkname or f"deeplab-{settings['backbone']}"
     experiment_dir = args.run_dir or (
         os.path.dirname(os.path.abspath(args.resume)) if args.resume and not args.ft else None)
-    saver = Saver(run_root=args.run_root, dataset=args.dataset, checkname=checkname,
-                  experiment_dir=experiment_dir)
-    saver.save_settings(dict(
-        vars(args), batch_size=plan.batch_size, lr=plan.lr, epochs=plan.epochs,
-        iters_per_epoch=plan.iters_per_epoch, total_iters=plan.total_iters,
-        world_size=context.world_size, sync_bn=sync_bn, amp_dtype=str(hardware.amp_dtype),
-        device=str(hardware.device), model=settings))
-    # Events of a killed run past its checkpoint are dropped by readers (purge_step), so each
-    # step appears once; events up to the checkpoint were flushed before it was saved.
-    checkpointer.saver = saver
-    checkpointer.summary = TensorboardSummary(
-        saver.experiment_dir, purge_step=state.iteration + 1 if state.iteration else None)
+    refused = None
+    if context.is_main:
+        try:
+            checkpointer.saver = Saver(run_root=args.run_root, dataset=args.dataset,
+                                       checkname=checkname, experiment_dir=experiment_dir)
+        except UserError as error:  # the folder is another live run's
+            refused = error
+    # The other ranks stop with rank 0 instead of waiting for it in the first step.
+    if any_true(refused is not None, context, hardware.device):
+        raise refused or UserError("rank 0 could not open the run folder (its error says why)")
+    if not context.is_main:
+        return checkpointer
+    saver = checkpointer.saver
+    try:
+        saver.save_settings(run_settings)
+        # Events past the checkpoint (a killed run's, or those of a run killed before its first
+        # checkpoint) are dropped by readers (purge_step), so each step appears once; events up
+        # to the checkpoint were flushed before it was saved.
+        checkpointer.summary = TensorboardSummary(saver.experiment_dir,
+                                                  purge_step=state.iteration + 1)
+    except BaseException:
+        saver.close()
+        raise
     print(f"run folder: {saver.experiment_dir}\n{plan.iters_per_epoch * plan.total_batch} train "
           f"images per epoch, {settings['num_classes']} classes; {plan}; {args.lr_scheduler}; "
           f"device {hardware.device} x{hardware.devices_per_process}, {context.world_size} "
@@ -371,6 +476,7 @@ def main(args: argparse.Namespace) -> dict:
     """Train (or with ``--eval-only`` evaluate) as the flags say; returns a summary dict."""
     check_flags(args)
     args = auto_resume(args)
+    check_run_folder(args)
     context = init_distributed(use_cuda=torch.cuda.is_available() and not args.no_cuda,
                                timeout_minutes=args.dist_timeout)
     try:
@@ -402,11 +508,17 @@ def main(args: argparse.Namespace) -> dict:
                                                    shuffle=True, context=context,
                                                    hardware=hardware)
         optimisation = build_optimisation(args, plain_model, plan, train_set, hardware, context)
+        recorded = run_settings(args, plan=plan, settings=settings, hardware=hardware,
+                                context=context, sync_bn=sync_bn)
+        check_requeued_settings(args, recorded)
         state = TrainState() if checkpoint is None or args.ft else restore_training_state(
             checkpoint, optimisation=optimisation, plan=plan, seed=args.seed, rank=context.rank)
+        if checkpoint is not None and not args.ft and state.iteration >= plan.total_iters \
+                and not state.eval_pending:
+            return report_finished(args, state, plan, context)
         checkpointer = open_run_folder(args, model=plain_model, optimisation=optimisation,
                                        plan=plan, state=state, settings=settings,
-                                       hardware=hardware, context=context, sync_bn=sync_bn)
+                                       run_settings=recorded, hardware=hardware, context=context)
         metrics = None
         try:
             with StopFlag(extra_signals=(args.requeue_signal,)).installed() as stop:
@@ -450,11 +562,8 @@ def main(args: argparse.Namespace) -> dict:
 def train_one_epoch(model: nn.Module, optimisation: Optimisation, loader, *, state: TrainState,
                     plan: TrainPlan, hardware: Hardware, context: DistributedContext,
                     checkpointer: Checkpointer, stop: StopFlag) -> None:
-    """Train the rest of epoch ``state.epoch``, from step ``state.iteration``.
-
-    Losses are logged (and checked for NaN) every ``plan.print_freq`` steps and before every
-    save; the state is saved every ``plan.save_interval`` steps, and when a stop signal
-    arrives, after which :class:`Interrupted` is raised.
+    """Train the rest of epoch ``state.epoch``, from step ``state.iteration``; between steps,
+    :class:`StepBoundary` logs, checks for NaN, saves when due and stops on a signal.
 
     Raises:
         NonFiniteLoss: the loss became NaN or infinite (nothing is saved after it).
@@ -466,8 +575,11 @@ def train_one_epoch(model: nn.Module, optimisation: Optimisation, loader, *, sta
                     initial=state.iteration % plan.iters_per_epoch, total=plan.iters_per_epoch,
                     dynamic_ncols=True)
     log = TrainLog(checkpointer.summary, progress, context.world_size)
+    boundary = StepBoundary(plan=plan, log=log, stop=stop, checkpointer=checkpointer,
+                            context=context, device=hardware.device)
     # Under DDP with --skip-bad-images batches may shrink: the ranks agree on skipped steps.
-    agree_on_skips = context.enabled and loader.dataset.skip_bad_images
+    # (loader.dataset is the SeededDataset around the training set.)
+    agree_on_skips = context.enabled and loader.dataset.dataset.skip_bad_images
     for batch in progress:
         skipped += int(batch["skipped"])
         inputs = step_batch(batch, hardware, context, agree_on_skips)
@@ -476,23 +588,74 @@ def train_one_epoch(model: nn.Module, optimisation: Optimisation, loader, *, sta
             log.add(state.iteration + 1, loss, optimisation.lr, len(inputs[0]))
         optimisation.scheduler.step()
         state.iteration += 1
-
-        at_epoch_end = state.iteration % plan.iters_per_epoch == 0
-        at_log_point = state.iteration % plan.print_freq == 0 or at_epoch_end
-        if at_log_point:
-            log.flush(state.iteration)
-        if plan.save_interval and state.iteration % plan.save_interval == 0 and not at_epoch_end:
-            log.flush(state.iteration)
-            checkpointer.save(state)
-        # One process reads its flag for free; under DDP all ranks must agree to stop at the same
-        # iteration, which costs a collective, so they compare flags at log points only.
-        if (stop.is_set if not context.enabled else
-                at_log_point and any_true(stop.is_set, context, hardware.device)):
-            log.flush(state.iteration)
-            checkpointer.save(state)
-            raise stop.interrupted()
+        boundary.after_step(state)
     if skipped and context.is_main:
         print(f"epoch {state.epoch}: skipped {skipped} bad samples (--skip-bad-images)")
+
+
+class StepBoundary:
+    """What happens between two training steps: the losses are logged (and checked for NaN)
+    every ``plan.print_freq`` steps and before every save, the state is saved every
+    ``plan.save_interval`` steps, and on a stop signal it is saved and :class:`Interrupted`
+    raised. A stop at an epoch's end saves that epoch's evaluation as owed
+    (``state.eval_pending``) when one is due, so the resumed run gives it.
+
+    One process reads its stop flag at every boundary. Under DDP the ranks compare their stop
+    and NaN flags at log points and interval saves (one collective), so that they stop, or fail,
+    at the same step: a rank leaving alone would keep the others waiting in the next all-reduce.
+    Rank 0 does not wait for that to save after its own signal: every rank holds the same
+    weights after a step, and a launcher's SIGKILL follows its SIGTERM within seconds.
+    """
+
+    def __init__(self, *, plan: TrainPlan, log: TrainLog, stop: StopFlag,
+                 checkpointer: Checkpointer, context: DistributedContext,
+                 device: torch.device) -> None:
+        self.plan, self.log, self.stop, self.checkpointer = plan, log, stop, checkpointer
+        self.context, self.device = context, device
+        self.saved_since_stop = False
+        self.nonfinite: NonFiniteLoss | None = None  # seen here, not yet agreed on
+
+    def after_step(self, state: TrainState) -> None:
+        """Called after optimiser step ``state.iteration``.
+
+        Raises:
+            NonFiniteLoss: a loss since the last check was NaN or infinite (on any rank).
+            Interrupted: a stop signal arrived (at any rank); the state was saved first.
+        """
+        plan, context, stop = self.plan, self.context, self.stop
+        at_epoch_end = state.iteration % plan.iters_per_epoch == 0
+        at_log_point = state.iteration % plan.print_freq == 0 or at_epoch_end
+        save_due = bool(plan.save_interval) and state.iteration % plan.save_interval == 0 \
+            and not at_epoch_end  # epoch ends are saved by main, after the evaluation
+        save_on_signal = stop.is_set and context.is_main and not self.saved_since_stop
+        if not (at_log_point or save_due or save_on_signal):
+            return
+        try:
+            self.log.flush(state.iteration)
+        except NonFiniteLoss as error:
+            self.nonfinite = self.nonfinite or error
+        agreed = not context.enabled or at_log_point or save_due
+        stopping = stop.is_set and agreed
+        if agreed and context.enabled:
+            nonfinite, stopping = any_true_each((self.nonfinite is not None, stop.is_set),
+                                                context, self.device)
+            if nonfinite and self.nonfinite is None:
+                self.nonfinite = NonFiniteLoss(f"loss is not finite on another rank, by "
+                                               f"iteration {state.iteration}")
+        if agreed and self.nonfinite is not None:
+            raise self.nonfinite
+        state.eval_pending = at_epoch_end and plan.evaluates_after(state.epoch)
+        if save_due or ((stop.is_set or stopping) and not self.saved_since_stop):
+            # Unagreed, rank 0 cannot know of another rank's NaN but by the shared weights.
+            if agreed or (self.nonfinite is None and _finite(self.checkpointer.model)):
+                self.checkpointer.save(state)
+                self.saved_since_stop = stop.is_set or stopping
+        if stopping:
+            raise stop.interrupted()
+
+
+def _finite(model: nn.Module) -> bool:
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
 
 
 def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,

@@ -57,11 +57,12 @@ def test_a_resumed_run_folder_loses_the_temporaries_of_killed_writes(tmp_path):
     run = tmp_path / "experiment_0"
     run.mkdir()
     stale = [run / ".checkpoint.pth.tar.0123456789ab.tmp",
-             run / ".model_best.pth.tar.a1b2c3d4e5f6.tmp"]
+             run / ".model_best.pth.tar.a1b2c3d4e5f6.tmp", run / ".metrics.json.00112233aabb.tmp",
+             run / ".settings.json.ffeeddccbbaa.tmp"]
     kept = [run / "checkpoint.pth.tar", run / ".notes.0123456789ab.tmp", run / "events.out"]
     for path in stale + kept:
         path.write_bytes(b"x" * 10)
-    Saver(dataset="demo", checkname="c", experiment_dir=run)
+    Saver(dataset="demo", checkname="c", experiment_dir=run).close()
     assert not any(path.exists() for path in stale)
     assert all(path.exists() for path in kept)
     assert remove_stale_temporaries(run / "checkpoint.pth.tar") == []

@@ -286,3 +286,34 @@ def test_initial_loss_is_near_log_of_the_class_count(num_classes):
         loss = torch.nn.functional.cross_entropy(outputs[name], targets).item()
         assert loss == pytest.approx(math.log(num_classes), abs=0.25), name
         assert outputs[name].std().item() < 1.0, name
+
+
+# ------------------------------------------------------------------ the run's set-up per rank
+
+
+def test_sync_bn_without_torchrun_is_said_to_do_nothing_and_recorded_off(caplog):
+    # One process (DataParallel or none) has no other process to synchronise with.
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    with caplog.at_level("WARNING"):
+        wrapped, _, sync_bn = prepare_model(model, CPU, context=DistributedContext(),
+                                            sync_bn=True, compile_model=False)
+    assert sync_bn is False  # what train.py writes into settings.json
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in wrapped.modules())
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "--sync-bn" in warnings[0] and "torchrun" in warnings[0]
+
+
+def test_training_ranks_read_disjoint_halves_of_each_epoch():
+    # The loaders train.py builds for rank 0 and rank 1 of 2: together they read every sample of
+    # the epoch once (were both built as rank 0, both would train on the same half).
+    args = train.get_args_parser().parse_args(["--workers", "0", "--seed", "3"])
+    dataset = list(range(12))
+    halves = []
+    for rank in (0, 1):
+        _, sampler = train.build_loader(dataset, args, batch_size=2, shuffle=True,
+                                        context=DistributedContext(rank=rank, world_size=2),
+                                        hardware=CPU)
+        sampler.set_epoch(1)
+        halves.append([index for index, _ in sampler])
+    assert len(halves[0]) == len(halves[1]) == 6
+    assert sorted(halves[0] + halves[1]) == list(range(12))

@@ -184,3 +184,39 @@ def test_resume_with_the_same_schedule_is_silent(caplog):
         resumed.load_state_dict(scheduler.state_dict())
     assert caplog.text == ""
     assert resumed_optimizer.param_groups[0]["lr"] == pytest.approx(BASE_LR * (1 - 10 / 100) ** 0.9)
+
+
+def test_resume_with_another_lr_momentum_and_weight_decay_applies_them_and_says_so(caplog):
+    # Trained 40 of 100 poly iterations at 0.01 (head 0.1), momentum 0.9; resumed with
+    # --lr 0.005 --momentum 0.8 --weight-decay 0.001 --nesterov, restored as
+    # utils.saver.restore_training_state does: the new values run from iteration 40 on.
+    from utils.optim import load_optimizer_state
+
+    def sgd(lr: float, **kwargs) -> torch.optim.SGD:
+        params = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))]
+        for param in params:
+            param.grad = torch.full((2,), 0.5)
+        return torch.optim.SGD([{"params": params[:1], "lr": lr},
+                                {"params": params[1:], "lr": 10 * lr}], lr=lr, **kwargs)
+
+    optimizer = sgd(BASE_LR, momentum=0.9, weight_decay=1e-4)
+    scheduler = build_lr_scheduler(optimizer, "poly", total_iters=100)
+    run_lrs(scheduler, optimizer, 40)
+    resumed_optimizer = sgd(BASE_LR / 2, momentum=0.8, weight_decay=1e-3, nesterov=True)
+    resumed = build_lr_scheduler(resumed_optimizer, "poly", total_iters=100)
+    with caplog.at_level("WARNING"):
+        load_optimizer_state(resumed_optimizer, optimizer.state_dict(), iteration=40)
+        resumed.load_state_dict(scheduler.state_dict())
+    factor = (1 - 40 / 100) ** 0.9
+    assert [group["lr"] for group in resumed_optimizer.param_groups] == pytest.approx(
+        [0.005 * factor, 0.05 * factor])
+    for group in resumed_optimizer.param_groups:
+        assert (group["momentum"], group["weight_decay"], group["nesterov"]) == (0.8, 1e-3, True)
+    assert "base_lrs [0.01, 0.1] -> [0.005, 0.05]" in caplog.text
+    assert "momentum 0.9 -> 0.8, weight_decay 0.0001 -> 0.001, nesterov False -> True" \
+        in caplog.text
+    # The momentum buffers still come from the checkpoint.
+    old_buffer = optimizer.state[optimizer.param_groups[0]["params"][0]]["momentum_buffer"]
+    new_buffer = resumed_optimizer.state[resumed_optimizer.param_groups[0]["params"][0]][
+        "momentum_buffer"]
+    assert torch.equal(new_buffer, old_buffer) and old_buffer.abs().sum() > 0

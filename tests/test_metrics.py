@@ -56,6 +56,24 @@ def test_scores_by_hand():
     assert evaluator.frequency_weighted_iou() == pytest.approx(FW_IOU)
 
 
+def test_scores_by_hand_when_ground_truth_and_predictions_are_spread_differently():
+    # The matrix above has equal row and column sums: it cannot tell ground-truth frequency from
+    # predicted frequency, nor recall from precision. Here they differ.
+    # gt 0 0 0 0 1 2, predicted 0 0 1 1 1 1: rows [2, 2, 0], [0, 1, 0], [0, 1, 0];
+    # row (ground truth) sums 4, 1, 1; column (prediction) sums 2, 4, 0.
+    evaluator = Evaluator(num_classes=3)
+    evaluator.add_batch(torch.tensor([0, 0, 0, 0, 1, 2]), torch.tensor([0, 0, 1, 1, 1, 1]))
+    assert evaluator.confusion_matrix.tolist() == [[2, 2, 0], [0, 1, 0], [0, 1, 0]]
+    # IoU: 2 / (4 + 2 - 2), 1 / (1 + 4 - 1), 0 / (1 + 0 - 0).
+    assert evaluator.per_class_iou().tolist() == pytest.approx([1 / 2, 1 / 4, 0.0])
+    assert evaluator.mean_iou() == pytest.approx(1 / 4)
+    # Recall 2/4, 1/1, 0/1 (precision would be 2/2, 1/4 and undefined: mean 5/8).
+    assert evaluator.mean_class_accuracy() == pytest.approx(1 / 2)
+    assert evaluator.pixel_accuracy() == pytest.approx(3 / 6)
+    # Weighted by ground-truth frequency 4/6, 1/6, 1/6 (by predicted frequency: 1/3).
+    assert evaluator.frequency_weighted_iou() == pytest.approx(4 / 6 * 1 / 2 + 1 / 6 * 1 / 4)
+
+
 def test_results_are_plain_json():
     results = hand_evaluator().results(NAMES)
     json.dumps(results, allow_nan=False)

@@ -2,12 +2,16 @@
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import utils.saver as saver_module
+from utils.errors import UserError
 from utils.saver import (
     CheckpointError,
     Saver,
@@ -179,7 +183,8 @@ def test_resume_reuses_the_given_folder(tmp_path):
     assert saver.experiment_dir == folder and folder.is_dir()
     saver.save(make_state(1.0), is_best=False)
     assert saver.checkpoint_path == folder / "checkpoint.pth.tar"
-    # A second Saver on the same folder (resuming twice) is fine too.
+    # A second Saver on the same folder (resuming twice) is fine too, once the first is done.
+    saver.close()
     again = Saver(dataset="coco", checkname="net", run_root=tmp_path, experiment_dir=folder)
     assert_state_equal(load_checkpoint(again.checkpoint_path), make_state(1.0))
 
@@ -193,7 +198,55 @@ def test_save_writes_best_only_when_best(tmp_path):
     assert_state_equal(load_checkpoint(saver.best_path), make_state(1.0))
     saver.save(make_state(3.0), is_best=True)
     assert_state_equal(load_checkpoint(saver.best_path), make_state(3.0))
-    assert sorted(os.listdir(saver.experiment_dir)) == ["checkpoint.pth.tar", "model_best.pth.tar"]
+    assert sorted(os.listdir(saver.experiment_dir)) == [".lock", "checkpoint.pth.tar",
+                                                         "model_best.pth.tar"]
+
+
+def test_model_best_is_written_before_the_checkpoint_that_carries_its_score(tmp_path,
+                                                                            monkeypatch):
+    # The disk fills up (or a kill lands) between the two writes of a new best: the resumed run
+    # must find the older checkpoint (it evaluates again and rewrites the best), never a
+    # checkpoint with the new score beside a model_best that still holds the old one.
+    saver = Saver(dataset="coco", checkname="net", run_root=tmp_path)
+    saver.save(make_state(1.0), is_best=True)
+    real_atomic_write = saver_module.atomic_write
+
+    def full_disk_for_the_checkpoint(path, write):
+        if Path(path).name == "checkpoint.pth.tar":
+            raise OSError(28, "No space left on device")
+        real_atomic_write(path, write)
+
+    monkeypatch.setattr(saver_module, "atomic_write", full_disk_for_the_checkpoint)
+    with pytest.raises(OSError):
+        saver.save(make_state(2.0), is_best=True)
+    assert_state_equal(load_checkpoint(saver.best_path), make_state(2.0))
+    assert_state_equal(load_checkpoint(saver.checkpoint_path), make_state(1.0))
+
+
+def test_one_live_run_per_folder_and_a_killed_one_leaves_it_free(tmp_path):
+    folder = tmp_path / "experiment_0"
+    stale = folder / ".checkpoint.pth.tar.0123456789ab.tmp"  # the live run is writing it
+    first = Saver(dataset="coco", checkname="net", experiment_dir=folder)
+    stale.write_bytes(b"x")
+    with pytest.raises(UserError, match=f"{folder} is in use by another process \\(pid "
+                                        f"{os.getpid()} on "):
+        Saver(dataset="coco", checkname="net", experiment_dir=folder)
+    assert stale.exists()  # the refused run deleted nothing of the live one's
+    first.close()
+    Saver(dataset="coco", checkname="net", experiment_dir=folder).close()
+
+    # A holder killed with SIGKILL (no clean-up runs) leaves the lock file but not the lock.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from utils.fileio import FolderLock; "
+         f"FolderLock({str(folder)!r}); print('locked', flush=True); sys.stdin.read()"],
+        cwd=Path(__file__).resolve().parents[1], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(UserError, match=f"pid {holder.pid} "):
+        Saver(dataset="coco", checkname="net", experiment_dir=folder)
+    holder.kill()
+    holder.wait()
+    Saver(dataset="coco", checkname="net", experiment_dir=folder).close()
 
 
 def test_settings_json_sorted_and_atomic(tmp_path):
@@ -208,5 +261,5 @@ def test_settings_json_sorted_and_atomic(tmp_path):
     with pytest.raises(TypeError, match="object"):
         saver.save_settings({"bad": object()})
     assert json.loads(saver.settings_path.read_text()) == json.loads(text)  # old file intact
-    assert sorted(os.listdir(saver.experiment_dir)) == ["settings.json"]
+    assert sorted(os.listdir(saver.experiment_dir)) == [".lock", "settings.json"]
 

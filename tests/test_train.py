@@ -142,6 +142,32 @@ def test_batch_of_one_is_refused(demo_root, tmp_path, capsys):
     assert "--batch-size" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    # 1 epoch of the demo's 100 images in batches of 8: 12 iterations.
+    (["--epochs", "1", "--batch-size", "8", "--warmup-iters", "12"],
+     "--warmup-iters 12 must be at least 0 and below the run's 12 iterations"),
+    (["--run-dir", "{file}/run"], "{file} is a file, not a folder"),
+    (["--run-root", "{file}/runs"], "{file} is a file, not a folder"),
+], ids=["epochs-0", "batch-0", "warmup-beyond-the-run", "run-dir-under-a-file",
+        "run-root-under-a-file"])
+def test_flag_values_that_cannot_run_are_refused_in_one_line(demo_root, tmp_path, monkeypatch,
+                                                             capsys, flags, named):
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("trained despite the flag")  # --epochs 0 silently became 15
+
+    monkeypatch.setattr(train, "train_one_epoch", must_not_train)
+    file = tmp_path / "notes.txt"
+    file.write_text("a file")
+    assert train.cli(TINY + ["--dataset", "demo", "--data-root", str(demo_root),
+                             "--run-root", str(tmp_path / "runs"),
+                             *[flag.format(file=file) for flag in flags]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named.format(file=file) in err, err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_offline_pretrained_download_names_the_flags(demo_root, tmp_path, monkeypatch, capsys):
     from urllib.error import URLError
 

@@ -108,6 +108,16 @@ def any_true(flag: bool, context: DistributedContext, device: torch.device) -> b
     return bool(tensor.item())
 
 
+def any_true_each(flags: tuple[bool, ...], context: DistributedContext,
+                  device: torch.device) -> tuple[bool, ...]:
+    """:func:`any_true` of several flags in one collective."""
+    if not context.enabled:
+        return tuple(flags)
+    tensor = torch.tensor([int(flag) for flag in flags], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tuple(bool(value) for value in tensor.tolist())
+
+
 def broadcast_buffers(module: torch.nn.Module, context: DistributedContext) -> None:
     """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
 

@@ -12,8 +12,14 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
 from typing import IO, Callable
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 #: Permission bits a new file asks for; the kernel removes the umask's bits (as ``open()`` does).
 _NEW_FILE_MODE = 0o666
@@ -98,3 +104,47 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """:func:`atomic_write` of a UTF-8 text file."""
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+class FolderInUse(Exception):
+    """Another live process holds the folder's lock; the message is one line."""
+
+
+class FolderLock:
+    """An exclusive lock on a folder, held by one process at a time (``fcntl.flock`` on a lock
+    file inside it).
+
+    The operating system releases the lock when its holder exits, however it ends (SIGKILL and
+    out-of-memory kills included), so a killed run never leaves a folder locked; the lock file
+    itself stays and only says which process held it last. Linux NFS clients map ``flock`` to
+    POSIX locks, so this holds across the nodes of a cluster too. Platforms without ``fcntl``
+    (Windows) are not locked.
+
+    Raises:
+        FolderInUse: another process holds the lock.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.path = Path(folder) / self.NAME
+        self._fd: int | None = None
+        if fcntl is None:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
+                     _NEW_FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            raise FolderInUse(f"{folder} is in use by another process ({holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Unlock (also done by the operating system when the process ends)."""
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor releases a flock
+            self._fd = None

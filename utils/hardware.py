@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -16,6 +17,8 @@ from torch import nn
 
 from utils.distributed import DistributedContext
 from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 CPUINFO = "/proc/cpuinfo"  # Linux's CPU flags, where torch's own AMX check is missing
@@ -249,11 +252,17 @@ def prepare_model(
         the wrapped one and is what evaluation and checkpoints use.
 
     Raises:
-        UserError: ``sync_bn`` asked for on CPUs.
+        UserError: ``sync_bn`` asked for on CPUs under torchrun.
     """
     # PyTorch's SyncBatchNorm runs on GPUs only; CPU processes keep per-process statistics
     # (DDP still broadcasts rank 0's running statistics, so the ranks stay identical).
     on_gpu = hardware.device.type == "cuda"
+    if sync_bn and not context.enabled:
+        # DataParallel computes BatchNorm statistics on each GPU's chunk, and one process has no
+        # other process to synchronise with: the flag would change nothing.
+        logger.warning("--sync-bn has no effect without torchrun (DataParallel keeps per-GPU "
+                       "BatchNorm statistics): training without it")
+        sync_bn = False
     sync_bn = sync_bn if sync_bn is not None else context.enabled and on_gpu
     if sync_bn and not on_gpu:
         raise UserError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm is CUDA-only): "

@@ -109,11 +109,13 @@ class WarmupLRScheduler(LRScheduler):
         """Restore the iteration and write the resumed iteration's rate into the optimizer.
 
         The schedule this scheduler was built with (the resumed run's flags: ``--epochs``,
-        ``--lr-scheduler``, ...) wins over the checkpoint's, so a run resumed for more epochs
-        continues along the curve of the new length instead of training the extra iterations at
-        the old curve's end (rate 0 for poly). A warning names what changed.
+        ``--lr-scheduler``, ``--lr``, ...) wins over the checkpoint's, so a run resumed for more
+        epochs continues along the curve of the new length instead of training the extra
+        iterations at the old curve's end (rate 0 for poly), and one resumed with another base
+        rate (``base_lrs``) trains at that rate's point of the curve. A warning names what
+        changed.
         """
-        schedule = {key: getattr(self, key) for key in _SCHEDULE_KEYS}
+        schedule = {key: getattr(self, key) for key in (*_SCHEDULE_KEYS, "base_lrs")}
         changed = [
             f"{key} {state_dict[key]!r} -> {value!r}"
             for key, value in schedule.items()
@@ -122,6 +124,8 @@ class WarmupLRScheduler(LRScheduler):
         super().load_state_dict(state_dict)
         for key, value in schedule.items():
             setattr(self, key, value)
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["initial_lr"] = base_lr  # what a scheduler built on this optimizer would read
         if changed:
             logger.warning(
                 "learning-rate schedule changed since the checkpoint (%s): continuing at "

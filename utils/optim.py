@@ -2,10 +2,17 @@
 10x the backbone's learning rate, the per-iteration schedule, and a GradScaler for fp16."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
+
+#: SGD settings the flags give (``--momentum``, ``--weight-decay``, ``--nesterov``); the learning
+#: rate is the schedule's (:mod:`utils.lr_scheduler`).
+FLAG_HYPERPARAMETERS = ("momentum", "weight_decay", "nesterov")
 
 
 @dataclass
@@ -40,3 +47,29 @@ def build_optimizer(model: nn.Module, *, lr: float, momentum: float, weight_deca
 def grad_scaler(device: torch.device, amp_dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
     """A GradScaler when autocasting to fp16 (bf16 and fp32 need none)."""
     return torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict,
+                         iteration: int) -> list[str]:
+    """Load a checkpoint's optimiser state (momentum buffers), keeping this optimiser's
+    :data:`FLAG_HYPERPARAMETERS`: a run resumed with another ``--momentum``, ``--weight-decay`` or
+    ``--nesterov`` trains with them from the checkpoint's iteration on, as it does with another
+    ``--epochs`` or ``--lr`` (``Optimizer.load_state_dict`` alone would bring back the old values
+    while settings.json records the new ones). A warning names what changed.
+
+    Returns:
+        The changes, as ``"momentum 0.9 -> 0.8"``.
+    """
+    wanted = [{key: group[key] for key in FLAG_HYPERPARAMETERS} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state_dict)
+    changed = []
+    for group, values in zip(optimizer.param_groups, wanted, strict=True):
+        for key, value in values.items():
+            if group[key] != value:
+                change = f"{key} {group[key]!r} -> {value!r}"
+                changed += [change] * (change not in changed)
+                group[key] = value
+    if changed:
+        logger.warning("optimiser settings changed since the checkpoint (%s): applied from "
+                       "iteration %d on", ", ".join(changed), iteration)
+    return changed

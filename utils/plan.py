@@ -71,7 +71,7 @@ def plan_training(*, train_size: int, batch_size: int | None, devices: int, worl
         UserError: a batch DataParallel would split into a chunk of 1 (the ASPP image-pooling
             BatchNorm needs 2 per device), or fewer training images than one batch.
     """
-    batch_size = batch_size or DEFAULT_BATCH_PER_DEVICE * devices
+    batch_size = DEFAULT_BATCH_PER_DEVICE * devices if batch_size is None else batch_size
     if usable_batch_size(batch_size, devices) != batch_size:
         good = max(2, -(-batch_size // devices)) * devices  # chunks of equal size, >= 2
         raise UserError(f"--batch-size {batch_size} splits over {devices} device(s) as "

@@ -13,6 +13,7 @@ Run layout::
         settings.json        the run's settings, sorted keys
         checkpoint.pth.tar   the latest state
         model_best.pth.tar   the state with the best validation score so far
+        .lock                held by the live run (see :class:`utils.fileio.FolderLock`)
 """
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ import torch
 from torch import nn
 
 from utils.errors import UserError
-from utils.fileio import atomic_write, atomic_write_text, remove_stale_temporaries
-from utils.optim import Optimisation
+from utils.fileio import (FolderInUse, FolderLock, atomic_write, atomic_write_text,
+                          remove_stale_temporaries)
+from utils.optim import Optimisation, load_optimizer_state
 from utils.plan import TrainPlan
 from utils.summaries import TensorboardSummary
 
@@ -42,6 +44,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 BEST_NAME = "model_best.pth.tar"
 SETTINGS_NAME = "settings.json"
+METRICS_NAME = "metrics.json"
 _EXPERIMENT = re.compile(r"experiment_(\d+)")
 
 
@@ -194,13 +197,24 @@ class Saver:
         if experiment_dir is not None:
             self.experiment_dir = Path(experiment_dir)
             self.experiment_dir.mkdir(parents=True, exist_ok=True)
-            # A run killed while writing (resumed or requeued into this folder) left these.
-            for name in (CHECKPOINT_NAME, BEST_NAME, SETTINGS_NAME):
-                for stale in remove_stale_temporaries(self.experiment_dir / name):
-                    logger.info("removed %s, left by a killed write", stale)
         else:
             self.experiment_dir = self._new_experiment_dir(Path(run_root) / dataset / checkname)
+        # One live run per folder: a second one would delete the first one's temporaries below
+        # and interleave checkpoints and TensorBoard steps with it.
+        try:
+            self._lock = FolderLock(self.experiment_dir)
+        except FolderInUse as error:
+            raise UserError(f"run folder {error}: wait for that run to end, or pick another "
+                            f"--run-dir") from None
+        # A run killed while writing (resumed or requeued into this folder) left these.
+        for name in (CHECKPOINT_NAME, BEST_NAME, SETTINGS_NAME, METRICS_NAME):
+            for stale in remove_stale_temporaries(self.experiment_dir / name):
+                logger.info("removed %s, left by a killed write", stale)
         logger.info("run folder: %s", self.experiment_dir)
+
+    def close(self) -> None:
+        """Release the folder for another run (the end of the process does too)."""
+        self._lock.release()
 
     @staticmethod
     def latest_experiment_dir(parent: str | os.PathLike) -> Path | None:
@@ -254,14 +268,19 @@ class Saver:
     def save(self, state: dict[str, Any], is_best: bool) -> None:
         """Atomically write ``state`` as the latest checkpoint and, if ``is_best``, as the best.
 
-        The best checkpoint is a byte copy of the file just written (not a second
-        serialisation), made atomically too.
+        The best checkpoint is written first and the latest is a byte copy of it (not a second
+        serialisation), made atomically too. In this order a kill or a full disk between the two
+        writes leaves the previous latest checkpoint, whose ``best_pred`` is the older score: the
+        resumed run evaluates again and rewrites the best. In the other order the latest would
+        carry the new score and the best file would stay at the old one for good.
         """
-        save_checkpoint(state, self.checkpoint_path)
-        if is_best:
-            with open(self.checkpoint_path, "rb") as source:
-                atomic_write(self.best_path, lambda handle: shutil.copyfileobj(source, handle))
-            logger.info("new best checkpoint: %s", self.best_path)
+        if not is_best:
+            save_checkpoint(state, self.checkpoint_path)
+            return
+        save_checkpoint(state, self.best_path)
+        with open(self.best_path, "rb") as source:
+            atomic_write(self.checkpoint_path, lambda handle: shutil.copyfileobj(source, handle))
+        logger.info("new best checkpoint: %s", self.best_path)
 
 
 def _json_path(value: Any) -> str:
@@ -320,7 +339,10 @@ def restore_training_state(checkpoint: dict[str, Any], *, optimisation: Optimisa
         raise UserError(f"--resume checkpoint ran {checkpoint.get('iters_per_epoch')} "
                         f"iterations per epoch, this set-up {plan.iters_per_epoch}: keep "
                         f"--batch-size, the number of processes and the dataset")
-    optimisation.optimizer.load_state_dict(checkpoint["optimizer"])
+    # The flags of this run win over the checkpoint's, each with a warning: SGD's settings here,
+    # the schedule and base learning rates in the scheduler.
+    load_optimizer_state(optimisation.optimizer, checkpoint["optimizer"],
+                         iteration=checkpoint["iteration"])
     optimisation.scheduler.load_state_dict(checkpoint["scheduler"])
     if optimisation.scaler is not None and checkpoint.get("scaler"):
         optimisation.scaler.load_state_dict(checkpoint["scaler"])
@@ -359,3 +381,5 @@ class Checkpointer:
     def close(self) -> None:
         if self.summary is not None:
             self.summary.close()
+        if self.saver is not None:
+            self.saver.close()
