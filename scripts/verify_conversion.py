@@ -31,7 +31,7 @@ packages ``modeling``/``utils`` share names with ours, so its ``modeling`` is im
 swapped ``sys.modules`` and its ``Saver``, ``Evaluator`` and transforms are loaded from their
 files (its ``dataloaders`` package imports SciPy, which is not needed for the transforms).
 Everything after that reading is :func:`verify`, which takes the original's code as an argument:
-``tests/test_convert.py`` runs it against a stand-in made of this project's modules.
+``tests/modeling/test_convert.py`` runs it against a stand-in made of this project's modules.
 """
 from __future__ import annotations
 

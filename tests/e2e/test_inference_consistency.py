@@ -19,7 +19,7 @@ from dataloader.datasets.demo import generate_demo_dataset
 from inference_testing import make_checkpoint, read_mask, write_image
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from utils.fileio import FolderLock
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["--backbone", "resnet18", "--no-pretrained", "--no-cuda", "--amp", "off", "--crop-size",
         "64", "--base-size", "64", "--eval-size", "48", "--dataset", "demo",
         "--batch-size", "4", "--lr", "0.01"]

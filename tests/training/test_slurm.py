@@ -32,7 +32,7 @@ from utils.distributed import DistributedContext, launch_context
 from utils.signals import Interrupted, StopFlag
 from utils.slurm import expand_hostlist, parse_signal, requeue_job
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # --------------------------------------------------------------------------- host lists
 

@@ -239,7 +239,7 @@ def test_one_live_run_per_folder_and_a_killed_one_leaves_it_free(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys; from utils.fileio import FolderLock; "
          f"FolderLock({str(folder)!r}); print('locked', flush=True); sys.stdin.read()"],
-        cwd=Path(__file__).resolve().parents[1], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[2], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         text=True)
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(UserError, match=f"pid {holder.pid} "):

@@ -38,7 +38,7 @@ from modeling.deeplab import DeepLab
 from scripts import convert_checkpoint, verify_conversion
 from utils.metrics import Evaluator
 
-FIXTURE = Path(__file__).parent / "fixtures" / "jfzhang95_resnet101_keys.json"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "jfzhang95_resnet101_keys.json"
 TINY = ["--backbone", "resnet18", "--no-pretrained", "--no-cuda", "--amp", "off", "--workers",
         "0", "--crop-size", "64", "--base-size", "64", "--eval-size", "64"]
 

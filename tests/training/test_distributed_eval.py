@@ -17,7 +17,7 @@ from modeling.deeplab import DeepLab
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_checkpoint(path: Path) -> None:
