@@ -146,6 +146,9 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
                      help="also average horizontally flipped inputs")
     run.add_argument("--eval-json", help="where --eval-only writes its metrics "
                      "(default: eval_metrics.json beside the checkpoint)")
+    run.add_argument("--eval-worst", type=int, default=8, metavar="K",
+                     help="draw the K val images with the lowest mIoU after each evaluation, "
+                          "beside the confusion matrix and per-class IoU figures (0: none)")
     run.add_argument("--save-interval", type=int, default=0,
                      help="also save the latest checkpoint every N iterations (0: per epoch)")
     run.add_argument("--print-freq", type=int, default=20,
@@ -160,6 +163,9 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UserError("--ft needs --resume CKPT: the checkpoint to fine-tune from")
     if args.eval_only and not args.resume:
         raise UserError("--eval-only needs --resume CKPT: the checkpoint to evaluate")
+    if args.eval_worst < 0:
+        raise UserError(f"--eval-worst must be 0 (off) or a number of images, got "
+                        f"{args.eval_worst}")
     if any(s <= 0 for s in args.eval_scales):
         raise UserError(f"--eval-scales must be positive, got {args.eval_scales}")
     if args.lr_scheduler == "step" and args.lr_step <= 0:
@@ -374,7 +380,8 @@ def main(args: argparse.Namespace) -> dict:
                 model=plain_model, loader=val_loader, settings=settings, hardware=hardware,
                 scales=args.eval_scales, flip=args.eval_flip, context=context,
                 json_path=args.eval_json or os.path.join(
-                    os.path.dirname(os.path.abspath(args.resume)), "eval_metrics.json"))
+                    os.path.dirname(os.path.abspath(args.resume)), "eval_metrics.json"),
+                worst_images=args.eval_worst, iteration=checkpoint.get("iteration", 0))
         return train(args, model=model, plain_model=plain_model, settings=settings,
                      train_set=train_set, val_loader=val_loader, checkpoint=checkpoint,
                      hardware=hardware, context=context, sync_bn=sync_bn)
@@ -401,7 +408,7 @@ def train(args: argparse.Namespace, *, model: nn.Module, plain_model: DeepLab, s
         batch_size=schedule.batch_size, print_freq=args.print_freq,
         save_interval=args.save_interval, eval_interval=args.eval_interval,
         eval_scales=tuple(args.eval_scales), eval_flip=args.eval_flip,
-        skip_bad_images=args.skip_bad_images)
+        eval_worst=args.eval_worst, skip_bad_images=args.skip_bad_images)
     checkpointer = Checkpointer(saver=saver, summary=summary, model=plain_model,
                                 optimisation=optimisation,
                                 iters_per_epoch=schedule.iters_per_epoch, settings=settings)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import os
 import signal
@@ -23,10 +22,11 @@ from tqdm import tqdm
 from utils.distributed import DistributedContext, any_true, broadcast_buffers, ranks_in_sync
 from utils.errors import UserError
 from utils.fileio import atomic_write_text
+from utils.figures import evaluation_figures, save_figures
 from utils.hardware import Hardware, cudnn_benchmark, dataparallel_chunks, usable_batch_size
 from utils.losses import build_loss
 from utils.lr_scheduler import build_lr_scheduler
-from utils.metrics import Evaluator
+from utils.metrics import Evaluator, WorstImages, metrics_json
 from utils.saver import Saver, get_rng_state, set_rng_state
 from utils.summaries import TensorboardSummary
 from modeling.predict import predict_labels
@@ -349,11 +349,14 @@ def evaluate(
     show_progress: bool,
     stop: StopFlag | None = None,
     context: DistributedContext = DistributedContext(),
+    worst: WorstImages | None = None,
 ) -> tuple[Evaluator, dict | None]:
     """Score full-resolution predictions on every val image (summed over ranks).
 
     A stop signal (``stop``) ends evaluation within a few batches: a full COCO val takes
-    minutes, longer than a pre-emption grace period.
+    minutes, longer than a pre-emption grace period. ``worst``, if given, scores each image too
+    and ends holding the worst of all ranks (batches must carry ``"index"``, as the
+    :func:`dataloader.samplers.resumable_loader` ones do).
 
     Returns:
         The evaluator and, for the TensorBoard grid, the first batch's tensors.
@@ -377,11 +380,15 @@ def evaluate(
             with hardware.autocast():
                 prediction = predict_labels(model, image, tuple(target.shape[-2:]), scales, flip)
             evaluator.add_batch(target, prediction)
+            if worst is not None:
+                worst.add(batch["index"].tolist(), image, target, prediction)
             if first is None:
                 first = {"image": F.interpolate(image.float(), size=tuple(target.shape[-2:]),
                                                 mode="bilinear", align_corners=False).cpu(),
                          "target": target.cpu(), "prediction": prediction.cpu()}
     evaluator.all_reduce()
+    if worst is not None:
+        worst.all_gather()
     return evaluator, first
 
 
@@ -478,20 +485,42 @@ class LoopSettings:
     eval_interval: int = 1  # epochs
     eval_scales: tuple[float, ...] = (1.0,)
     eval_flip: bool = False
+    eval_worst: int = 8  # worst val images drawn after each evaluation (0: none)
     skip_bad_images: bool = False  # batches may shrink: DDP ranks agree on skipped steps
+
+
+def worst_images_tracker(k: int, settings: dict,
+                         loader: torch.utils.data.DataLoader) -> WorstImages | None:
+    """A :class:`WorstImages` for one evaluation pass over ``loader`` (None when ``k`` is 0),
+    naming images by the val dataset's ``sample_name``."""
+    if k <= 0:
+        return None
+    dataset = getattr(loader.dataset, "dataset", loader.dataset)  # inside SeededDataset
+    return WorstImages(k, len(settings["class_names"]), mean=settings["mean"],
+                       std=settings["std"], name_of=dataset.sample_name)
+
+
+def draw_evaluation(results: dict, worst: WorstImages | None, settings: dict) -> dict:
+    """The evaluation figures of :func:`utils.figures.evaluation_figures` ({} without
+    matplotlib)."""
+    return evaluation_figures(confusion_matrix=results["confusion_matrix"],
+                              class_names=settings["class_names"], palette=settings["palette"],
+                              worst=worst.worst() if worst is not None else ())
 
 
 def evaluate_and_report(*, model: nn.Module, loader: torch.utils.data.DataLoader,
                         class_names: list[str], hardware: Hardware, scales: list[float],
                         flip: bool, context: DistributedContext, header: str | None = None,
-                        stop: StopFlag | None = None) -> tuple[dict, dict | None]:
+                        stop: StopFlag | None = None,
+                        worst: WorstImages | None = None) -> tuple[dict, dict | None]:
     """Evaluate and print the per-class table on rank 0 (after ``header``).
 
     Returns the metrics of :meth:`Evaluator.results` and the first batch (see :func:`evaluate`).
     """
     evaluator, first = evaluate(model=model, loader=loader, num_classes=len(class_names),
                                 hardware=hardware, scales=scales, flip=flip,
-                                show_progress=context.is_main, stop=stop, context=context)
+                                show_progress=context.is_main, stop=stop, context=context,
+                                worst=worst)
     if context.is_main:
         if header:
             print(header)
@@ -501,20 +530,36 @@ def evaluate_and_report(*, model: nn.Module, loader: torch.utils.data.DataLoader
 
 def evaluate_checkpoint(*, model: nn.Module, loader: torch.utils.data.DataLoader, settings: dict,
                         hardware: Hardware, scales: list[float], flip: bool,
-                        context: DistributedContext, json_path: str) -> dict:
-    """Score a checkpoint's model (``--eval-only``) and write its metrics to ``json_path``."""
+                        context: DistributedContext, json_path: str, worst_images: int = 8,
+                        iteration: int = 0) -> dict:
+    """Score a checkpoint's model (``--eval-only``) and write its metrics to ``json_path``.
+
+    The evaluation figures go beside it as ``<json stem>_<figure>.png`` and into TensorBoard
+    at step ``iteration`` (the checkpoint's), in the folder ``<json stem>/`` beside it: a
+    TensorBoard run of its own, apart from the training run's curves.
+    """
+    worst = worst_images_tracker(worst_images, settings, loader)
     results, _ = evaluate_and_report(model=model, loader=loader,
                                      class_names=settings["class_names"], hardware=hardware,
-                                     scales=scales, flip=flip, context=context)
+                                     scales=scales, flip=flip, context=context, worst=worst)
     if context.is_main:
-        atomic_write_text(json_path, json.dumps(results, indent=2, sort_keys=True))
+        atomic_write_text(json_path, metrics_json(results))
         print(f"metrics written to {json_path}")
+        figures = draw_evaluation(results, worst, settings)
+        if figures:
+            stem = os.path.splitext(json_path)[0]
+            save_figures(figures, os.path.dirname(stem), prefix=os.path.basename(stem) + "_")
+            summary = TensorboardSummary(stem)
+            summary.add_figures(figures, iteration)
+            summary.close()
     return {"metrics": results}
 
 
 def log_evaluation(results: dict, first: dict | None, *, state: TrainState, settings: dict,
-                   saver: Saver | None, summary: TensorboardSummary | None) -> None:
-    """TensorBoard scalars and image grid, and metrics.json, for one evaluation (rank 0)."""
+                   saver: Saver | None, summary: TensorboardSummary | None,
+                   worst: WorstImages | None = None) -> None:
+    """TensorBoard scalars, image grid and figures, metrics.json and the figures' PNGs, for one
+    evaluation (rank 0)."""
     if saver is None or summary is None:
         return
     summary.log_metrics(results, state.iteration, settings["class_names"])
@@ -523,8 +568,10 @@ def log_evaluation(results: dict, first: dict | None, *, state: TrainState, sett
                           palette=settings["palette"], mean=settings["mean"],
                           std=settings["std"], step=state.iteration)
     atomic_write_text(os.path.join(saver.experiment_dir, "metrics.json"),
-                      json.dumps(dict(results, epoch=state.epoch, iteration=state.iteration),
-                                 indent=2, sort_keys=True))
+                      metrics_json(dict(results, epoch=state.epoch, iteration=state.iteration)))
+    figures = draw_evaluation(results, worst, settings)
+    summary.add_figures(figures, state.iteration)
+    save_figures(figures, saver.experiment_dir)
 
 
 def _train_epoch(*, model: nn.Module, plain_model: nn.Module, optimisation: Optimisation,
@@ -571,12 +618,14 @@ def fit(*, model: nn.Module, plain_model: nn.Module, optimisation: Optimisation,
                                       or state.iteration >= loop.total_iters)
             is_best = False
             if state.eval_pending:
+                worst = worst_images_tracker(loop.eval_worst, checkpointer.settings, val_loader)
                 try:
                     last_results, first = evaluate_and_report(
                         model=plain_model, loader=val_loader,
                         class_names=checkpointer.settings["class_names"], hardware=hardware,
                         scales=list(loop.eval_scales), flip=loop.eval_flip, context=context,
-                        header=f"epoch {state.epoch} (iteration {state.iteration}):", stop=stop)
+                        header=f"epoch {state.epoch} (iteration {state.iteration}):", stop=stop,
+                        worst=worst)
                 except Interrupted:  # keep the epoch's training; --resume evaluates it first
                     checkpointer.save(state, is_best=False)
                     raise
@@ -585,7 +634,7 @@ def fit(*, model: nn.Module, plain_model: nn.Module, optimisation: Optimisation,
                 is_best = miou is not None and miou > state.best_pred
                 state.best_pred = miou if is_best else state.best_pred
                 log_evaluation(last_results, first, state=state, settings=checkpointer.settings,
-                               saver=checkpointer.saver, summary=checkpointer.summary)
+                               saver=checkpointer.saver, summary=checkpointer.summary, worst=worst)
             checkpointer.save(state, is_best=is_best)
     if context.enabled:  # DDP must have kept the ranks identical
         same = ranks_in_sync(plain_model, context)
