@@ -131,9 +131,12 @@ def confusion_matrix_figure(matrix: np.ndarray | Sequence[Sequence[int]],
     cell = 0.36 if n <= 25 else 0.3
     figure = new_figure(2.8 + cell * n, 2.4 + cell * n)
     axes = figure.add_subplot()
-    image = axes.imshow(np.ma.masked_invalid(rates), cmap="Blues", vmin=0.0, vmax=1.0,
+    from matplotlib import colormaps  # new_figure has checked that matplotlib is there
+
+    # Grey: a class without val pixels has no row to normalise.
+    cmap = colormaps["Blues"].with_extremes(bad="#d9d9d9")
+    image = axes.imshow(np.ma.masked_invalid(rates), cmap=cmap, vmin=0.0, vmax=1.0,
                         interpolation="nearest")
-    image.cmap.set_bad("#d9d9d9")  # a class without val pixels has no row to normalise
     font = 8 if n <= 25 else 7
     axes.set_xticks(range(n), names, rotation=90, fontsize=font)
     axes.set_yticks(range(n), names, fontsize=font)
