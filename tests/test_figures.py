@@ -124,3 +124,31 @@ def test_save_png_replaces_the_file(tmp_path):
     with Image.open(path) as image:
         assert image.size == (5, 4) and image.getpixel((0, 0)) == (200, 200, 200)
     assert [p.name for p in tmp_path.iterdir()] == ["f.png"]  # no temporary left
+
+
+@needs_matplotlib
+@pytest.mark.slow
+def test_make_figures_segments_val_images_of_any_dataset(tmp_path):
+    import torch
+
+    from dataloader.datasets.demo import generate_demo_dataset
+    from dataloader.utils import IMAGENET_MEAN, IMAGENET_STD, VOC_CLASS_NAMES, palette_for
+    from modeling.deeplab import DeepLab
+    from scripts import make_figures
+
+    root = generate_demo_dataset(tmp_path / "demo", seed=3, num_train=0, num_val=3,
+                                 image_size=(40, 32))
+    torch.manual_seed(0)
+    model = DeepLab(backbone="resnet18", num_classes=21)
+    settings = dict(model.settings(), class_names=list(VOC_CLASS_NAMES),
+                    palette=palette_for(21), mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    checkpoint = tmp_path / "random.pth.tar"
+    torch.save({"model": model.state_dict(), "settings": settings}, checkpoint)
+    out = tmp_path / "out"
+    assert make_figures.main(["--ckpt", str(checkpoint), "--dataset", "demo", "--data-root",
+                              root, "--count", "2", "--out-dir", str(out)]) == 0
+    with Image.open(out / "results.png") as results, Image.open(out / "colour_scheme.png") as key:
+        assert results.width > 600 and results.height > 2 * 240  # two rows of 240 pixels
+        assert key.height > 100
+    assert make_figures.main(["--ckpt", str(tmp_path / "missing.pth.tar"), "--dataset", "demo",
+                              "--data-root", root, "--out-dir", str(out)]) == 2
