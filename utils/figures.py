@@ -225,22 +225,24 @@ def image_rows_figure(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarr
     """
     aspect = max((image.shape[1] / image.shape[0] for _, image, _, _ in rows), default=1.0)
     column_width = row_height * min(aspect, 2.0)
-    figure = new_figure(3 * column_width + 0.3, row_height * max(len(rows), 1) + 0.6
-                        + 0.3 * bool(caption))
+    header, footer = 0.35, 0.3 * bool(caption)  # inches
+    height = row_height * max(len(rows), 1) + header + footer
+    figure = new_figure(3 * column_width + 0.3, height)
     grid = figure.subplots(max(len(rows), 1), 3, squeeze=False)
-    for axes, heading in zip(grid[0], ("image", "ground truth", "prediction")):
-        axes.set_title(heading, fontsize=10, fontweight="bold", pad=16)
     for axes_row, (title, image, truth, prediction) in zip(grid, rows):
         for axes, picture in zip(axes_row, (image, _colours(truth, palette),
                                             _colours(prediction, palette))):
             axes.imshow(picture, interpolation="nearest")
-        axes_row[0].text(0.0, 1.02, title, transform=axes_row[0].transAxes, fontsize=8,
-                         va="bottom")
+        axes_row[0].set_title(title, loc="left", fontsize=8)
     for axes in grid.ravel():
         axes.set_axis_off()
+    figure.tight_layout(rect=(0, footer / height, 1, 1 - header / height))
+    for axes, heading in zip(grid[0], ("image", "ground truth", "prediction")):
+        box = axes.get_position()
+        figure.text((box.x0 + box.x1) / 2, 1 - 0.5 * header / height, heading, fontsize=10,
+                    fontweight="bold", ha="center", va="center")
     if caption:
-        figure.text(0.01, 0.005, caption, fontsize=8, va="bottom")
-    figure.tight_layout(rect=(0, 0.3 / figure.get_figheight() * bool(caption), 1, 1))
+        figure.text(0.01, 0.5 * footer / height, caption, fontsize=8, va="center")
     return to_rgb(figure)
 
 
