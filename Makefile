@@ -10,10 +10,11 @@ DEMO_RUN := run/demo/make-demo
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt requirements-deploy.txt constraints.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-deploy.txt requirements-plot.txt \
+		constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt \
-		-r requirements-deploy.txt -c constraints.txt
+		-r requirements-deploy.txt -r requirements-plot.txt -c constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -47,7 +47,8 @@ from utils.hardware import (Hardware, add_hardware_args, cpu_bf16_note, cudnn_be
                             prepare_model, resolve_hardware, usable_batch_size)
 from utils.losses import LOSSES, NonFiniteLoss, OutputsLoss, build_loss
 from utils.lr_scheduler import SCHEDULERS, build_lr_scheduler
-from utils.metrics import Evaluator
+from utils.figures import evaluation_figures, save_figures
+from utils.metrics import Evaluator, WorstImages, metrics_json
 from utils.optim import Optimisation, build_optimizer, grad_scaler
 from utils.plan import DEFAULT_BATCH_PER_DEVICE, REFERENCE_BATCH, REFERENCE_LR, TrainPlan, \
     plan_training
@@ -159,6 +160,9 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
                      help="also average horizontally flipped inputs")
     run.add_argument("--eval-json", help="where --eval-only writes its metrics "
                      "(default: eval_metrics.json beside the checkpoint)")
+    run.add_argument("--eval-worst", type=int, default=8, metavar="K",
+                     help="draw the K val images with the lowest mIoU after each evaluation, "
+                          "beside the confusion matrix and per-class IoU figures (0: none)")
     run.add_argument("--save-interval", type=int, default=0,
                      help="also save the latest checkpoint every N iterations (0: per epoch)")
     run.add_argument("--print-freq", type=int, default=20,
@@ -177,6 +181,9 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UserError("--ft needs --resume CKPT: the checkpoint to fine-tune from")
     if args.eval_only and not args.resume:
         raise UserError("--eval-only needs --resume CKPT: the checkpoint to evaluate")
+    if args.eval_worst < 0:
+        raise UserError(f"--eval-worst must be 0 (off) or a number of images, got "
+                        f"{args.eval_worst}")
     if any(s <= 0 for s in args.eval_scales):
         raise UserError(f"--eval-scales must be positive, got {args.eval_scales}")
     if args.lr_scheduler == "step" and args.lr_step <= 0:
@@ -501,6 +508,7 @@ def main(args: argparse.Namespace) -> dict:
                                      context=context, hardware=hardware)
         if args.eval_only:
             return evaluate_checkpoint(args, plain_model, val_loader, settings=settings,
+                                       iteration=checkpoint.get("iteration", 0),
                                        hardware=hardware, context=context)
 
         plan = plan_run(args, len(train_set), hardware, context)
@@ -717,11 +725,14 @@ def _stop_requested(stop: StopFlag | None, index: int, common_batches: int,
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, *, num_classes: int, hardware: Hardware,
              context: DistributedContext, scales: list[float], flip: bool,
-             stop: StopFlag | None = None) -> tuple[Evaluator, dict | None]:
+             stop: StopFlag | None = None,
+             worst: WorstImages | None = None) -> tuple[Evaluator, dict | None]:
     """Score full-resolution predictions on every val image (summed over ranks).
 
     A stop signal (``stop``) ends evaluation within a few batches: a full COCO val takes
-    minutes, longer than a pre-emption grace period.
+    minutes, longer than a pre-emption grace period. ``worst``, if given, scores each image too
+    and ends holding the worst of all ranks (batches must carry ``"index"``, as the
+    :func:`dataloader.samplers.resumable_loader` ones do).
 
     Returns:
         The evaluator and, for the TensorBoard grid, the first batch's tensors.
@@ -745,25 +756,51 @@ def evaluate(model: nn.Module, loader, *, num_classes: int, hardware: Hardware,
             with hardware.autocast():
                 prediction = predict_labels(model, image, tuple(target.shape[-2:]), scales, flip)
             evaluator.add_batch(target, prediction)
+            if worst is not None:
+                worst.add(batch["index"].tolist(), image, target, prediction)
             if first is None:
                 first = {"image": F.interpolate(image.float(), size=tuple(target.shape[-2:]),
                                                 mode="bilinear", align_corners=False).cpu(),
                          "target": target.cpu(), "prediction": prediction.cpu()}
     evaluator.all_reduce()
+    if worst is not None:
+        worst.all_gather()
     return evaluator, first
+
+
+def worst_images_tracker(k: int, settings: dict, loader) -> WorstImages | None:
+    """A :class:`WorstImages` for one evaluation pass over ``loader`` (None when ``k`` is 0),
+    naming images by the val dataset's ``sample_name``."""
+    if k <= 0:
+        return None
+    dataset = getattr(loader.dataset, "dataset", loader.dataset)  # inside SeededDataset
+    return WorstImages(k, len(settings["class_names"]), mean=settings["mean"],
+                       std=settings["std"], name_of=dataset.sample_name)
+
+
+def draw_evaluation(results: dict, worst: WorstImages | None, settings: dict) -> dict:
+    """The evaluation figures of :func:`utils.figures.evaluation_figures` ({} without
+    matplotlib)."""
+    return evaluation_figures(confusion_matrix=results["confusion_matrix"],
+                              class_names=settings["class_names"], palette=settings["palette"],
+                              worst=worst.worst() if worst is not None else ())
 
 
 def evaluate_epoch(model: nn.Module, val_loader, *, state: TrainState, checkpointer: Checkpointer,
                    hardware: Hardware, context: DistributedContext, args: argparse.Namespace,
                    stop: StopFlag) -> dict:
-    """Evaluate after an epoch: print the per-class table, write TensorBoard and metrics.json
-    (rank 0); returns the metrics. Interrupted, it saves the epoch's training first, with its
-    evaluation still owed (``state.eval_pending``), so ``--resume`` evaluates it."""
-    class_names = checkpointer.settings["class_names"]
+    """Evaluate after an epoch: print the per-class table, write TensorBoard, metrics.json and
+    the evaluation figures (rank 0); returns the metrics. Interrupted, it saves the epoch's
+    training first, with its evaluation still owed (``state.eval_pending``), so ``--resume``
+    evaluates it."""
+    settings = checkpointer.settings
+    class_names = settings["class_names"]
+    worst = worst_images_tracker(args.eval_worst, settings, val_loader)
     try:
         evaluator, first = evaluate(model, val_loader, num_classes=len(class_names),
                                     hardware=hardware, context=context,
-                                    scales=args.eval_scales, flip=args.eval_flip, stop=stop)
+                                    scales=args.eval_scales, flip=args.eval_flip, stop=stop,
+                                    worst=worst)
     except Interrupted:
         checkpointer.save(state)
         raise
@@ -774,30 +811,46 @@ def evaluate_epoch(model: nn.Module, val_loader, *, state: TrainState, checkpoin
         print(evaluator.format_table(class_names))
         summary.log_metrics(results, state.iteration, class_names)
         if first is not None:
-            settings = checkpointer.settings
             summary.visualize(first["image"], first["target"], first["prediction"],
                               palette=settings["palette"], mean=settings["mean"],
                               std=settings["std"], step=state.iteration)
         atomic_write_text(os.path.join(saver.experiment_dir, "metrics.json"),
-                          json.dumps(dict(results, epoch=state.epoch, iteration=state.iteration),
-                                     indent=2, sort_keys=True))
+                          metrics_json(dict(results, epoch=state.epoch, iteration=state.iteration)))
+        figures = draw_evaluation(results, worst, settings)
+        summary.add_figures(figures, state.iteration)
+        save_figures(figures, saver.experiment_dir)
     return results
 
 
 def evaluate_checkpoint(args: argparse.Namespace, model: nn.Module, val_loader, *,
-                        settings: dict, hardware: Hardware, context: DistributedContext) -> dict:
+                        settings: dict, iteration: int, hardware: Hardware,
+                        context: DistributedContext) -> dict:
     """``--eval-only``: score the ``--resume`` checkpoint's model and write its metrics to
-    ``--eval-json`` (default: eval_metrics.json beside the checkpoint)."""
+    ``--eval-json`` (default: eval_metrics.json beside the checkpoint).
+
+    The evaluation figures go beside it as ``<json stem>_<figure>.png`` and into TensorBoard at
+    step ``iteration`` (the checkpoint's), in the folder ``<json stem>/`` beside it: a
+    TensorBoard run of its own, apart from the training run's curves.
+    """
     class_names = settings["class_names"]
+    worst = worst_images_tracker(args.eval_worst, settings, val_loader)
     evaluator, _ = evaluate(model, val_loader, num_classes=len(class_names), hardware=hardware,
-                            context=context, scales=args.eval_scales, flip=args.eval_flip)
+                            context=context, scales=args.eval_scales, flip=args.eval_flip,
+                            worst=worst)
     results = evaluator.results(class_names)
     if context.is_main:
         print(evaluator.format_table(class_names))
         json_path = args.eval_json or os.path.join(
             os.path.dirname(os.path.abspath(args.resume)), "eval_metrics.json")
-        atomic_write_text(json_path, json.dumps(results, indent=2, sort_keys=True))
+        atomic_write_text(json_path, metrics_json(results))
         print(f"metrics written to {json_path}")
+        figures = draw_evaluation(results, worst, settings)
+        if figures:
+            stem = os.path.splitext(json_path)[0]
+            save_figures(figures, os.path.dirname(stem), prefix=os.path.basename(stem) + "_")
+            summary = TensorboardSummary(stem)
+            summary.add_figures(figures, iteration)
+            summary.close()
     return {"metrics": results}
 
 

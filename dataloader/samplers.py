@@ -85,6 +85,8 @@ class SeededDataset(torch.utils.data.Dataset):
 
     The global torch RNG is forked, so seeding a sample never disturbs the caller's RNG (which
     matters when ``num_workers=0`` and samples are loaded in the training process itself).
+    A dict sample gains ``"index"``, its dataset index, so that a batch says which items it holds
+    (evaluation names its worst images by it) even after bad samples were dropped from it.
     """
 
     def __init__(self, dataset: torch.utils.data.Dataset) -> None:
@@ -97,7 +99,8 @@ class SeededDataset(torch.utils.data.Dataset):
         index, seed = key
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.dataset[index]
+            sample = self.dataset[index]
+        return {**sample, "index": index} if isinstance(sample, dict) else sample
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

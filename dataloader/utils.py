@@ -16,12 +16,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from utils.labels import IGNORE_INDEX, colorize  # noqa: F401  (dataloader's public names)
+
 logger = logging.getLogger(__name__)
 
 _Decoded = TypeVar("_Decoded")
-
-#: Label value for pixels that are never learned nor scored: crop padding, overlaps, borders.
-IGNORE_INDEX = 255
 
 #: ImageNet statistics used to normalise every input (torchvision backbones expect them).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -63,21 +62,6 @@ def palette_for(num_classes: int) -> list[list[int]]:
     if num_classes > 255:
         raise ValueError(f"at most 255 classes can be coloured, got {num_classes}")
     return color_map(num_classes).tolist()
-
-
-def colorize(label: np.ndarray, palette: Sequence[Sequence[int]]) -> Image.Image:
-    """A palette ("P") PNG-ready image: pixel values stay class ids, the palette gives colours.
-
-    Args:
-        label: ``(H, W)`` integer array of class ids (255 = ignore, drawn white).
-        palette: per-class RGB triples.
-    """
-    flat = np.zeros((256, 3), dtype=np.uint8)
-    flat[: len(palette)] = np.asarray(palette, dtype=np.uint8)
-    flat[IGNORE_INDEX] = (255, 255, 255)
-    image = Image.fromarray(label.astype(np.uint8), mode="P")
-    image.putpalette(flat.reshape(-1).tolist())
-    return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -3,7 +3,7 @@
 Each figure plots the learning rate used at every iteration of a 30 epoch x 100 iteration run with
 base rate 0.01, without warmup and with 500 warmup iterations, as produced by
 :func:`utils.lr_scheduler.build_lr_scheduler`, so the pictures cannot drift from the code. Drawn
-with PIL only (matplotlib is not a dependency).
+with matplotlib (``pip install -r requirements-plot.txt``).
 
 Usage:
     python -m scripts.plot_lr_schedules [--out-dir doc]
@@ -11,12 +11,14 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
+from utils.errors import UserError
+from utils.figures import new_figure, save_png, to_rgb
 from utils.lr_scheduler import build_lr_scheduler
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -37,10 +39,9 @@ FIGURES = (
     ("cosine.png", "cos", "cosine: b * (1 + cos(pi * s/S)) / 2", {}),
 )
 
-WIDTH, HEIGHT = 900, 520
-LEFT, RIGHT, TOP, BOTTOM = 100, 30, 60, 80
-BLUE, ORANGE = (31, 119, 180), (255, 127, 14)
-GRID, AXIS, TEXT = (225, 225, 225), (40, 40, 40), (20, 20, 20)
+#: Figure size in inches (900 x 520 pixels at utils.figures.DPI = 100).
+WIDTH, HEIGHT = 9.0, 5.2
+BLUE, ORANGE = "#1f77b4", "#ff7f0e"
 
 
 def learning_rates(name: str, warmup_iters: int, **kwargs: float) -> list[float]:
@@ -59,67 +60,30 @@ def learning_rates(name: str, warmup_iters: int, **kwargs: float) -> list[float]
     return rates
 
 
-def draw_figure(
-    title: str, curves: Sequence[tuple[str, tuple[int, int, int], list[float]]]
-) -> Image.Image:
-    """A line plot with axes, grid, ticks, axis labels, a title and a legend."""
-    image = Image.new("RGB", (WIDTH, HEIGHT), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=15)
-    title_font = ImageFont.load_default(size=19)
-    plot_width, plot_height = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
-    total_iters = len(curves[0][2])
-    y_max = BASE_LR * 1.05
+def draw_figure(title: str, curves: Sequence[tuple[str, str, list[float]]]):
+    """A line plot of each ``(legend, colour, rates)`` curve: axes, grid, labels, title, legend.
 
-    def to_pixel(iteration: float, rate: float) -> tuple[float, float]:
-        return (
-            LEFT + plot_width * iteration / total_iters,
-            TOP + plot_height * (1.0 - rate / y_max),
-        )
-
-    for tick in range(0, total_iters + 1, 5 * ITERS_PER_EPOCH):
-        x, _ = to_pixel(tick, 0.0)
-        draw.line([(x, TOP), (x, TOP + plot_height)], fill=GRID)
-        draw.line([(x, TOP + plot_height), (x, TOP + plot_height + 6)], fill=AXIS, width=2)
-        draw.text((x, TOP + plot_height + 10), str(tick), fill=TEXT, font=font, anchor="mt")
-    for step in range(6):
-        rate = BASE_LR * step / 5
-        _, y = to_pixel(0, rate)
-        draw.line([(LEFT, y), (LEFT + plot_width, y)], fill=GRID)
-        draw.line([(LEFT - 6, y), (LEFT, y)], fill=AXIS, width=2)
-        draw.text((LEFT - 10, y), f"{rate:.3f}", fill=TEXT, font=font, anchor="rm")
-    draw.rectangle([LEFT, TOP, LEFT + plot_width, TOP + plot_height], outline=AXIS, width=2)
-
-    # Later curves are drawn first and wider, so where two coincide both stay visible.
+    Later curves are drawn first and wider, so where two coincide both stay visible.
+    """
+    figure = new_figure(WIDTH, HEIGHT)
+    axes = figure.add_subplot()
     for index in reversed(range(len(curves))):
-        _, color, rates = curves[index]
-        points = [to_pixel(iteration, rate) for iteration, rate in enumerate(rates)]
-        draw.line(points, fill=color, width=2 + 2 * index, joint="curve")
-
-    draw.text((WIDTH / 2, TOP / 2), title, fill=TEXT, font=title_font, anchor="mm")
-    draw.text(
-        (LEFT + plot_width / 2, HEIGHT - 22),
-        f"iteration ({EPOCHS} epochs x {ITERS_PER_EPOCH} iterations, base lr b = {BASE_LR})",
-        fill=TEXT, font=font, anchor="mm",
-    )
-    # Vertical axis label: draw horizontally on a small canvas, then rotate it.
-    label = "learning rate"
-    left, top, right, bottom = font.getbbox(label)
-    label_image = Image.new("RGB", (right - left + 4, bottom - top + 6), "white")
-    ImageDraw.Draw(label_image).text((2 - left, 3 - top), label, fill=TEXT, font=font)
-    label_image = label_image.rotate(90, expand=True)
-    image.paste(label_image, (14, TOP + (plot_height - label_image.height) // 2))
-
-    legend_x, legend_y = LEFT + plot_width - 250, TOP + 14
-    draw.rectangle(
-        [legend_x, legend_y, legend_x + 236, legend_y + 14 + 24 * len(curves)],
-        fill="white", outline=(180, 180, 180),
-    )
-    for index, (name, color, _) in enumerate(curves):
-        y = legend_y + 19 + 24 * index
-        draw.line([(legend_x + 10, y), (legend_x + 40, y)], fill=color, width=3)
-        draw.text((legend_x + 50, y), name, fill=TEXT, font=font, anchor="lm")
-    return image
+        name, color, rates = curves[index]
+        axes.plot(range(len(rates)), rates, color=color, linewidth=1.5 + 2 * index, label=name,
+                  zorder=len(curves) - index)
+    total_iters = len(curves[0][2])
+    axes.set_xlim(0, total_iters)
+    axes.set_ylim(0, BASE_LR * 1.05)
+    axes.set_xticks(range(0, total_iters + 1, 5 * ITERS_PER_EPOCH))
+    axes.grid(color="#e1e1e1")
+    axes.set_title(title)
+    axes.set_xlabel(f"iteration ({EPOCHS} epochs x {ITERS_PER_EPOCH} iterations, "
+                    f"base lr b = {BASE_LR})")
+    axes.set_ylabel("learning rate")
+    handles, labels = axes.get_legend_handles_labels()
+    axes.legend(handles[::-1], labels[::-1], loc="upper right")  # in the order given
+    figure.tight_layout()
+    return figure
 
 
 def plot_all(out_dir: Path) -> list[Path]:
@@ -136,7 +100,7 @@ def plot_all(out_dir: Path) -> list[Path]:
             ),
         ]
         path = out_dir / file_name
-        draw_figure(title, curves).save(path, optimize=True)
+        save_png(path, to_rgb(draw_figure(title, curves)))
         written.append(path)
     return written
 
@@ -151,11 +115,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    for path in plot_all(args.out_dir):
+    try:
+        paths = plot_all(args.out_dir)
+    except UserError as error:  # matplotlib missing
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for path in paths:
         print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,6 +12,8 @@ Stable tag names (dashboards and comparisons across runs rely on them):
   are not written (:meth:`TensorboardSummary.log_metrics`)
 - ``val/input_gt_prediction``: image grid, one row per sample: input, ground truth, prediction
   (:meth:`TensorboardSummary.visualize`)
+- ``val/confusion_matrix``, ``val/per_class_iou``, ``val/worst_images``: the evaluation figures
+  of :mod:`utils.figures` (:meth:`TensorboardSummary.add_figures`)
 
 Steps are whatever the caller counts (iterations for ``train/*``, epochs or iterations for
 ``val*``); pass ``purge_step`` when resuming so events logged after the checkpoint by the
@@ -25,6 +27,7 @@ import os
 import time
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
@@ -32,6 +35,8 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from utils.losses import NonFiniteLoss
+
+from utils.figures import EVALUATION_FIGURES
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +48,8 @@ METRIC_TAGS = {
     "fw_iou": "val/fwIoU",
 }
 IMAGE_TAG = "val/input_gt_prediction"
+#: Tag of each evaluation figure (:data:`utils.figures.EVALUATION_FIGURES`).
+FIGURE_TAGS = {name: f"val/{name}" for name in EVALUATION_FIGURES}
 
 #: Colour of ignored pixels (255) and of any id without a palette entry.
 _IGNORE_COLOR = (255, 255, 255)
@@ -130,6 +137,13 @@ class TensorboardSummary:
         rows = torch.stack([inputs, colorize(targets), colorize(predictions)], dim=1)
         grid = make_grid(rows.flatten(0, 1), nrow=3, padding=2)
         self.writer.add_image(IMAGE_TAG, grid, global_step=step)
+
+    def add_figures(self, figures: dict[str, np.ndarray], step: int) -> None:
+        """Write figures (``(H, W, 3)`` uint8 RGB arrays, by name) as images under
+        :data:`FIGURE_TAGS` (``val/<name>`` for any other name)."""
+        for name, rgb in figures.items():
+            self.writer.add_image(FIGURE_TAGS.get(name, f"val/{name}"), rgb, global_step=step,
+                                  dataformats="HWC")
 
     def flush(self) -> None:
         """Push pending events to disk."""

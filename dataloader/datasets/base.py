@@ -69,6 +69,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """Return ``(RGB image, "L" label)`` for item ``index``; raise DatasetError on bad files."""
         raise NotImplementedError
 
+    def sample_name(self, index: int) -> str:
+        """How figures and reports name item ``index`` (its image file's name where there is
+        one)."""
+        return f"#{index}"
+
     def label_at(self, index: int) -> Image.Image:
         """The label of item ``index`` alone; subclasses override it to skip decoding the image."""
         return self.load_sample(index)[1]
@@ -116,6 +121,9 @@ class PairedFileDataset(SegmentationDataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def sample_name(self, index: int) -> str:
+        return os.path.basename(self.samples[index][0])
 
     def read_label(self, index: int, size: tuple[int, int]) -> Image.Image:
         """The label of item ``index``, whose image is ``size`` = ``(width, height)``."""

@@ -373,6 +373,9 @@ class COCOSegmentation(SegmentationDataset):
         start, end = self._name_offsets[index], self._name_offsets[index + 1]
         return self.image_dir / self._name_bytes[start:end].tobytes().decode("utf-8")
 
+    def sample_name(self, index: int) -> str:
+        return self.image_path(index).name
+
     def image_size(self, index: int) -> tuple[int, int]:
         """``(width, height)`` of item ``index`` as the annotation file states it."""
         index = self._check_index(index)

@@ -77,6 +77,7 @@ def test_item_types_and_modes(tiny_coco_root, cache_dir):
     dataset = COCOSegmentation(tiny_coco_root, split="val", cache_dir=cache_dir)
     sample = dataset[0]
     assert set(sample) == {"image", "label"}
+    assert dataset.sample_name(0) == "000000000001.jpg"  # figures name images by their file
     assert isinstance(sample["image"], Image.Image) and sample["image"].mode == "RGB"
     assert isinstance(sample["label"], Image.Image) and sample["label"].mode == "L"
     assert sample["image"].size == sample["label"].size == (48, 40)

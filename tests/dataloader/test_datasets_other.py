@@ -251,6 +251,7 @@ def test_folder_with_classes_txt(tmp_path):
     assert sample["image"].size == (WIDTH, HEIGHT)
     label = np.asarray(sample["label"])
     assert label[0, 0] == 255 and label[5, 2] == 0 and label[5, 12] == 1
+    assert dataset.sample_name(1) == "img1.png"  # figures name images by their file
 
 
 def test_folder_without_classes_txt_counts_all_splits(tmp_path):

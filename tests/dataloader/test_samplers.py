@@ -98,3 +98,14 @@ def test_ranks_of_a_loader_read_disjoint_samples():
             for rank in (0, 1)]
     assert not set(seen[0]) & set(seen[1])
     assert len(seen[0]) == len(seen[1]) == 4  # 11 -> 10 kept, 5 per rank, 2 whole batches
+
+
+def test_batches_say_which_dataset_items_they_hold():
+    loader, sampler = resumable_loader(RandomAugmentation(), batch_size=2, shuffle=True, seed=7,
+                                       drop_last=True)
+    sampler.set_epoch(1)
+    order = [index for index, _ in sampler]
+    for number, batch in enumerate(loader):
+        # Item i's image is i (RandomAugmentation): the index names the item in the batch.
+        assert batch["index"].tolist() == order[2 * number: 2 * number + 2]
+        assert batch["index"].tolist() == batch["image"].flatten().long().tolist()

@@ -45,14 +45,19 @@ def trained(demo_root, tmp_path_factory) -> dict:
     return dict(result, run_dir=run_dir)
 
 
-def all_background_miou(root: Path) -> float:
-    """mIoU of predicting background everywhere, computed from the val labels by hand:
-    background IoU = background pixels / valid pixels, every other present class scores 0."""
+def val_pixel_counts(root: Path) -> np.ndarray:
+    """Pixels of each label value (0-255) in the val labels, counted from the dataset."""
     dataset = COCOSegmentation(str(root), split="val")
     counts = np.zeros(256, dtype=np.int64)
     for i in range(len(dataset)):
         counts += np.bincount(np.asarray(dataset[i]["label"]).ravel(), minlength=256)
-    valid = counts[:21]
+    return counts
+
+
+def all_background_miou(root: Path) -> float:
+    """mIoU of predicting background everywhere, computed from the val labels by hand:
+    background IoU = background pixels / valid pixels, every other present class scores 0."""
+    valid = val_pixel_counts(root)[:21]
     present = int((valid > 0).sum())
     return valid[0] / valid.sum() / present
 
@@ -77,6 +82,33 @@ def test_training_learns_and_writes_its_run(trained, demo_root):
     checkpoint = torch.load(run_dir / "checkpoint.pth.tar", weights_only=True)
     assert checkpoint["iteration"] == trained["iteration"]
     assert checkpoint["settings"]["class_names"][15] == "person"
+
+
+FIGURES = ("confusion_matrix", "per_class_iou", "worst_images")
+
+
+def image_steps(log_dir: str | Path) -> dict[str, list[int]]:
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"images": 0})
+    accumulator.Reload()
+    return {tag: [event.step for event in accumulator.Images(tag)]
+            for tag in accumulator.Tags()["images"]}
+
+
+def test_every_evaluation_draws_its_figures(trained, demo_root):
+    run_dir = trained["run_dir"]
+    evaluations = [step for step, _ in scalars(run_dir, "val/mIoU")]
+    assert len(evaluations) == 2  # epochs 4 and 8
+    steps = image_steps(run_dir)
+    for name in FIGURES:
+        assert steps[f"val/{name}"] == evaluations
+        with Image.open(run_dir / f"{name}.png") as image:  # the last evaluation's
+            assert image.format == "PNG" and image.width > 300
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    matrix = np.array(metrics["confusion_matrix"])
+    assert matrix.shape == (21, 21)
+    # Rows count each class's val pixels (ignore excluded), as the labels hold them.
+    assert matrix.sum(axis=1).tolist() == val_pixel_counts(demo_root)[:21].tolist()
+    assert matrix.trace() / matrix.sum() == pytest.approx(metrics["pixel_accuracy"])
 
 
 def test_inference_from_the_trained_checkpoint(trained, demo_root, tmp_path):
@@ -109,7 +141,13 @@ def test_eval_only_matches_training_metrics(trained, demo_root, tmp_path):
     written = json.loads(out.read_text())
     last = json.loads((trained["run_dir"] / "metrics.json").read_text())
     assert written["mean_iou"] == last["mean_iou"]
+    assert written["confusion_matrix"] == last["confusion_matrix"]
     assert result["metrics"]["pixel_accuracy"] == last["pixel_accuracy"]
+    # Figures beside the json, and a TensorBoard run of their own at the checkpoint's step.
+    for name in FIGURES:
+        assert (tmp_path / f"eval_{name}.png").is_file()
+    assert image_steps(tmp_path / "eval") == {f"val/{name}": [trained["iteration"]]
+                                              for name in FIGURES}
 
 
 def test_finetune_reinitialises_a_classifier_of_another_size(trained, tmp_path, capsys):

@@ -95,7 +95,7 @@ def test_folder_dataset_with_focal_aux_weights_bf16_and_a_bad_image(tmp_path, ca
     result, settings = run(["--dataset", "folder", "--data-root", str(root), "--loss-type",
                             "focal", "--aux-loss", "--use-balanced-weights", "--skip-bad-images",
                             "--amp", "bf16", "--channels-last", "--lr-scheduler", "cos",
-                            "--warmup-iters", "1"], tmp_path)
+                            "--warmup-iters", "1", "--eval-worst", "0"], tmp_path)
     assert settings["model"]["class_names"] == ["background", "square", "disc"]
     assert settings["model"]["aux_loss"] is True
     assert settings["amp_dtype"] == "torch.bfloat16"
@@ -107,6 +107,9 @@ def test_folder_dataset_with_focal_aux_weights_bf16_and_a_bad_image(tmp_path, ca
     # class weights were cached in --cache-dir, nothing was written into the dataset
     assert any((tmp_path / "cache").rglob("*"))
     assert sorted(p.name for p in root.iterdir()) == ["classes.txt", "images", "masks"]
+    # --eval-worst 0: the matrix and the bars, no worst images
+    assert sorted(p.name for p in (tmp_path / "run").glob("*.png")) == [
+        "confusion_matrix.png", "per_class_iou.png"]
 
 
 def test_finetune_from_a_21_class_checkpoint_to_3_classes(tmp_path, capsys):
@@ -154,6 +157,8 @@ def test_cocostuff_runs_with_171_classes(tmp_path):
     scored = {name for name, value in result["metrics"]["per_class_iou"].items()
               if value is not None}
     assert {"grass", "ground-other"} <= scored
+    for name in ("confusion_matrix", "per_class_iou", "worst_images"):
+        assert (tmp_path / "run" / f"{name}.png").is_file()
 
 
 # ------------------------------------------------------------------------- pieces
@@ -342,3 +347,9 @@ def test_model_best_holds_the_weights_of_the_best_evaluation(tmp_path, monkeypat
         assert torch.equal(best["model"][name], tensor), name
         assert torch.equal(latest["model"][name], weights[2][name]), name
     assert any(not torch.equal(weights[1][name], weights[2][name]) for name in weights[1])
+
+
+def test_negative_eval_worst_is_refused():
+    args = train.get_args_parser().parse_args(["--eval-worst", "-1"])
+    with pytest.raises(UserError, match="--eval-worst"):
+        train.check_flags(args)

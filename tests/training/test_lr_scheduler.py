@@ -1,6 +1,7 @@
 """Learning-rate schedules against their formulas, written out here independently of the code."""
 import io
 import math
+import sys
 
 import pytest
 import torch
@@ -153,6 +154,16 @@ def test_plot_script_writes_readable_pngs(tmp_path):
             assert image.format == "PNG"
             assert image.width >= 400 and image.height >= 250
             assert len(image.convert("RGB").getcolors(maxcolors=1 << 16)) > 2  # not blank
+
+
+def test_plot_script_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    for name in [n for n in sys.modules if n == "matplotlib" or n.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert plot_lr_schedules.main(["--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install -r requirements-plot.txt" in err
+    assert not any(tmp_path.iterdir())
 
 
 def test_resume_for_more_epochs_follows_the_new_schedule_and_says_so(caplog):

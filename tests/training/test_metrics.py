@@ -9,7 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from utils.metrics import Evaluator
+import numpy as np
+
+from utils.metrics import Evaluator, WorstImages, metrics_json
 
 NAMES = ("road", "car", "sky")
 
@@ -193,3 +195,150 @@ def test_all_reduce_sums_across_two_processes(tmp_path):
     for rank in range(2):
         matrix = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert matrix.tolist() == HAND_MATRIX
+
+
+# ---------------------------------------------------------------- the confusion matrix in results
+
+# Row sums (3, 1, 1) differ from column sums (1, 4, 0): a transposed matrix would fail.
+SKEWED_TARGET = torch.tensor([0, 0, 0, 1, 2, 255])
+SKEWED_PREDICTION = torch.tensor([0, 1, 1, 1, 1, 0])
+SKEWED_MATRIX = [[1, 2, 0], [0, 1, 0], [0, 1, 0]]
+
+
+def test_results_hold_the_confusion_matrix_whose_rows_count_each_class():
+    evaluator = Evaluator(num_classes=3)
+    evaluator.add_batch(SKEWED_TARGET, SKEWED_PREDICTION)
+    results = evaluator.results(NAMES)
+    assert results["confusion_matrix"] == SKEWED_MATRIX
+    pixels_per_class = [3, 1, 1]  # class 0 three times, 1 and 2 once, the 255 not at all
+    assert [sum(row) for row in results["confusion_matrix"]] == pixels_per_class
+
+
+def test_metrics_json_round_trips_with_one_matrix_row_per_line():
+    evaluator = Evaluator(num_classes=3)
+    evaluator.add_batch(SKEWED_TARGET, SKEWED_PREDICTION)
+    results = dict(evaluator.results(NAMES), iteration=7)
+    text = metrics_json(results)
+    assert json.loads(text) == results
+    assert "    [1, 2, 0],\n    [0, 1, 0],\n    [0, 1, 0]\n  ]" in text
+    empty = dict(results, confusion_matrix=[])
+    assert json.loads(metrics_json(empty)) == empty
+
+
+# ---------------------------------------------------------------- the worst images
+
+MEAN3, STD3 = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def grid(rows: list[list[int]]) -> torch.Tensor:
+    return torch.tensor(rows)
+
+
+# Per-image mIoU over the classes in the label or the prediction (scored pixels only):
+HAND_IMAGES = [
+    # 0: perfect: 1.0
+    (grid([[0, 0], [1, 1]]), grid([[0, 0], [1, 1]])),
+    # 1: class 0 IoU 2/4, class 1 IoU 0/2: mean 0.25
+    (grid([[0, 0], [1, 1]]), grid([[0, 0], [0, 0]])),
+    # 2: scored pixels 0->1 and 1->1: class 0 IoU 0/1, class 1 IoU 1/2; class 2 is predicted on
+    #    ignored pixels only, so it is not present: mean 0.25 (a tie with image 1)
+    (grid([[0, 1], [255, 255]]), grid([[1, 1], [2, 2]])),
+    # 3: all ignored: no score, never kept
+    (grid([[255, 255], [255, 255]]), grid([[0, 0], [0, 0]])),
+    # 4: class 2 IoU 3/4, class 0 IoU 0/1: mean 0.375
+    (grid([[2, 2], [2, 2]]), grid([[2, 2], [2, 0]])),
+]
+HAND_SCORES = {0: 1.0, 1: 0.25, 2: 0.25, 4: 0.375}
+
+
+def normalised(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(N, 3, H, W)`` pixels normalised with MEAN3 and STD3."""
+    return (pixels.float() / 255 - 0.5) / 0.25
+
+
+def add_hand_images(worst: WorstImages, indices: list[int]) -> None:
+    for index in indices:
+        target, prediction = HAND_IMAGES[index]
+        pixels = torch.full((1, 3, 2, 2), 10 * index, dtype=torch.uint8)
+        worst.add([index], normalised(pixels), target[None], prediction[None])
+
+
+def test_image_score_by_hand():
+    for index, (target, prediction) in enumerate(HAND_IMAGES):
+        score = WorstImages.image_score(target, prediction, num_classes=3)
+        if index in HAND_SCORES:
+            assert score == pytest.approx(HAND_SCORES[index])
+        else:
+            assert math.isnan(score)
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2, 3, 4], [4, 3, 2, 1, 0], [2, 4, 0, 3, 1]])
+def test_worst_images_keeps_the_k_lowest_whatever_the_order(order):
+    worst = WorstImages(3, num_classes=3, mean=MEAN3, std=STD3,
+                        name_of=lambda index: f"image{index}.jpg")
+    add_hand_images(worst, order)
+    kept = worst.worst()
+    # 0.25 (image 1), 0.25 (image 2; ties go by index), 0.375 (image 4); image 3 has no score.
+    assert [entry.index for entry in kept] == [1, 2, 4]
+    assert [entry.score for entry in kept] == pytest.approx([0.25, 0.25, 0.375])
+    assert [entry.name for entry in kept] == ["image1.jpg", "image2.jpg", "image4.jpg"]
+    first = kept[0]
+    assert first.image.dtype == np.uint8 and first.image.shape == (2, 2, 3)
+    assert (first.image == 10).all()  # the normalisation is undone
+    assert first.target.tolist() == [[0, 0], [1, 1]]
+    assert first.prediction.tolist() == [[0, 0], [0, 0]]
+    assert kept[1].target.tolist() == [[0, 1], [255, 255]]  # ignore stays 255
+
+
+def test_only_images_that_enter_are_named():
+    asked = []
+    worst = WorstImages(1, num_classes=3, mean=MEAN3, std=STD3,
+                        name_of=lambda index: asked.append(index) or str(index))
+    add_hand_images(worst, [1, 0, 4])  # 0 and 4 score higher than 1: never thumbnailed
+    assert asked == [1]
+    assert [entry.index for entry in worst.worst()] == [1]
+
+
+def test_thumbnails_have_a_bounded_longest_side_and_the_label_aspect():
+    worst = WorstImages(1, num_classes=2, mean=MEAN3, std=STD3, thumbnail_size=256)
+    target = torch.zeros(1, 300, 600, dtype=torch.long)
+    target[:, :, 300:] = 1  # right half class 1
+    prediction = torch.zeros_like(target)
+    # The input was fed at a smaller size (--eval-size): the thumbnail follows the label.
+    worst.add([0], torch.zeros(1, 3, 60, 120), target, prediction)
+    (entry,) = worst.worst()
+    assert entry.image.shape == (128, 256, 3)
+    assert entry.target.shape == entry.prediction.shape == (128, 256)
+    assert set(np.unique(entry.target).tolist()) == {0, 1}  # nearest: no blended ids
+    assert (entry.target[:, :128] == 0).all() and (entry.target[:, 128:] == 1).all()
+
+
+def test_worst_images_needs_a_positive_k():
+    with pytest.raises(ValueError, match="k must be"):
+        WorstImages(0, num_classes=3, mean=MEAN3, std=STD3)
+
+
+def _gather_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    try:
+        worst = WorstImages(2, num_classes=3, mean=MEAN3, std=STD3)
+        # Rank 0 sees images 0, 2, 4 and rank 1 images 1, 3, as the val sampler splits them.
+        add_hand_images(worst, [0, 2, 4] if rank == 0 else [1, 3])
+        worst.all_gather()
+        torch.save([(entry.index, entry.score, entry.target.tolist())
+                    for entry in worst.worst()], os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_worst_images_gathered_across_two_processes(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_gather_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        kept = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        # Image 1 came from rank 1, image 2 from rank 0; both ranks end with both.
+        assert kept == [(1, 0.25, [[0, 0], [1, 1]]), (2, 0.25, [[0, 1], [255, 255]])]

@@ -110,3 +110,17 @@ def test_purge_step_drops_steps_of_the_interrupted_run(tmp_path):
     series = scalar_series(reload(tmp_path), "train/loss")
     assert [step for step, _ in series] == list(range(8))
     assert [value for _, value in series] == [0.0, 1.0, 2.0, 3.0, 4.0, 105.0, 106.0, 107.0]
+
+
+def test_figures_become_images_under_their_tags(tmp_path):
+    figure = np.zeros((6, 4, 3), dtype=np.uint8)
+    figure[:, :, 0] = 200  # red, so that a channel mix-up shows
+    summary = TensorboardSummary(tmp_path)
+    summary.add_figures({"confusion_matrix": figure, "per_class_iou": figure}, step=12)
+    summary.close()
+    accumulator = reload(tmp_path)
+    assert set(accumulator.Tags()["images"]) == {"val/confusion_matrix", "val/per_class_iou"}
+    (event,) = accumulator.Images("val/confusion_matrix")
+    assert (event.step, event.height, event.width) == (12, 6, 4)
+    pixels = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
+    assert np.array_equal(pixels, figure)
