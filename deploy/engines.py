@@ -93,10 +93,13 @@ class OpenVinoEngine:
 
     name = "openvino"
 
-    def __init__(self, model: str | bytes, *, threads: int, amp_dtype: torch.dtype | None) -> None:
+    def __init__(self, model: str | bytes, *, threads: int, amp_dtype: torch.dtype | None,
+                 cache_dir: str | os.PathLike | None = None) -> None:
         import openvino
 
         core = openvino.Core()
+        if cache_dir is not None:  # the compiled model is kept there and read back next time
+            core.set_property({"CACHE_DIR": str(cache_dir)})
         self.model = core.read_model(model)
         precision = {None: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[amp_dtype]
         self.compiled = core.compile_model(self.model, "CPU", {
@@ -117,9 +120,11 @@ class OpenVinoEngine:
         return {"out": torch.from_numpy(result[self.compiled.output(0)])}
 
 
-def onnx_engine(name: str, model: str | bytes, hardware: Hardware, *,
-                amp_explicit: bool) -> OnnxRuntimeEngine | OpenVinoEngine:
-    """An ONNX runtime running ``model`` (a path or serialised bytes) in this precision.
+def onnx_engine(name: str, model: str | bytes, hardware: Hardware, *, amp_explicit: bool,
+                cache_dir: str | os.PathLike | None = None
+                ) -> OnnxRuntimeEngine | OpenVinoEngine:
+    """An ONNX runtime running ``model`` (a path or serialised bytes) in this precision;
+    OpenVINO keeps its compiled model in ``cache_dir`` when given.
 
     Raises:
         UserError: a reduced precision asked for (``amp_explicit``) that the runtime lacks.
@@ -130,11 +135,13 @@ def onnx_engine(name: str, model: str | bytes, hardware: Hardware, *,
             raise UserError("--engine onnxruntime runs in fp32: use --amp off (or auto), or "
                             "--engine openvino / torch for bf16")
         return OnnxRuntimeEngine(model, threads=threads, use_cuda=hardware.device.type == "cuda")
-    return OpenVinoEngine(model, threads=threads, amp_dtype=hardware.amp_dtype)
+    return OpenVinoEngine(model, threads=threads, amp_dtype=hardware.amp_dtype,
+                          cache_dir=cache_dir)
 
 
-def engine_from_onnx(name: str, path: str, hardware: Hardware, *,
-                     amp_explicit: bool) -> tuple[Engine, dict[str, Any]]:
+def engine_from_onnx(name: str, path: str, hardware: Hardware, *, amp_explicit: bool,
+                     cache_dir: str | os.PathLike | None = None
+                     ) -> tuple[Engine, dict[str, Any]]:
     """Run an exported file; its settings come from its metadata.
 
     Raises:
@@ -147,7 +154,8 @@ def engine_from_onnx(name: str, path: str, hardware: Hardware, *,
         raise UserError(f"--ckpt {path} not found: export one with `python export.py --ckpt "
                         f"CKPT --out {path}`")
     try:
-        engine = onnx_engine(name, path, hardware, amp_explicit=amp_explicit)
+        engine = onnx_engine(name, path, hardware, amp_explicit=amp_explicit,
+                             cache_dir=cache_dir)
     except UserError:
         raise
     except Exception as error:  # noqa: BLE001 - each runtime reports bad files its own way

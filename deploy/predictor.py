@@ -10,17 +10,22 @@ runtime (:mod:`deploy.engines`) runs the model.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+from torch import nn
 
 from dataloader.custom_transforms import Normalize
+from deploy.cache import cached_graph, compiled_models_dir, graph_key, store_graph
 from deploy.engines import Engine, engine_from_model, engine_from_onnx, resolve_engine
+from deploy.onnx_model import export_onnx
 from modeling.predict import (DEFAULT_TILE, TILE_PIXEL_BUDGET, predict_labels,
-                              predict_labels_tiled)
+                              predict_labels_tiled, resize_labels)
 from utils.distributed import DistributedContext
 from utils.errors import UserError
 from utils.hardware import Hardware, resolve_hardware
@@ -29,36 +34,100 @@ from utils.saver import CheckpointError, load_checkpoint
 logger = logging.getLogger(__name__)
 
 
+#: What a checkpoint's (or ONNX file's) settings must hold to rebuild, run and draw the model.
+REQUIRED_SETTINGS = ("backbone", "output_stride", "num_classes", "class_names", "palette",
+                     "mean", "std")
+
+
+def check_settings(settings: Any, source: str) -> dict[str, Any]:
+    """``settings`` if it holds every :data:`REQUIRED_SETTINGS` entry.
+
+    Raises:
+        UserError: it does not (a checkpoint from another project or an older version).
+    """
+    missing = ([key for key in REQUIRED_SETTINGS if key not in settings]
+               if isinstance(settings, dict) else list(REQUIRED_SETTINGS))
+    if missing:
+        raise UserError(f"{source}: its settings lack {', '.join(map(repr, missing))}: it was "
+                        f"not written by this project's train.py or export.py; train or export "
+                        f"it again")
+    return settings
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any], source: str) -> nn.Module:
+    """The eval-mode DeepLab a ``{"model", "settings"}`` checkpoint describes.
+
+    Raises:
+        UserError: the settings lack an entry, name no known architecture, or the weights do
+            not fit the architecture they name (one line, not PyTorch's list of every tensor).
+    """
+    settings = check_settings(checkpoint["settings"], source)
+    from modeling.deeplab import DeepLab  # imports torchvision (2 s), which an ONNX file skips
+
+    try:
+        return DeepLab.from_state_dict(settings, checkpoint["model"]).eval()
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        detail = " ".join(lines[1:] or lines or [type(error).__name__])
+        detail = detail if len(detail) <= 160 else detail[:157] + "..."
+        raise UserError(f"{source}: its weights do not fit its settings (DeepLabV3+ "
+                        f"{settings['backbone']}, output stride {settings['output_stride']}, "
+                        f"{settings['num_classes']} classes): {detail}") from None
+
+
 def load_engine(ckpt: str, hardware: Hardware, *, engine: str = "auto",
-                amp_explicit: bool = False, compile_model: bool = False
-                ) -> tuple[Engine, dict, str]:
+                amp_explicit: bool = False, compile_model: bool = False,
+                cache_dir: str | os.PathLike | None = None) -> tuple[Engine, dict, str]:
     """The runtime running ``ckpt`` (a train.py checkpoint or an export.py ONNX file), the
     model's settings, and the runtime's name.
 
     Args:
         engine: ``auto`` or one of :data:`deploy.engines.ENGINES`.
         amp_explicit: a reduced precision was asked for by name (a runtime without it refuses).
+        cache_dir: where the ONNX runtimes keep what a later run can reuse (the graph exported
+            from a checkpoint, OpenVINO's compiled model; :mod:`deploy.cache`); None: nothing.
 
     Raises:
-        UserError: a missing or unreadable file, or an engine that cannot run it.
+        UserError: a missing or unreadable file, settings or weights that do not describe a
+            model, or an engine that cannot run it.
     """
     engine_name = resolve_engine(engine, hardware.device)
+    compiled = compiled_models_dir(Path(cache_dir)) if cache_dir is not None else None
     if ckpt.lower().endswith(".onnx"):
         runtime, settings = engine_from_onnx(engine_name, ckpt, hardware,
-                                             amp_explicit=amp_explicit)
-        return runtime, settings, engine_name
+                                             amp_explicit=amp_explicit, cache_dir=compiled)
+        return runtime, check_settings(settings, ckpt), engine_name
     if not os.path.isfile(ckpt):
         raise UserError(
             f"checkpoint {ckpt} not found: train one with `python train.py` (or `make demo`)"
             f" and pass --ckpt run/<dataset>/<checkname>/experiment_<k>/model_best.pth.tar")
+    key = None
+    if (engine_name != "torch" and cache_dir is not None
+            and importlib.util.find_spec("onnx") is not None):  # the graph's settings need onnx
+        key = graph_key(ckpt)
+        graph = cached_graph(Path(cache_dir), key)
+        if graph is not None:
+            try:
+                runtime, settings = engine_from_onnx(engine_name, str(graph), hardware,
+                                                     amp_explicit=amp_explicit,
+                                                     cache_dir=compiled)
+                return runtime, check_settings(settings, ckpt), engine_name
+            except UserError as error:
+                logger.warning("exporting again: the cached %s failed (%s)", graph, error)
+                graph.unlink(missing_ok=True)
     try:
         checkpoint = load_checkpoint(ckpt, map_location="cpu", required_keys=("model", "settings"))
     except CheckpointError as error:
         raise UserError(str(error)) from None
+    model = model_from_checkpoint(checkpoint, ckpt)
     settings = checkpoint["settings"]
-    from modeling.deeplab import DeepLab  # imports torchvision (2 s), which an ONNX file skips
-
-    model = DeepLab.from_state_dict(settings, checkpoint["model"]).eval()
+    if key is not None:
+        model.aux_classifier = None  # a training aid: inference reads the main head only
+        graph = store_graph(Path(cache_dir), key, export_onnx(model.cpu().float(), settings))
+        if graph is not None:
+            runtime, _ = engine_from_onnx(engine_name, str(graph), hardware,
+                                          amp_explicit=amp_explicit, cache_dir=compiled)
+            return runtime, settings, engine_name
     runtime = engine_from_model(engine_name, model, hardware, amp_explicit=amp_explicit,
                                 compile_model=compile_model)
     return runtime, settings, engine_name
@@ -113,18 +182,15 @@ class Predictor:
         """``(H, W)`` uint8 labels of same-size samples, predicted in one batch."""
         images = self.prepare(torch.stack([sample["image"] for sample in samples]))
         labels = predict_labels(self.engine, images, samples[0]["size"], list(self.scales),
-                                self.flip)
-        return list(labels.to(torch.uint8).cpu())
+                                self.flip, dtype=torch.uint8)
+        return list(labels.cpu())
 
     def windowed(self, sample: dict[str, Any], tile: int) -> torch.Tensor:
         """``(H, W)`` uint8 labels of one large sample, window by window."""
         labels = predict_labels_tiled(self.engine, sample["image"], self.prepare, tile=tile,
                                       overlap=self.tile_overlap, batch_size=self.batch_size,
                                       scales=list(self.scales), flip=self.flip)
-        if tuple(labels.shape) != tuple(sample["size"]):  # --size: back to the input's size
-            labels = torch.nn.functional.interpolate(
-                labels[None, None].float(), size=sample["size"], mode="nearest")[0, 0]
-        return labels.to(torch.uint8)
+        return resize_labels(labels, sample["size"])  # --size: back to the input's size
 
     @torch.inference_mode()
     def predict(self, image: torch.Tensor) -> torch.Tensor:
