@@ -240,8 +240,10 @@ def run(args: argparse.Namespace, samples: Iterable[dict[str, Any]], hardware: H
                               on_error=lambda message: report_error(f"{message}; skipped"))
     finally:
         progress.close()
-        writer.close()  # also when interrupted: the writes in flight finish
-        tally.written = writer.written
+        try:
+            writer.close()  # also when interrupted: the writes in flight finish
+        finally:
+            tally.written = writer.written
     return bad + writer.failures
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -283,17 +284,22 @@ class Writer:
     def __post_init__(self) -> None:
         self.pool = ThreadPoolExecutor(max_workers=self.threads)
         self.limit = 4 * self.threads
+        self.lock = threading.Lock()
 
     def submit(self, index: int, labels: np.ndarray, image: np.ndarray | None) -> None:
         """Write the outputs of input ``index``: ``(H, W)`` class ids and, for overlays, the
         ``(H, W, 3)`` uint8 photo."""
         size = labels.nbytes + (image.nbytes if image is not None else 0)
-        self.pending.append((index, size, self.pool.submit(
-            write_outputs, self.plans[index], labels, self.palette, image, self.alpha)))
+        self.pending.append((index, size, self.pool.submit(self._write, index, labels, image)))
         self.pending_bytes += size
         while len(self.pending) > self.limit or (len(self.pending) > 1
                                                  and self.pending_bytes > PENDING_BYTES):
             self._collect()
+
+    def _write(self, index: int, labels: np.ndarray, image: np.ndarray | None) -> None:
+        write_outputs(self.plans[index], labels, self.palette, image, self.alpha)
+        with self.lock:  # counted here, so the count is right however the main thread stops
+            self.written += 1
 
     def _collect(self) -> None:
         index, size, future = self.pending.popleft()
@@ -303,11 +309,11 @@ class Writer:
         except OSError as error:
             self.on_error(f"cannot write the outputs of {self.names[index]}: {error}")
             self.failures += 1
-        else:
-            self.written += 1
 
     def close(self) -> None:
-        """Wait for every submitted write (an interrupted run finishes the ones in flight)."""
-        while self.pending:
-            self._collect()
-        self.pool.shutdown()
+        """Wait for every submitted write, also when interrupted while collecting them."""
+        try:
+            while self.pending:
+                self._collect()
+        finally:
+            self.pool.shutdown()

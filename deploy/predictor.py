@@ -29,7 +29,6 @@ from modeling.predict import (DEFAULT_TILE, TILE_PIXEL_BUDGET, predict_labels,
 from utils.distributed import DistributedContext
 from utils.errors import UserError
 from utils.hardware import Hardware, resolve_hardware
-from utils.saver import CheckpointError, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +114,10 @@ def load_engine(ckpt: str, hardware: Hardware, *, engine: str = "auto",
             except UserError as error:
                 logger.warning("exporting again: the cached %s failed (%s)", graph, error)
                 graph.unlink(missing_ok=True)
+    # Only here: utils.saver imports TensorBoard and torchvision (seconds), which a run from an
+    # ONNX file or a cached graph never needs.
+    from utils.saver import CheckpointError, load_checkpoint
+
     try:
         checkpoint = load_checkpoint(ckpt, map_location="cpu", required_keys=("model", "settings"))
     except CheckpointError as error:
