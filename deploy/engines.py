@@ -106,18 +106,26 @@ class OpenVinoEngine:
             "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
             "INFERENCE_PRECISION_HINT": precision})
         self.request = self.compiled.create_infer_request()
+        # The graph holds a copy of every weight beside the compiled model's: keep only its
+        # metadata.
+        self._metadata = _framework_metadata(self.model)
+        del self.model
 
     def metadata(self) -> dict[str, str]:
-        info = self.model.get_rt_info()  # ONNX metadata_props arrive under "framework"
-        if "framework" not in info.keys():
-            return {}
-        return {key: self.model.get_rt_info(["framework", key]).astype(str)
-                for key in info["framework"]}
+        return dict(self._metadata)
 
     def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         array = image.detach().to("cpu", torch.float32).contiguous().numpy()
         result = self.request.infer({INPUT_NAME: array}, share_inputs=True)
         return {"out": torch.from_numpy(result[self.compiled.output(0)])}
+
+
+def _framework_metadata(model: Any) -> dict[str, str]:
+    """An OpenVINO model's ONNX ``metadata_props`` (they arrive under ``framework``)."""
+    info = model.get_rt_info()
+    if "framework" not in info.keys():
+        return {}
+    return {key: model.get_rt_info(["framework", key]).astype(str) for key in info["framework"]}
 
 
 def onnx_engine(name: str, model: str | bytes, hardware: Hardware, *, amp_explicit: bool,

@@ -208,6 +208,17 @@ def color_image(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndar
     return _colour_table(palette)[labels]
 
 
+def _strips(height: int, width: int) -> list[slice]:
+    """Row ranges of about :data:`_OVERLAY_STRIP_PIXELS` pixels each."""
+    step = max(1, _OVERLAY_STRIP_PIXELS // max(width, 1))
+    return [slice(top, top + step) for top in range(0, height, step)]
+
+
+def _blend(labels: np.ndarray, image: np.ndarray, table: np.ndarray, alpha: float) -> np.ndarray:
+    mix = (1.0 - alpha) * image.astype(np.float32) + alpha * table[labels].astype(np.float32)
+    return np.clip(np.rint(mix), 0, 255).astype(np.uint8)
+
+
 def overlay_image(labels: np.ndarray, image: np.ndarray, palette: Sequence[Sequence[int]],
                   alpha: float) -> np.ndarray:
     """The photo blended with the class colours: ``(1 - alpha) * image + alpha * colour``,
@@ -218,24 +229,27 @@ def overlay_image(labels: np.ndarray, image: np.ndarray, palette: Sequence[Seque
     """
     table = _colour_table(palette)
     blended = np.empty(image.shape, dtype=np.uint8)
-    step = max(1, _OVERLAY_STRIP_PIXELS // max(image.shape[1], 1))
-    for top in range(0, image.shape[0], step):
-        rows = slice(top, top + step)
-        mix = (1.0 - alpha) * image[rows].astype(np.float32) + alpha * table[labels[rows]].astype(
-            np.float32)
-        blended[rows] = np.clip(np.rint(mix), 0, 255)
+    for rows in _strips(*labels.shape):
+        blended[rows] = _blend(labels[rows], image[rows], table, alpha)
     return blended
 
 
 def render(kind: str, labels: np.ndarray, palette: Sequence[Sequence[int]],
            image: np.ndarray | None, alpha: float) -> Image.Image:
     """One output as a PIL image: ``"mask"`` a palette image whose values are class ids,
-    ``"color"`` RGB colours, ``"overlay"`` the blended photo (needs ``image``)."""
+    ``"color"`` RGB colours, ``"overlay"`` the blended photo (needs ``image``).
+
+    Colours and overlays are drawn into the PIL image a strip at a time, so no full-size
+    array is held beside it."""
     if kind == "mask":
         return colorize(labels, palette)
-    if kind == "color":
-        return Image.fromarray(color_image(labels, palette), mode="RGB")
-    return Image.fromarray(overlay_image(labels, image, palette, alpha), mode="RGB")
+    table = _colour_table(palette)
+    picture = Image.new("RGB", (labels.shape[1], labels.shape[0]))
+    for rows in _strips(*labels.shape):
+        strip = (table[labels[rows]] if kind == "color"
+                 else _blend(labels[rows], image[rows], table, alpha))
+        picture.paste(Image.fromarray(strip, mode="RGB"), (0, rows.start))
+    return picture
 
 
 def write_outputs(plan: dict[str, Path], labels: np.ndarray, palette: Sequence[Sequence[int]],

@@ -22,7 +22,8 @@ from torch import nn
 
 from dataloader.custom_transforms import Normalize
 from deploy.cache import cached_graph, compiled_models_dir, graph_key, store_graph
-from deploy.engines import Engine, engine_from_model, engine_from_onnx, resolve_engine
+from deploy.engines import (Engine, engine_from_model, engine_from_onnx, onnx_engine,
+                            resolve_engine)
 from deploy.onnx_model import export_onnx
 from modeling.predict import (DEFAULT_TILE, TILE_PIXEL_BUDGET, predict_labels,
                               predict_labels_tiled, resize_labels)
@@ -126,11 +127,12 @@ def load_engine(ckpt: str, hardware: Hardware, *, engine: str = "auto",
     settings = checkpoint["settings"]
     if key is not None:
         model.aux_classifier = None  # a training aid: inference reads the main head only
-        graph = store_graph(Path(cache_dir), key, export_onnx(model.cpu().float(), settings))
-        if graph is not None:
-            runtime, _ = engine_from_onnx(engine_name, str(graph), hardware,
-                                          amp_explicit=amp_explicit, cache_dir=compiled)
-            return runtime, settings, engine_name
+        data = export_onnx(model.cpu().float(), settings)
+        del model, checkpoint  # the runtime builds its own copy of the weights from the graph
+        graph = store_graph(Path(cache_dir), key, data)
+        runtime = onnx_engine(engine_name, str(graph) if graph is not None else data, hardware,
+                              amp_explicit=amp_explicit, cache_dir=compiled)
+        return runtime, settings, engine_name
     runtime = engine_from_model(engine_name, model, hardware, amp_explicit=amp_explicit,
                                 compile_model=compile_model)
     return runtime, settings, engine_name
