@@ -238,6 +238,7 @@ def run(args: argparse.Namespace, samples: Iterable[dict[str, Any]], hardware: H
         with torch.inference_mode():
             bad = predict_all(progress, predictor, emit,
                               on_error=lambda message: report_error(f"{message}; skipped"))
+        del predictor, engine  # the last outputs are written in the model's memory, not beside
     finally:
         progress.close()
         try:

@@ -270,7 +270,7 @@ def write_outputs(plan: dict[str, Path], labels: np.ndarray, palette: Sequence[S
 
 #: Inputs waiting to be written may hold this many bytes of class ids and photos at most
 #: (besides at least one input), so a folder of 24-megapixel photos does not queue gigabytes.
-PENDING_BYTES = 256 * 2**20
+PENDING_BYTES = 128 * 2**20
 
 
 @dataclass
