@@ -2,7 +2,8 @@
 
 - The ONNX graph a ``.pth.tar`` checkpoint is exported to for the ONNX runtimes, keyed by the
   checkpoint's content and by the code and PyTorch version that export it: a retrained or
-  edited checkpoint, or a change to ``modeling/``, gives a new key, never a stale graph.
+  edited checkpoint, or a change to ``modeling/``, gives a new key, never a stale graph
+  (:func:`deploy.predictor.export_in_child` writes it).
 - OpenVINO's compiled models (its ``CACHE_DIR``), which it keys itself.
 
 Both live in the cache folder the datasets use (``$DEEPLAB_CACHE_DIR``, else
@@ -19,7 +20,6 @@ from pathlib import Path
 import torch
 
 from deploy.onnx_model import OPSET
-from utils.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -63,17 +63,9 @@ def cached_graph(cache_dir: Path, key: str) -> Path | None:
     return path
 
 
-def store_graph(cache_dir: Path, key: str, data: bytes) -> Path | None:
-    """Keep ``data`` as the graph of ``key`` (dropping the least recently used beyond
-    :data:`GRAPHS_KEPT`); None when the cache folder cannot be written (the run goes on)."""
-    path = graph_path(cache_dir, key)
-    try:
-        atomic_write(path, lambda handle: handle.write(data))
-    except OSError as error:
-        logger.warning("cannot cache the exported model in %s: %s", path.parent, error)
-        return None
-    prune(path.parent, "*.onnx", GRAPHS_KEPT)
-    return path
+def prune_graphs(cache_dir: Path) -> None:
+    """Drop the least recently used graphs beyond :data:`GRAPHS_KEPT`."""
+    prune(Path(cache_dir) / "onnx", "*.onnx", GRAPHS_KEPT)
 
 
 def compiled_models_dir(cache_dir: Path) -> Path:

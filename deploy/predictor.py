@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -21,14 +23,14 @@ import torch
 from torch import nn
 
 from dataloader.custom_transforms import Normalize
-from deploy.cache import cached_graph, compiled_models_dir, graph_key, store_graph
-from deploy.engines import (Engine, engine_from_model, engine_from_onnx, onnx_engine,
-                            resolve_engine)
+from deploy.cache import cached_graph, compiled_models_dir, graph_key, graph_path, prune_graphs
+from deploy.engines import Engine, engine_from_model, engine_from_onnx, resolve_engine
 from deploy.onnx_model import export_onnx
 from modeling.predict import (DEFAULT_TILE, TILE_PIXEL_BUDGET, predict_labels,
                               predict_labels_tiled, resize_labels)
 from utils.distributed import DistributedContext
 from utils.errors import UserError
+from utils.fileio import atomic_write, remove_stale_temporaries
 from utils.hardware import Hardware, resolve_hardware
 
 logger = logging.getLogger(__name__)
@@ -101,38 +103,95 @@ def load_engine(ckpt: str, hardware: Hardware, *, engine: str = "auto",
         raise UserError(
             f"checkpoint {ckpt} not found: train one with `python train.py` (or `make demo`)"
             f" and pass --ckpt run/<dataset>/<checkname>/experiment_<k>/model_best.pth.tar")
-    key = None
     if (engine_name != "torch" and cache_dir is not None
             and importlib.util.find_spec("onnx") is not None):  # the graph's settings need onnx
-        key = graph_key(ckpt)
-        graph = cached_graph(Path(cache_dir), key)
-        if graph is not None:
-            try:
-                runtime, settings = engine_from_onnx(engine_name, str(graph), hardware,
-                                                     amp_explicit=amp_explicit,
-                                                     cache_dir=compiled)
-                return runtime, check_settings(settings, ckpt), engine_name
-            except UserError as error:
-                logger.warning("exporting again: the cached %s failed (%s)", graph, error)
-                graph.unlink(missing_ok=True)
+        loaded = _engine_from_cache(ckpt, Path(cache_dir), engine_name, hardware,
+                                    amp_explicit=amp_explicit, compiled=compiled)
+        if loaded is not None:
+            return loaded
+    checkpoint = _read_checkpoint(ckpt)
+    model = model_from_checkpoint(checkpoint, ckpt)
+    runtime = engine_from_model(engine_name, model, hardware, amp_explicit=amp_explicit,
+                                compile_model=compile_model)
+    return runtime, checkpoint["settings"], engine_name
+
+
+def _read_checkpoint(ckpt: str) -> dict[str, Any]:
     # Only here: utils.saver imports TensorBoard and torchvision (seconds), which a run from an
     # ONNX file or a cached graph never needs.
     from utils.saver import CheckpointError, load_checkpoint
 
     try:
-        checkpoint = load_checkpoint(ckpt, map_location="cpu", required_keys=("model", "settings"))
+        return load_checkpoint(ckpt, map_location="cpu", required_keys=("model", "settings"))
     except CheckpointError as error:
         raise UserError(str(error)) from None
-    model = model_from_checkpoint(checkpoint, ckpt)
-    settings = checkpoint["settings"]
-    if key is not None:
-        model.aux_classifier = None  # a training aid: inference reads the main head only
-        data = export_onnx(model.cpu().float(), settings)
-        del model, checkpoint  # the runtime builds its own copy of the weights from the graph
-        graph = store_graph(Path(cache_dir), key, data)
-        runtime = onnx_engine(engine_name, str(graph) if graph is not None else data, hardware,
-                              amp_explicit=amp_explicit, cache_dir=compiled)
-        return runtime, settings, engine_name
+
+
+def _engine_from_cache(ckpt: str, cache_dir: Path, engine_name: str, hardware: Hardware, *,
+                       amp_explicit: bool, compiled: Path | None
+                       ) -> tuple[Engine, dict, str] | None:
+    """An ONNX runtime running the graph exported from ``ckpt``: the cached one, or one
+    exported into the cache now; None when the cache cannot hold it."""
+    key = graph_key(ckpt)
+    graph = cached_graph(cache_dir, key)
+    if graph is not None:
+        try:
+            runtime, settings = engine_from_onnx(engine_name, str(graph), hardware,
+                                                 amp_explicit=amp_explicit, cache_dir=compiled)
+            return runtime, check_settings(settings, ckpt), engine_name
+        except UserError as error:
+            logger.warning("exporting again: the cached %s failed (%s)", graph, error)
+            graph.unlink(missing_ok=True)
+    graph = graph_path(cache_dir, key)
+    if not export_in_child(ckpt, graph):
+        return None
+    prune_graphs(cache_dir)
+    runtime, settings = engine_from_onnx(engine_name, str(graph), hardware,
+                                         amp_explicit=amp_explicit, cache_dir=compiled)
+    return runtime, check_settings(settings, ckpt), engine_name
+
+
+def export_in_child(ckpt: str, graph: Path) -> bool:
+    """Export ``ckpt`` to the ONNX file ``graph`` (with its settings) in a child process, so
+    that the exporter's imports (torchvision, TorchScript) and working memory never weigh on
+    the process that goes on to predict; False when ``graph`` cannot be written there.
+
+    Raises:
+        UserError: the checkpoint cannot be read or describes no model (the child's line).
+    """
+    remove_stale_temporaries(graph)  # of a child killed while it wrote
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; from deploy.predictor import _export_child; "
+                               "sys.exit(_export_child(sys.argv[1], sys.argv[2]))", ckpt,
+         str(graph)], env=dict(os.environ, PYTHONPATH=path), capture_output=True, text=True)
+    lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
+    if result.returncode == 2:
+        raise UserError(lines[-1].removeprefix("error: "))
+    if result.returncode != 0:
+        logger.warning("cannot cache the exported model in %s: %s", graph.parent, lines[-1])
+        return False
+    return True
+
+
+def _export_child(ckpt: str, graph: str) -> int:
+    """The child process of :func:`export_in_child`: 0 written, 2 a bad checkpoint (its line
+    on stderr), 1 not writable."""
+    try:
+        checkpoint = _read_checkpoint(ckpt)
+        model = model_from_checkpoint(checkpoint, ckpt)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    model.aux_classifier = None  # a training aid: inference reads the main head only
+    data = export_onnx(model.float(), checkpoint["settings"])
+    try:
+        atomic_write(graph, lambda handle: handle.write(data))
+    except OSError as error:
+        print(f"cannot write {graph}: {error}", file=sys.stderr)
+        return 1
+    return 0
     runtime = engine_from_model(engine_name, model, hardware, amp_explicit=amp_explicit,
                                 compile_model=compile_model)
     return runtime, settings, engine_name

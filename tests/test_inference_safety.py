@@ -528,7 +528,7 @@ def test_a_checkpoint_is_exported_once_and_reused_until_it_changes(ckpt, tmp_pat
     def no_export(*args, **kwargs):
         raise AssertionError("exported again")
 
-    monkeypatch.setattr(deploy.predictor, "export_onnx", no_export)
+    monkeypatch.setattr(deploy.predictor, "export_in_child", no_export)
     assert inference.cli(common + ["--out-path", str(tmp_path / "second"), "--ckpt",
                                    str(ckpt)]) == 0
     assert np.array_equal(read_mask(tmp_path / "second" / "a.png"),
