@@ -460,6 +460,19 @@ def test_settings_without_a_key_are_one_line(ckpt, tmp_path, capsys):
     assert not (tmp_path / "out").exists() and not (tmp_path / "m.onnx").exists()
 
 
+def test_a_bad_checkpoint_is_one_line_when_exported_for_the_onnx_runtimes(
+        ckpt, garbage_ckpt, tmp_path, capsys):
+    pytest.importorskip("onnx")
+    pytest.importorskip("openvino")
+    image = write_image(tmp_path / "a.png", 8, 8)
+    no_std = altered_checkpoint(ckpt, tmp_path / "no-std.pth.tar",
+                                lambda c: c["settings"].pop("std"))
+    for bad, expected in ((no_std, "'std'"), (garbage_ckpt, "garbage.pth.tar")):
+        assert inference.cli(["--in-path", str(image), "--out-path", str(tmp_path / "out"),
+                              "--ckpt", str(bad), "--engine", "openvino", "--workers", "0"]) == 2
+        assert expected in one_error_line(capsys)
+
+
 def test_weights_that_do_not_fit_the_settings_are_one_line(ckpt, tmp_path, capsys):
     image = write_image(tmp_path / "a.png", 8, 8)
     wrong = altered_checkpoint(ckpt, tmp_path / "wrong.pth.tar",
