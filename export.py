@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 
 import torch
 
 from dataloader.custom_transforms import Normalize
+from deploy.onnx_model import INPUT_NAME, OUTPUT_NAME, export_onnx, with_metadata
+from deploy.predictor import model_from_checkpoint
 from modeling.deeplab import DeepLab
 from utils.errors import UserError
-from utils.fileio import atomic_write
-from deploy.onnx_model import INPUT_NAME, OUTPUT_NAME, export_onnx, with_metadata
+from utils.fileio import atomic_write, remove_stale_temporaries
 from utils.saver import CheckpointError, load_checkpoint
+from utils.signals import Interrupted, raise_on_stop_signals
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -72,6 +75,8 @@ def main(args: argparse.Namespace) -> str:
                         " -c constraints.txt")
     if not args.out.lower().endswith(".onnx"):
         raise UserError(f"--out {args.out} must end in .onnx")
+    if os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a folder: name the .onnx file to write")
     if args.int8 and not args.calibration:
         raise UserError("--int8 needs --calibration: a folder of images like the ones you will "
                         "segment (a few dozen are enough)")
@@ -89,31 +94,37 @@ def main(args: argparse.Namespace) -> str:
                                      required_keys=("model", "settings"))
     except CheckpointError as error:
         raise UserError(f"--ckpt: {error}") from None
+    model = model_from_checkpoint(checkpoint, f"--ckpt {args.ckpt}")
     settings = checkpoint["settings"]
-    model = DeepLab.from_state_dict(settings, checkpoint["model"]).eval()
+    remove_stale_temporaries(args.out)  # of an export killed while it wrote
     data = export_onnx(model, settings)
     if args.int8:
         from deploy.quantize import quantize_int8
         data = quantize_int8(data, calibration, Normalize(settings["mean"], settings["std"]))
         data = with_metadata(data, settings, precision=f"int8, calibrated on {len(calibration)} "
                                                        f"images of {args.calibration}")
-    atomic_write(args.out, lambda handle: handle.write(data))
     summary = (f"{args.out}: {len(data) / 2**20:.1f} MiB, DeepLabV3+ {settings['backbone']}, "
                f"output stride {settings['output_stride']}, {settings['num_classes']} classes")
     if args.int8:
         summary += f", int8 (calibrated on {len(calibration)} images)"
     elif args.check and importlib.util.find_spec("onnxruntime") is not None:
         summary += "\n" + check_export(model, data)
+    # Last, so that an interrupt before it leaves --out as it was (and one during it, too).
+    atomic_write(args.out, lambda handle: handle.write(data))
     return summary
 
 
 def cli(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
-        print(main(args))
+        with raise_on_stop_signals():
+            print(main(args))
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(f"interrupted by {stop}: {args.out} was not written", file=sys.stderr)
+        return stop.exit_status
     return 0
 
 

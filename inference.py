@@ -11,12 +11,17 @@ class ids and whose palette shows the class colours; ``--save`` adds colour imag
 Images are decoded by loader workers and outputs encoded by writer threads while the model runs;
 images above a pixel budget are predicted window by window in bounded memory. The model's
 settings (architecture, classes, normalisation) come from the checkpoint or the ONNX metadata.
+
+Only this tool's own earlier outputs are ever replaced (``--skip-existing``, ``--overwrite``);
+SIGINT / SIGTERM finish the writes in flight, say how to resume and exit with 130 / 143.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -25,17 +30,19 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from dataloader.custom_transforms import Normalize
-from dataloader.images import ImageFiles, list_inputs, loader_for
-from dataloader.utils import DatasetError
+from dataloader.images import ImageFiles, InputImage, list_inputs, loader_for
+from dataloader.utils import DatasetError, default_cache_dir
 from deploy.engines import ENGINE_CHOICES
-from deploy.outputs import (IMAGE_FORMATS, OUTPUT_KINDS, Writer, already_written, parse_kinds,
+from deploy.outputs import (IMAGE_FORMATS, OUTPUT_KINDS, Writer, check_existing, parse_kinds,
                             plan_outputs)
 from deploy.predictor import Predictor, display_pixels, load_engine, predict_all
 from modeling.predict import DEFAULT_TILE, TILE_PIXEL_BUDGET
-from utils.distributed import DistributedContext, cleanup, init_distributed
+from utils.distributed import DistributedContext, cleanup, decided_by_main, init_distributed
 from utils.errors import UserError
+from utils.fileio import remove_stale_temporaries_of
 from utils.hardware import (Hardware, add_hardware_args, cpu_bf16_note, cudnn_benchmark,
                             resolve_hardware)
+from utils.signals import Interrupted, raise_on_stop_signals
 
 DEFAULT_CKPT = "modeling/deeplab-resnet.pth.tar"
 
@@ -60,7 +67,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                     help="turn images as their EXIF orientation says (as viewers show them); "
                          "--no-exif-transpose keeps the stored pixels, as training does")
     io.add_argument("--skip-existing", action=argparse.BooleanOptionalAction, default=False,
-                    help="skip inputs whose outputs all exist (resume an interrupted job)")
+                    help="skip inputs whose outputs all exist and decode (resume an interrupted "
+                         "job); earlier outputs that do not decode are written again")
+    io.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                    help="replace earlier outputs of this tool (files it did not write are "
+                         "never replaced; without either flag existing outputs stop the run)")
     io.add_argument("--workers", type=int, default=1,
                     help="processes decoding images while the model runs (0: in this process)")
     model = parser.add_argument_group("model and speed")
@@ -70,6 +81,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="runtime; auto: torch on GPUs, else openvino, onnxruntime or torch, "
                             "the first installed; for an .onnx file onnxruntime on GPUs (its "
                             "CUDA build), else openvino or onnxruntime")
+    model.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+                       help="keep the ONNX graph exported from a checkpoint and OpenVINO's "
+                            "compiled model in $DEEPLAB_CACHE_DIR (default ~/.cache/deeplab), "
+                            "so the next run starts sooner")
     add_hardware_args(model, channels_last=True)  # --channels-last, --compile: --engine torch
     model.add_argument("--batch-size", type=int, default=1,
                        help="images per model call; only images of one size are batched")
@@ -97,13 +112,22 @@ def check_flags(args: argparse.Namespace) -> list[str]:
                              ("--tile-overlap", args.tile_overlap, 0)):
         if value is not None and value < low:
             raise UserError(f"{flag} must be at least {low}, got {value}")
-    if any(scale <= 0 for scale in args.scales):
-        raise UserError(f"--scales must be positive, got {args.scales}")
+    if not all(math.isfinite(scale) and scale > 0 for scale in args.scales):
+        raise UserError(f"--scales must be positive numbers, got "
+                        f"{' '.join(map(str, args.scales))}")
     if not 0.0 <= args.alpha <= 1.0:
         raise UserError(f"--alpha must be in [0, 1], got {args.alpha}")
-    if args.tile and args.tile_overlap >= args.tile:
-        raise UserError(f"--tile-overlap {args.tile_overlap} must be smaller than --tile "
-                        f"{args.tile}")
+    # At most half a window: more would multiply the windows (at tile - 1, one per pixel).
+    tile = DEFAULT_TILE if args.tile is None else args.tile
+    if tile and 2 * args.tile_overlap > tile:
+        raise UserError(f"--tile-overlap {args.tile_overlap} must be at most half the window "
+                        f"({tile // 2} for " + (f"--tile {tile}" if args.tile else
+                                                f"the automatic {tile}-pixel windows") + ")")
+    if args.skip_existing and args.overwrite:
+        raise UserError("--skip-existing keeps complete outputs and --overwrite replaces them: "
+                        "choose one")
+    if os.path.lexists(args.out_path) and not os.path.isdir(args.out_path):
+        raise UserError(f"--out-path {args.out_path} is a file: name a folder for the outputs")
     return kinds
 
 
@@ -113,27 +137,62 @@ def this_process_share(items: list, context: DistributedContext) -> list:
     return items[context.rank::context.world_size] if context.enabled else items
 
 
-def main(args: argparse.Namespace) -> int:
+@dataclass
+class Jobs:
+    """The inputs to segment and their outputs, decided once before anything is written."""
+
+    inputs: list[InputImage] = field(default_factory=list)
+    plans: list[dict[str, Path]] = field(default_factory=list)
+    skipped: int = 0
+
+
+def plan_jobs(*, in_path: str, out_path: str, kinds: list[str], image_format: str,
+              skip_existing: bool, overwrite: bool) -> Jobs:
+    """List the inputs, check their outputs as a whole and against what exists, and remove
+    the temporaries killed runs left beside them; the inputs whose outputs are done (with
+    ``skip_existing``) are left out."""
+    inputs = list_inputs(in_path)
+    plans = plan_outputs(inputs, Path(in_path), Path(out_path), kinds, image_format)
+    done = check_existing(plans, Path(out_path), skip_existing=skip_existing,
+                          overwrite=overwrite)
+    remove_stale_temporaries_of(path for plan in plans for path in plan.values())
+    todo = [i for i, finished in enumerate(done) if not finished]
+    return Jobs(inputs=[inputs[i] for i in todo], plans=[plans[i] for i in todo],
+                skipped=len(done) - len(todo))
+
+
+@dataclass
+class Tally:
+    """How far a run got, for the line an interrupted run prints."""
+
+    jobs: int = 0
+    written: int = 0
+
+
+def main(args: argparse.Namespace, tally: Tally | None = None) -> int:
     """Segment every input; returns the number of inputs that failed (in all processes)."""
     kinds = check_flags(args)
+    tally = tally if tally is not None else Tally()
     context = init_distributed(use_cuda=torch.cuda.is_available() and not args.no_cuda)
     try:
         hardware = resolve_hardware(no_cuda=args.no_cuda, gpu_ids=None, amp=args.amp,
                                     channels_last=args.channels_last, context=context)
-        inputs = list_inputs(args.in_path)
-        plans = plan_outputs(inputs, Path(args.in_path), Path(args.out_path), kinds, args.format)
-        jobs = [i for i, plan in enumerate(plans)
-                if not (args.skip_existing and already_written(plan))]
-        skipped = len(plans) - len(jobs)
-        jobs = this_process_share(jobs, context)
-        dataset = ImageFiles([inputs[i].path for i in jobs], exif_transpose=args.exif_transpose,
+        # Rank 0 decides for all: a rank listing the done outputs after another one's first
+        # write would get a different share (inputs done twice or never).
+        planned = decided_by_main(lambda: plan_jobs(
+            in_path=args.in_path, out_path=args.out_path, kinds=kinds, image_format=args.format,
+            skip_existing=args.skip_existing, overwrite=args.overwrite), context)
+        jobs = this_process_share(list(range(len(planned.inputs))), context)
+        inputs = [planned.inputs[i] for i in jobs]
+        tally.jobs = len(jobs)
+        dataset = ImageFiles([item.path for item in inputs], exif_transpose=args.exif_transpose,
                              short_side=args.size, keep_original="overlay" in kinds)
         # Workers start decoding now, while the model is loaded.
         samples = iter(loader_for(dataset, args.workers)) if jobs else iter(())
-        failures = run(args, samples, hardware, inputs=[inputs[i] for i in jobs],
-                       plans=[plans[i] for i in jobs], needs_image="overlay" in kinds,
-                       show_progress=context.is_main) if jobs else 0
-        written = len(jobs) - failures
+        failures = run(args, samples, hardware, inputs=inputs,
+                       plans=[planned.plans[i] for i in jobs], needs_image="overlay" in kinds,
+                       show_progress=context.is_main, tally=tally) if jobs else 0
+        written, skipped = len(jobs) - failures, planned.skipped
         if context.enabled:
             counts = torch.tensor([written, failures])
             dist.all_reduce(counts)
@@ -149,11 +208,14 @@ def main(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace, samples: Iterable[dict[str, Any]], hardware: Hardware, *,
         inputs: list, plans: list[dict[str, Path]], needs_image: bool,
-        show_progress: bool) -> int:
-    """Load the model, predict every sample and write its outputs; returns the failures."""
+        show_progress: bool, tally: Tally) -> int:
+    """Load the model, predict every sample and write its outputs; returns the failures.
+
+    Interrupted (:class:`utils.signals.Interrupted`), it lets the writes in flight finish,
+    counts them in ``tally`` and re-raises."""
     engine, settings, engine_name = load_engine(
         args.ckpt, hardware, engine=args.engine, amp_explicit=args.amp not in ("auto", "off"),
-        compile_model=args.compile)
+        compile_model=args.compile, cache_dir=default_cache_dir() if args.cache else None)
     if args.engine == "auto" and engine_name == "torch" and hardware.device.type == "cpu":
         tqdm.write("note: running PyTorch; on CPUs OpenVINO or onnxruntime are faster "
                    "(python -m bench.inference), and OpenVINO runs export.py --int8 files: "
@@ -184,8 +246,13 @@ def run(args: argparse.Namespace, samples: Iterable[dict[str, Any]], hardware: H
         with torch.inference_mode(), cudnn_benchmark(False):
             bad = predict_all(progress, predictor, emit,
                               on_error=lambda message: report_error(f"{message}; skipped"))
+        del predictor, engine  # the last outputs are written in the model's memory, not beside
     finally:
-        writer.close()
+        progress.close()
+        try:
+            writer.close()  # also when interrupted: the writes in flight finish
+        finally:
+            tally.written = writer.written
     return bad + writer.failures
 
 
@@ -196,11 +263,18 @@ def report_error(message: str) -> None:
 
 def cli(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    tally = Tally()
     try:
-        failures = main(args)
+        with raise_on_stop_signals():
+            failures = main(args, tally)
     except (UserError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(f"\ninterrupted by {stop}: {tally.written} of {tally.jobs} inputs written to "
+              f"{args.out_path}; run the same command with --skip-existing to do the rest",
+              file=sys.stderr)
+        return stop.exit_status
     return 1 if failures else 0
 
 

@@ -7,6 +7,7 @@ could not be read.
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ from torch.utils.data import Dataset
 from dataloader.custom_transforms import ResizeShortSide, pil_to_uint8_tensor
 from dataloader.utils import DatasetError, load_image
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+#: What a folder is searched for: every still-image format Pillow decodes that cameras, phones
+#: and the web use (a GIF gives its first frame).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 #: An --in-path with one of these suffixes lists one image path per line.
 LIST_SUFFIXES = (".txt", ".lst")
 
@@ -34,15 +37,18 @@ def list_inputs(in_path: str | os.PathLike) -> list[InputImage]:
     """Every input ``in_path`` names, sorted.
 
     - an image file: itself;
-    - a folder: every file with an image suffix below it (hidden files and folders skipped);
-      a folder whose name has an image suffix is listed too, so that it is reported as bad
-      rather than silently read as a folder;
-    - a ``.txt`` / ``.lst`` file: one path per line (blank lines and ``#`` comments skipped),
-      relative paths taken from the list's folder; outputs mirror the paths below the deepest
-      folder they share. Listed paths are not checked here: a missing one fails when read.
+    - a folder: every file with an image suffix below it (hidden files and folders skipped),
+      also through symbolic links to folders (each folder once, so a link loop ends) and inside
+      folders whose names end like images (``trip.2024.png/``);
+    - a ``.txt`` / ``.lst`` file (UTF-8, with or without a byte-order mark): one path per line
+      (blank lines and ``#`` comments skipped), relative paths taken from the list's folder and
+      resolved as the file system resolves them (``link/../a.jpg`` is the ``a.jpg`` beside the
+      link's target); outputs mirror the paths below the deepest folder they share. Listed
+      paths are not checked here: a missing one fails when read.
 
     Raises:
-        DatasetError: ``in_path`` is missing or is another kind of file.
+        DatasetError: ``in_path`` is missing or is another kind of file, a folder holds no
+            image, or a list is not UTF-8, names nothing or names one file twice.
     """
     in_path = Path(in_path)
     if in_path.is_dir():
@@ -63,24 +69,66 @@ def _is_image_name(name: str) -> bool:
 
 def _walk(root: Path) -> list[InputImage]:
     found = []
-    for folder, subfolders, files in os.walk(root):
-        here = Path(folder)
-        # Folders named like images are inputs (reported bad when read), not walked into.
-        found += [here / name for name in subfolders if _is_image_name(name)]
-        subfolders[:] = sorted(name for name in subfolders
-                               if not name.startswith(".") and not _is_image_name(name))
-        found += [here / name for name in files if _is_image_name(name)]
+    walked = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        try:
+            status = os.stat(folder)
+        except OSError:
+            status = None
+        identity = (status.st_dev, status.st_ino) if status else folder
+        if identity in walked:  # a link back up (a loop) or a second way into one folder
+            subfolders[:] = []
+            continue
+        walked.add(identity)
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        found += [Path(folder) / name for name in files if _is_image_name(name)]
+    if not found:
+        raise DatasetError(f"--in-path {root} holds no image: looked for {', '.join(IMAGE_SUFFIXES)}"
+                           f" files (any case; hidden files and folders skipped)")
     return [InputImage(path, path.relative_to(root)) for path in sorted(found)]
 
 
+def _read_text(list_file: Path) -> str:
+    try:
+        data = list_file.read_bytes()
+    except OSError as error:
+        raise DatasetError(f"cannot read --in-path {list_file}: {error.strerror}") from None
+    try:
+        return data.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not a path
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise DatasetError(f"--in-path {list_file} is not UTF-8 text (line {line} holds the byte "
+                           f"{data[error.start]:#04x}): save the list as UTF-8") from None
+
+
+def _as_opened(path: Path) -> Path:
+    """``path`` with its folders resolved as the file system resolves them when it opens the
+    file (``link/../a.jpg``: ``..`` of the link's target); the file's own name is kept, so a
+    listed link to ``IMG_0001.jpg`` still gives outputs named after the link."""
+    if path.name in ("", ".", ".."):
+        return Path(os.path.realpath(path))
+    return Path(os.path.realpath(path.parent)) / path.name
+
+
 def _read_list(list_file: Path) -> list[InputImage]:
-    lines = list_file.read_text(encoding="utf-8").splitlines()
-    paths = [Path(line.strip()) for line in lines
-             if line.strip() and not line.strip().startswith("#")]
-    paths = [path if path.is_absolute() else list_file.parent / path for path in paths]
-    if not paths:
+    entries = [(number, line.strip())
+               for number, line in enumerate(_read_text(list_file).splitlines(), start=1)
+               if line.strip() and not line.strip().startswith("#")]
+    if not entries:
         raise DatasetError(f"--in-path {list_file} lists no image paths (one per line)")
-    paths = [Path(os.path.normpath(path.absolute())) for path in paths]
+    paths, first_line = [], {}
+    for number, line in entries:
+        path = _as_opened(list_file.parent.absolute() / line)
+        try:
+            status = os.stat(path)
+            identity: object = (status.st_dev, status.st_ino)
+        except OSError:  # missing: reported when read
+            identity = path
+        if identity in first_line:
+            raise DatasetError(f"--in-path {list_file} names {path} twice (lines "
+                               f"{first_line[identity]} and {number}): remove one of them")
+        first_line[identity] = number
+        paths.append(path)
     common = Path(os.path.commonpath([path.parent for path in paths]))
     return [InputImage(path, path.relative_to(common)) for path in paths]
 
@@ -125,9 +173,17 @@ def keep_sample(sample: dict[str, Any]) -> dict[str, Any]:
     return sample
 
 
+def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """A Ctrl-C reaches every process of the terminal's group, and SLURM's SIGTERM every
+    process of the job: the main process decides when to stop and ends its workers itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def loader_for(dataset: ImageFiles, workers: int) -> torch.utils.data.DataLoader:
     """Samples one by one (batches are formed by image size later), decoded by ``workers``
     processes while the model runs (none: in this process)."""
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=keep_sample,
-        prefetch_factor=4 if workers else None, persistent_workers=False)
+        prefetch_factor=4 if workers else None, persistent_workers=False,
+        worker_init_fn=_leave_stop_signals_to_the_main_process if workers else None)

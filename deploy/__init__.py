@@ -6,6 +6,7 @@
 - :mod:`deploy.predictor`: load a checkpoint or ONNX file and predict class ids (batches,
   windows, scales, flips), usable from Python without a command line.
 - :mod:`deploy.outputs`: what is written for each input (mask, colours, overlay) and the writer.
+- :mod:`deploy.cache`: what a later run reuses (the exported graph, OpenVINO's compiled model).
 
 Training never imports this package.
 """

@@ -113,23 +113,26 @@ class OpenVinoEngine:
 
     name = "openvino"
 
-    def __init__(self, model: str | bytes, *, threads: int, amp_dtype: torch.dtype | None) -> None:
+    def __init__(self, model: str | bytes, *, threads: int, amp_dtype: torch.dtype | None,
+                 cache_dir: str | os.PathLike | None = None) -> None:
         import openvino
 
         core = openvino.Core()
+        if cache_dir is not None:  # the compiled model is kept there and read back next time
+            core.set_property({"CACHE_DIR": str(cache_dir)})
         self.model = core.read_model(model)
         precision = {None: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[amp_dtype]
         self.compiled = core.compile_model(self.model, "CPU", {
             "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
             "INFERENCE_PRECISION_HINT": precision})
         self.request = self.compiled.create_infer_request()
+        # The graph holds a copy of every weight beside the compiled model's: keep only its
+        # metadata.
+        self._metadata = _framework_metadata(self.model)
+        del self.model
 
     def metadata(self) -> dict[str, str]:
-        info = self.model.get_rt_info()  # ONNX metadata_props arrive under "framework"
-        if "framework" not in info.keys():
-            return {}
-        return {key: self.model.get_rt_info(["framework", key]).astype(str)
-                for key in info["framework"]}
+        return dict(self._metadata)
 
     def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         array = image.detach().to("cpu", torch.float32).contiguous().numpy()
@@ -137,9 +140,19 @@ class OpenVinoEngine:
         return {"out": torch.from_numpy(result[self.compiled.output(0)])}
 
 
-def onnx_engine(name: str, model: str | bytes, hardware: Hardware, *,
-                amp_explicit: bool) -> OnnxRuntimeEngine | OpenVinoEngine:
-    """An ONNX runtime running ``model`` (a path or serialised bytes) in this precision.
+def _framework_metadata(model: Any) -> dict[str, str]:
+    """An OpenVINO model's ONNX ``metadata_props`` (they arrive under ``framework``)."""
+    info = model.get_rt_info()
+    if "framework" not in info.keys():
+        return {}
+    return {key: model.get_rt_info(["framework", key]).astype(str) for key in info["framework"]}
+
+
+def onnx_engine(name: str, model: str | bytes, hardware: Hardware, *, amp_explicit: bool,
+                cache_dir: str | os.PathLike | None = None
+                ) -> OnnxRuntimeEngine | OpenVinoEngine:
+    """An ONNX runtime running ``model`` (a path or serialised bytes) in this precision;
+    OpenVINO keeps its compiled model in ``cache_dir`` when given.
 
     Raises:
         UserError: a reduced precision asked for (``amp_explicit``) that the runtime lacks.
@@ -152,11 +165,13 @@ def onnx_engine(name: str, model: str | bytes, hardware: Hardware, *,
         return OnnxRuntimeEngine(model, threads=threads, use_cuda=hardware.device.type == "cuda")
     # OpenVINO computes on the CPU even on a GPU machine, where --amp auto's choice is the GPU's.
     return OpenVinoEngine(model, threads=threads,
-                          amp_dtype=hardware.amp_dtype if amp_explicit else None)
+                          amp_dtype=hardware.amp_dtype if amp_explicit else None,
+                          cache_dir=cache_dir)
 
 
-def engine_from_onnx(name: str, path: str, hardware: Hardware, *,
-                     amp_explicit: bool) -> tuple[Engine, dict[str, Any]]:
+def engine_from_onnx(name: str, path: str, hardware: Hardware, *, amp_explicit: bool,
+                     cache_dir: str | os.PathLike | None = None
+                     ) -> tuple[Engine, dict[str, Any]]:
     """Run an exported file; its settings come from its metadata.
 
     Raises:
@@ -169,7 +184,8 @@ def engine_from_onnx(name: str, path: str, hardware: Hardware, *,
         raise UserError(f"--ckpt {path} not found: export one with `python export.py --ckpt "
                         f"CKPT --out {path}`")
     try:
-        engine = onnx_engine(name, path, hardware, amp_explicit=amp_explicit)
+        engine = onnx_engine(name, path, hardware, amp_explicit=amp_explicit,
+                             cache_dir=cache_dir)
     except UserError:
         raise
     except Exception as error:  # noqa: BLE001 - each runtime reports bad files its own way

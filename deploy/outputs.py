@@ -2,13 +2,20 @@
 
 Outputs mirror the inputs' sub-folders under ``--out-path``. ``photos/2024/a.jpg`` gives
 ``2024/a.png`` (mask), ``2024/a_color.png`` and ``2024/a_overlay.png`` (or ``.jpg``). Before
-anything is written the whole plan is checked: two inputs that would write one file, or a file
-that would land on an input or inside the input folder, stop the run in one line. A
-:class:`Writer` encodes and writes them on background threads while the model runs.
+anything is written the whole plan is checked: two inputs that would write one file (names
+compared case-folded, as macOS and Windows compare them), a file that would land on an input or
+inside the input folder, or a name the file system cannot hold stop the run in one line.
+
+Every file written here carries a mark (a PNG ``Software`` text chunk, a JPEG comment), so a
+later run can tell its own outputs from anybody else's: a planned output path that holds
+anything else is never replaced (:func:`check_existing`). A :class:`Writer` encodes and writes
+the outputs on background threads while the model runs.
 """
 from __future__ import annotations
 
 import os
+import stat
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,14 +25,25 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from PIL.PngImagePlugin import PngInfo
+
 from dataloader.images import InputImage
-from dataloader.utils import IGNORE_INDEX, colorize
+from dataloader.utils import IGNORE_INDEX, colorize, summarize_names
 from utils.errors import UserError
-from utils.fileio import atomic_write
+from utils.fileio import atomic_write, name_limit
 
 OUTPUT_KINDS = ("mask", "color", "overlay")
 IMAGE_FORMATS = ("png", "jpg")
 JPEG_QUALITY = 90
+#: The mark every output carries: the value of a PNG ``Software`` text chunk, a JPEG comment.
+MARKER = "DeepLabV3+ for COCO inference.py"
+_PNG_SIGNATURE, _JPEG_START = b"\x89PNG\r\n\x1a\n", b"\xff\xd8"
+_PNG_MARK = b"tEXtSoftware\x00" + MARKER.encode()
+_JPEG_MARK = b"\xff\xfe" + (len(MARKER) + 2).to_bytes(2, "big") + MARKER.encode()
+#: Both marks are written within the first hundred bytes of a file (after IHDR, after JFIF).
+_MARK_WINDOW = 4096
+#: Pixels of an overlay blended at once (float32 per strip, not per photo).
+_OVERLAY_STRIP_PIXELS = 2**18
 
 
 def parse_kinds(text: str) -> list[str]:
@@ -51,13 +69,32 @@ def output_paths(relative: Path, out_dir: Path, kinds: Sequence[str],
     return {kind: base / names[kind] for kind in kinds}
 
 
+def _folded(path: Path, resolved: dict[Path, str]) -> str:
+    """``path`` with its folders resolved (cached in ``resolved``), case-folded: its identity as
+    a case-insensitive file system (macOS, Windows) sees it."""
+    if path.parent not in resolved:
+        resolved[path.parent] = str(path.parent.resolve())
+    return os.path.join(resolved[path.parent], path.name).casefold()
+
+
+def output_folders(plans: list[dict[str, Path]], out_dir: Path) -> list[Path]:
+    """Every folder below ``out_dir`` that outputs go into (parents included), sorted."""
+    folders = set()
+    for parent in {path.parent for plan in plans for path in plan.values()}:
+        while len(parent.parts) > len(out_dir.parts) and parent not in folders:
+            folders.add(parent)
+            parent = parent.parent
+    return sorted(folders)
+
+
 def plan_outputs(inputs: list[InputImage], in_path: Path, out_dir: Path, kinds: Sequence[str],
                  image_format: str) -> list[dict[str, Path]]:
-    """The output paths of every input, checked as a whole.
+    """The output paths of every input, checked as a whole (names compared case-folded).
 
     Raises:
-        UserError: two inputs would write the same file (e.g. ``a.jpg`` and ``a.png``), or
-            ``out_dir`` lies inside the input folder, or an output would replace an input.
+        UserError: two inputs would write the same file (e.g. ``a.jpg`` and ``A.png``), or
+            ``out_dir`` lies inside the input folder, or an output would replace an input, or
+            one output's name is another's folder, or a name is too long for the file system.
     """
     in_root = in_path.resolve()
     out_root = out_dir.resolve()
@@ -66,75 +103,185 @@ def plan_outputs(inputs: list[InputImage], in_path: Path, out_dir: Path, kinds: 
                         f"with the inputs (and be read as inputs next time); choose a folder "
                         f"outside it")
     plans = [output_paths(item.relative, out_dir, kinds, image_format) for item in inputs]
-    inputs_by_path = {item.path.resolve(): item.path for item in inputs}
-    writers: dict[Path, Path] = {}
+    resolved: dict[Path, str] = {}
+    inputs_by_path = {}
+    for item in inputs:  # a listed link and the file it points to
+        inputs_by_path[_folded(item.path, resolved)] = item.path
+        inputs_by_path[str(item.path.resolve()).casefold()] = item.path
+    writers: dict[str, Path] = {}
+    limit = name_limit(out_dir)
     for item, plan in zip(inputs, plans):
         for path in plan.values():
-            target = path.resolve()
+            target = _folded(path, resolved)
             if target in inputs_by_path:
                 raise UserError(f"{item.path}: its output {path} would overwrite the input "
                                 f"{inputs_by_path[target]}; choose another --out-path")
             if target in writers:
                 raise UserError(f"{writers[target]} and {item.path} would both write {path} "
-                                f"(outputs are named after the input without its suffix): "
-                                f"rename one of them")
+                                f"(outputs are named after the input without its suffix, and "
+                                f"macOS and Windows do not tell A from a): rename one of them")
+            if len(os.fsencode(path.name)) > limit:
+                raise UserError(f"{item.path}: its output name {path.name} is longer than the "
+                                f"file system's {limit} bytes; rename the input")
             writers[target] = item.path
+    for folder in output_folders(plans, out_dir):
+        if _folded(folder, resolved) in writers:
+            raise UserError(f"{writers[_folded(folder, resolved)]} would write {folder}, the "
+                            f"folder of other outputs (an input folder named like an image): "
+                            f"rename one of them")
     return plans
 
 
-def already_written(plan: dict[str, Path]) -> bool:
-    """Whether every output of one input exists (``--skip-existing``; writes are atomic, so an
-    existing file is complete)."""
-    return all(os.path.isfile(path) for path in plan.values())
+def _existing(path: Path, decode: bool) -> str:
+    """What ``path`` holds: ``absent``, ``empty``, ``ours`` (marked; with ``decode``, also
+    complete), ``broken`` (marked but not decodable: a cut-off copy) or ``foreign``."""
+    try:
+        status = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):  # a file where its folder should be is
+        return "absent"                              # reported as the folder's problem
+    if not stat.S_ISREG(status.st_mode):  # a folder, a link, a device: never ours
+        return "foreign"
+    if status.st_size == 0:
+        return "empty"
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(_MARK_WINDOW)
+    except OSError:  # unreadable: nothing tells it is ours
+        return "foreign"
+    marked = (head.startswith(_PNG_SIGNATURE) and _PNG_MARK in head
+              or head.startswith(_JPEG_START) and _JPEG_MARK in head)
+    if not marked:
+        return "foreign"
+    if decode:
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            return "broken"
+    return "ours"
+
+
+def check_existing(plans: list[dict[str, Path]], out_dir: Path, *, skip_existing: bool,
+                   overwrite: bool) -> list[bool]:
+    """Which inputs are done (``--skip-existing``: every output there, marked and decodable),
+    after checking that nothing but this tool's own outputs would be replaced.
+
+    An empty file holds nothing to lose and counts as an unfinished output.
+
+    Raises:
+        UserError: a planned output path (or a folder outputs go into) holds something this
+            tool did not write; or earlier outputs exist and neither ``skip_existing`` nor
+            ``overwrite`` says what to do with them.
+    """
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # decoding
+        found = iter(list(pool.map(lambda path: _existing(path, decode=skip_existing),
+                                   [path for plan in plans for path in plan.values()])))
+    states = [{kind: next(found) for kind in plan} for plan in plans]
+    foreign = [str(plan[kind]) for plan, state in zip(plans, states)
+               for kind, value in state.items() if value == "foreign"]
+    foreign += [str(folder) for folder in output_folders(plans, out_dir)
+                if os.path.lexists(folder) and not os.path.isdir(folder)]
+    if foreign:
+        raise UserError(f"{len(foreign)} output path(s) hold files this tool did not write: "
+                        f"{summarize_names(foreign, 3)}; they are never replaced: move them "
+                        f"away or choose another --out-path")
+    earlier = [str(plan[kind]) for plan, state in zip(plans, states)
+               for kind, value in state.items() if value != "absent"]
+    if earlier and not (skip_existing or overwrite):
+        raise UserError(f"--out-path {out_dir} already holds {len(earlier)} output(s) of an "
+                        f"earlier run ({summarize_names(earlier, 3)}): add --skip-existing to "
+                        f"keep the complete ones and do the rest, or --overwrite to replace them")
+    if overwrite and not skip_existing:
+        return [False] * len(plans)
+    return [all(value == "ours" for value in state.values()) for state in states]
+
+
+def _colour_table(palette: Sequence[Sequence[int]]) -> np.ndarray:
+    table = np.zeros((256, 3), dtype=np.uint8)
+    table[: len(palette)] = np.asarray(palette, dtype=np.uint8)
+    table[IGNORE_INDEX] = (255, 255, 255)
+    return table
 
 
 def color_image(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
     """``(H, W, 3)`` uint8 colours of ``(H, W)`` class ids (ignore = white, unknown = black)."""
-    table = np.zeros((256, 3), dtype=np.uint8)
-    table[: len(palette)] = np.asarray(palette, dtype=np.uint8)
-    table[IGNORE_INDEX] = (255, 255, 255)
-    return table[labels]
+    return _colour_table(palette)[labels]
+
+
+def _strips(height: int, width: int) -> list[slice]:
+    """Row ranges of about :data:`_OVERLAY_STRIP_PIXELS` pixels each."""
+    step = max(1, _OVERLAY_STRIP_PIXELS // max(width, 1))
+    return [slice(top, top + step) for top in range(0, height, step)]
+
+
+def _blend(labels: np.ndarray, image: np.ndarray, table: np.ndarray, alpha: float) -> np.ndarray:
+    mix = (1.0 - alpha) * image.astype(np.float32) + alpha * table[labels].astype(np.float32)
+    return np.clip(np.rint(mix), 0, 255).astype(np.uint8)
 
 
 def overlay_image(labels: np.ndarray, image: np.ndarray, palette: Sequence[Sequence[int]],
                   alpha: float) -> np.ndarray:
     """The photo blended with the class colours: ``(1 - alpha) * image + alpha * colour``,
-    rounded, as ``(H, W, 3)`` uint8; ``image`` is ``(H, W, 3)`` uint8 of the same size."""
-    colours = color_image(labels, palette).astype(np.float32)
-    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colours
-    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    rounded, as ``(H, W, 3)`` uint8; ``image`` is ``(H, W, 3)`` uint8 of the same size.
+
+    Blended a strip of rows at a time: the float32 copies a whole 24-megapixel photo would
+    need (about 1 GB) are never made.
+    """
+    table = _colour_table(palette)
+    blended = np.empty(image.shape, dtype=np.uint8)
+    for rows in _strips(*labels.shape):
+        blended[rows] = _blend(labels[rows], image[rows], table, alpha)
+    return blended
 
 
 def render(kind: str, labels: np.ndarray, palette: Sequence[Sequence[int]],
            image: np.ndarray | None, alpha: float) -> Image.Image:
     """One output as a PIL image: ``"mask"`` a palette image whose values are class ids,
-    ``"color"`` RGB colours, ``"overlay"`` the blended photo (needs ``image``)."""
+    ``"color"`` RGB colours, ``"overlay"`` the blended photo (needs ``image``).
+
+    Colours and overlays are drawn into the PIL image a strip at a time, so no full-size
+    array is held beside it."""
     if kind == "mask":
         return colorize(labels, palette)
-    if kind == "color":
-        return Image.fromarray(color_image(labels, palette), mode="RGB")
-    return Image.fromarray(overlay_image(labels, image, palette, alpha), mode="RGB")
+    table = _colour_table(palette)
+    picture = Image.new("RGB", (labels.shape[1], labels.shape[0]))
+    for rows in _strips(*labels.shape):
+        strip = (table[labels[rows]] if kind == "color"
+                 else _blend(labels[rows], image[rows], table, alpha))
+        picture.paste(Image.fromarray(strip, mode="RGB"), (0, rows.start))
+    return picture
 
 
 def write_outputs(plan: dict[str, Path], labels: np.ndarray, palette: Sequence[Sequence[int]],
                   image: np.ndarray | None, alpha: float) -> None:
-    """Render and atomically write every output of one input (no half-written file remains
-    after an interruption)."""
+    """Render and atomically write every output of one input, each marked as this tool's (no
+    half-written file remains after an interruption)."""
     for kind, path in plan.items():
         picture = render(kind, labels, palette, image, alpha)
-        file_format = "JPEG" if path.suffix == ".jpg" else "PNG"
-        options = {"quality": JPEG_QUALITY} if file_format == "JPEG" else {}
-        atomic_write(path, lambda handle, picture=picture: picture.save(
-            handle, format=file_format, **options))
+        if path.suffix == ".jpg":
+            options = {"format": "JPEG", "quality": JPEG_QUALITY, "comment": MARKER}
+        else:
+            mark = PngInfo()
+            mark.add_text("Software", MARKER)
+            options = {"format": "PNG", "pnginfo": mark}
+        atomic_write(path, lambda handle, picture=picture: picture.save(handle, **options))
+        del picture
+
+
+#: Inputs waiting to be written may hold this many bytes of class ids and photos at most
+#: (besides at least one input), so a folder of 24-megapixel photos does not queue gigabytes.
+PENDING_BYTES = 128 * 2**20
 
 
 @dataclass
 class Writer:
     """Encodes and writes outputs on background threads (Pillow releases the GIL while it
-    encodes), keeping at most ``4 * threads`` inputs in flight so memory stays bounded.
+    encodes), keeping at most ``4 * threads`` inputs and :data:`PENDING_BYTES` in flight so
+    memory stays bounded.
 
     A write that fails (disk full, no permission) is reported through ``on_error`` and counted
-    in ``failures``; the other inputs go on.
+    in ``failures``; the other inputs go on. ``written`` counts the inputs whose outputs are all
+    written.
     """
 
     plans: list[dict[str, Path]]
@@ -145,21 +292,32 @@ class Writer:
     on_error: Callable[[str], None]
     pending: deque = field(default_factory=deque)
     failures: int = 0
+    written: int = 0
+    pending_bytes: int = 0
 
     def __post_init__(self) -> None:
         self.pool = ThreadPoolExecutor(max_workers=self.threads)
         self.limit = 4 * self.threads
+        self.lock = threading.Lock()
 
     def submit(self, index: int, labels: np.ndarray, image: np.ndarray | None) -> None:
         """Write the outputs of input ``index``: ``(H, W)`` class ids and, for overlays, the
         ``(H, W, 3)`` uint8 photo."""
-        self.pending.append((index, self.pool.submit(
-            write_outputs, self.plans[index], labels, self.palette, image, self.alpha)))
-        while len(self.pending) > self.limit:
+        size = labels.nbytes + (image.nbytes if image is not None else 0)
+        self.pending.append((index, size, self.pool.submit(self._write, index, labels, image)))
+        self.pending_bytes += size
+        while len(self.pending) > self.limit or (len(self.pending) > 1
+                                                 and self.pending_bytes > PENDING_BYTES):
             self._collect()
 
+    def _write(self, index: int, labels: np.ndarray, image: np.ndarray | None) -> None:
+        write_outputs(self.plans[index], labels, self.palette, image, self.alpha)
+        with self.lock:  # counted here, so the count is right however the main thread stops
+            self.written += 1
+
     def _collect(self) -> None:
-        index, future = self.pending.popleft()
+        index, size, future = self.pending.popleft()
+        self.pending_bytes -= size
         try:
             future.result()
         except OSError as error:
@@ -167,6 +325,9 @@ class Writer:
             self.failures += 1
 
     def close(self) -> None:
-        while self.pending:
-            self._collect()
-        self.pool.shutdown()
+        """Wait for every submitted write, also when interrupted while collecting them."""
+        try:
+            while self.pending:
+                self._collect()
+        finally:
+            self.pool.shutdown()

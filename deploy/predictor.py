@@ -10,59 +10,188 @@ runtime (:mod:`deploy.engines`) runs the model.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+from torch import nn
 
 from dataloader.custom_transforms import Normalize
+from deploy.cache import cached_graph, compiled_models_dir, graph_key, graph_path, prune_graphs
 from deploy.engines import Engine, engine_from_model, engine_from_onnx, resolve_engine
+from deploy.onnx_model import export_onnx
 from modeling.predict import (DEFAULT_TILE, TILE_PIXEL_BUDGET, predict_labels,
-                              predict_labels_tiled)
+                              predict_labels_tiled, resize_labels)
 from utils.distributed import DistributedContext
 from utils.errors import UserError
+from utils.fileio import atomic_write, remove_stale_temporaries
 from utils.hardware import Hardware, cudnn_benchmark, resolve_hardware
-from utils.saver import CheckpointError, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
 
+#: What a checkpoint's (or ONNX file's) settings must hold to rebuild, run and draw the model.
+REQUIRED_SETTINGS = ("backbone", "output_stride", "num_classes", "class_names", "palette",
+                     "mean", "std")
+
+
+def check_settings(settings: Any, source: str) -> dict[str, Any]:
+    """``settings`` if it holds every :data:`REQUIRED_SETTINGS` entry.
+
+    Raises:
+        UserError: it does not (a checkpoint from another project or an older version).
+    """
+    missing = ([key for key in REQUIRED_SETTINGS if key not in settings]
+               if isinstance(settings, dict) else list(REQUIRED_SETTINGS))
+    if missing:
+        raise UserError(f"{source}: its settings lack {', '.join(map(repr, missing))}: it was "
+                        f"not written by this project's train.py or export.py; train or export "
+                        f"it again")
+    return settings
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any], source: str) -> nn.Module:
+    """The eval-mode DeepLab a ``{"model", "settings"}`` checkpoint describes.
+
+    Raises:
+        UserError: the settings lack an entry, name no known architecture, or the weights do
+            not fit the architecture they name (one line, not PyTorch's list of every tensor).
+    """
+    settings = check_settings(checkpoint["settings"], source)
+    from modeling.deeplab import DeepLab  # imports torchvision, which an ONNX file's start-up skips
+
+    try:
+        return DeepLab.from_state_dict(settings, checkpoint["model"]).eval()
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        detail = " ".join(lines[1:] or lines or [type(error).__name__])
+        detail = detail if len(detail) <= 160 else detail[:157] + "..."
+        raise UserError(f"{source}: its weights do not fit its settings (DeepLabV3+ "
+                        f"{settings['backbone']}, output stride {settings['output_stride']}, "
+                        f"{settings['num_classes']} classes): {detail}") from None
+
+
 def load_engine(ckpt: str, hardware: Hardware, *, engine: str = "auto",
-                amp_explicit: bool = False, compile_model: bool = False
-                ) -> tuple[Engine, dict, str]:
+                amp_explicit: bool = False, compile_model: bool = False,
+                cache_dir: str | os.PathLike | None = None) -> tuple[Engine, dict, str]:
     """The runtime running ``ckpt`` (a train.py checkpoint or an export.py ONNX file), the
     model's settings, and the runtime's name.
 
     Args:
         engine: ``auto`` or one of :data:`deploy.engines.ENGINES`.
         amp_explicit: a reduced precision was asked for by name (a runtime without it refuses).
+        cache_dir: where the ONNX runtimes keep what a later run can reuse (the graph exported
+            from a checkpoint, OpenVINO's compiled model; :mod:`deploy.cache`); None: nothing.
 
     Raises:
-        UserError: a missing or unreadable file, or an engine that cannot run it.
+        UserError: a missing or unreadable file, settings or weights that do not describe a
+            model, or an engine that cannot run it.
     """
     onnx_file = ckpt.lower().endswith(".onnx")
     engine_name = resolve_engine(engine, hardware.device, onnx_file=onnx_file)
+    compiled = compiled_models_dir(Path(cache_dir)) if cache_dir is not None else None
     if onnx_file:
         runtime, settings = engine_from_onnx(engine_name, ckpt, hardware,
-                                             amp_explicit=amp_explicit)
-        return runtime, settings, engine_name
+                                             amp_explicit=amp_explicit, cache_dir=compiled)
+        return runtime, check_settings(settings, ckpt), engine_name
     if not os.path.isfile(ckpt):
         raise UserError(
             f"checkpoint {ckpt} not found: train one with `python train.py` (or `make demo`)"
             f" and pass --ckpt run/<dataset>/<checkname>/experiment_<k>/model_best.pth.tar")
-    try:
-        checkpoint = load_checkpoint(ckpt, map_location="cpu", required_keys=("model", "settings"))
-    except CheckpointError as error:
-        raise UserError(str(error)) from None
-    settings = checkpoint["settings"]
-    from modeling.deeplab import DeepLab  # imports torchvision, which an ONNX file's start-up skips
-
-    model = DeepLab.from_state_dict(settings, checkpoint["model"]).eval()
+    if (engine_name != "torch" and cache_dir is not None
+            and importlib.util.find_spec("onnx") is not None):  # the graph's settings need onnx
+        loaded = _engine_from_cache(ckpt, Path(cache_dir), engine_name, hardware,
+                                    amp_explicit=amp_explicit, compiled=compiled)
+        if loaded is not None:
+            return loaded
+    checkpoint = _read_checkpoint(ckpt)
+    model = model_from_checkpoint(checkpoint, ckpt)
     runtime = engine_from_model(engine_name, model, hardware, amp_explicit=amp_explicit,
                                 compile_model=compile_model)
-    return runtime, settings, engine_name
+    return runtime, checkpoint["settings"], engine_name
+
+
+def _read_checkpoint(ckpt: str) -> dict[str, Any]:
+    # Only here: a run from an ONNX file or a cached graph never reads a checkpoint.
+    from utils.saver import CheckpointError, load_checkpoint
+
+    try:
+        return load_checkpoint(ckpt, map_location="cpu", required_keys=("model", "settings"))
+    except CheckpointError as error:
+        raise UserError(str(error)) from None
+
+
+def _engine_from_cache(ckpt: str, cache_dir: Path, engine_name: str, hardware: Hardware, *,
+                       amp_explicit: bool, compiled: Path | None
+                       ) -> tuple[Engine, dict, str] | None:
+    """An ONNX runtime running the graph exported from ``ckpt``: the cached one, or one
+    exported into the cache now; None when the cache cannot hold it."""
+    key = graph_key(ckpt)
+    graph = cached_graph(cache_dir, key)
+    if graph is not None:
+        try:
+            runtime, settings = engine_from_onnx(engine_name, str(graph), hardware,
+                                                 amp_explicit=amp_explicit, cache_dir=compiled)
+            return runtime, check_settings(settings, ckpt), engine_name
+        except UserError as error:
+            logger.warning("exporting again: the cached %s failed (%s)", graph, error)
+            graph.unlink(missing_ok=True)
+    graph = graph_path(cache_dir, key)
+    if not export_in_child(ckpt, graph):
+        return None
+    prune_graphs(cache_dir)
+    runtime, settings = engine_from_onnx(engine_name, str(graph), hardware,
+                                         amp_explicit=amp_explicit, cache_dir=compiled)
+    return runtime, check_settings(settings, ckpt), engine_name
+
+
+def export_in_child(ckpt: str, graph: Path) -> bool:
+    """Export ``ckpt`` to the ONNX file ``graph`` (with its settings) in a child process, so
+    that the exporter's imports (torchvision, TorchScript) and working memory never weigh on
+    the process that goes on to predict; False when ``graph`` cannot be written there.
+
+    Raises:
+        UserError: the checkpoint cannot be read or describes no model (the child's line).
+    """
+    remove_stale_temporaries(graph)  # of a child killed while it wrote
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; from deploy.predictor import _export_child; "
+                               "sys.exit(_export_child(sys.argv[1], sys.argv[2]))", ckpt,
+         str(graph)], env=dict(os.environ, PYTHONPATH=path), capture_output=True, text=True)
+    lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
+    if result.returncode == 2:
+        raise UserError(lines[-1].removeprefix("error: "))
+    if result.returncode != 0:
+        logger.warning("cannot cache the exported model in %s: %s", graph.parent, lines[-1])
+        return False
+    return True
+
+
+def _export_child(ckpt: str, graph: str) -> int:
+    """The child process of :func:`export_in_child`: 0 written, 2 a bad checkpoint (its line
+    on stderr), 1 not writable."""
+    try:
+        checkpoint = _read_checkpoint(ckpt)
+        model = model_from_checkpoint(checkpoint, ckpt)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    model.aux_classifier = None  # a training aid: inference reads the main head only
+    data = export_onnx(model.float(), checkpoint["settings"])
+    try:
+        atomic_write(graph, lambda handle: handle.write(data))
+    except OSError as error:
+        print(f"cannot write {graph}: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 @dataclass
@@ -114,18 +243,15 @@ class Predictor:
         """``(H, W)`` uint8 labels of same-size samples, predicted in one batch."""
         images = self.prepare(torch.stack([sample["image"] for sample in samples]))
         labels = predict_labels(self.engine, images, samples[0]["size"], list(self.scales),
-                                self.flip)
-        return list(labels.to(torch.uint8).cpu())
+                                self.flip, dtype=torch.uint8)
+        return list(labels.cpu())
 
     def windowed(self, sample: dict[str, Any], tile: int) -> torch.Tensor:
         """``(H, W)`` uint8 labels of one large sample, window by window."""
         labels = predict_labels_tiled(self.engine, sample["image"], self.prepare, tile=tile,
                                       overlap=self.tile_overlap, batch_size=self.batch_size,
                                       scales=list(self.scales), flip=self.flip)
-        if tuple(labels.shape) != tuple(sample["size"]):  # --size: back to the input's size
-            labels = torch.nn.functional.interpolate(
-                labels[None, None].float(), size=sample["size"], mode="nearest")[0, 0]
-        return labels.to(torch.uint8)
+        return resize_labels(labels, sample["size"])  # --size: back to the input's size
 
     def predict(self, image: torch.Tensor) -> torch.Tensor:
         """``(H, W)`` uint8 class ids of one uint8 ``(3, H, W)`` RGB image."""

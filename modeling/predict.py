@@ -2,8 +2,9 @@
 class ids without a full-size softmax, and window-by-window prediction of large images."""
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,39 @@ from torch import nn
 #: ResNet-101 stays under about 3 GB at this size, and a 24-megapixel photo too, in windows.
 TILE_PIXEL_BUDGET = 2048 * 2048
 DEFAULT_TILE = 1024
+
+
+#: A full-size float map (classes x output pixels) of more elements than this is never built:
+#: it is upsampled and reduced in strips of rows of about this many elements (--size on a
+#: 24-megapixel photo would otherwise hold 21 x 24 M float32 logits, and more per scale).
+STRIP_ELEMENTS = 2**22
+
+
+def _view_logits(model: Callable[[torch.Tensor], dict[str, torch.Tensor]], image: torch.Tensor,
+                 scales: Sequence[float], flip: bool) -> Iterator[torch.Tensor]:
+    """float32 logits of each view (scale, flip), flipped back, at the view's own size."""
+    for scale in scales:
+        if scale == 1.0:
+            scaled = image
+        else:
+            size = [max(int(round(side * scale)), 1) for side in image.shape[-2:]]
+            scaled = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+        for flipped in (False, True) if flip else (False,):
+            x = torch.flip(scaled, dims=[3]) if flipped else scaled
+            logits = model(x)["out"].float()
+            yield torch.flip(logits, dims=[3]) if flipped else logits
+
+
+def _averaged_probabilities(views: Iterable[torch.Tensor], out_size: tuple[int, int]
+                            ) -> torch.Tensor:
+    total = None
+    count = 0
+    for logits in views:
+        logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+        probabilities = logits.softmax(dim=1)
+        total = probabilities if total is None else total + probabilities
+        count += 1
+    return total / count
 
 
 def predict_probabilities(
@@ -34,24 +68,80 @@ def predict_probabilities(
     Returns:
         ``(N, C, out_height, out_width)`` float32 probabilities (each pixel sums to 1).
     """
+    return _averaged_probabilities(_view_logits(model, image, scales, flip), out_size)
+
+
+def resize_rows(logits: torch.Tensor, out_size: tuple[int, int], top: int,
+                bottom: int) -> torch.Tensor:
+    """Rows ``top:bottom`` of ``F.interpolate(logits, out_size, mode="bilinear",
+    align_corners=False)``, computed from the few input rows they need (equal up to float
+    rounding: the same weights, the height blend done separately).
+
+    Args:
+        logits: ``(N, C, h, w)``.
+
+    Returns:
+        ``(N, C, bottom - top, out_width)`` float32.
+    """
+    height = logits.shape[-2]
+    # Source rows and weights as PyTorch's kernel computes them, in float32.
+    scale = torch.tensor(height, dtype=torch.float32) / out_size[0]
+    rows = torch.arange(top, bottom, dtype=torch.float32)
+    source = ((rows + 0.5) * scale - 0.5).clamp(min=0)
+    upper = source.floor().long().clamp(max=height - 1)
+    lower = (upper + 1).clamp(max=height - 1)
+    weight = (source - upper).clamp(0, 1).to(logits.device).view(1, 1, -1, 1)
+    first, last = int(upper[0]), int(lower[-1]) + 1
+    widened = F.interpolate(logits[:, :, first:last].float(), size=(last - first, out_size[1]),
+                            mode="bilinear", align_corners=False)
+    upper_rows = widened.index_select(2, (upper - first).to(logits.device))
+    lower_rows = widened.index_select(2, (lower - first).to(logits.device))
+    return upper_rows.mul_(1 - weight).add_(lower_rows.mul_(weight))
+
+
+def _strips(batch: int, classes: int, out_size: tuple[int, int]) -> Iterator[tuple[int, int]]:
+    """``(top, bottom)`` row ranges whose ``(batch, classes, rows, width)`` maps stay within
+    :data:`STRIP_ELEMENTS`."""
+    rows = max(1, STRIP_ELEMENTS // max(batch * classes * out_size[1], 1))
+    for top in range(0, out_size[0], rows):
+        yield top, min(top + rows, out_size[0])
+
+
+def _labels_in_strips(views: list[torch.Tensor], out_size: tuple[int, int], average: bool,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """Class ids of the views' averaged probabilities (``average``) or of the one view's
+    logits, strip by strip: views at their own sizes plus one strip at a time."""
+    batch, classes = views[0].shape[:2]
+    labels = torch.empty((batch, *out_size), dtype=dtype, device=views[0].device)
+    for top, bottom in _strips(batch, classes, out_size):
+        if not average:
+            labels[:, top:bottom] = resize_rows(views[0], out_size, top, bottom).argmax(dim=1)
+            continue
+        total = None
+        for logits in views:
+            probabilities = resize_rows(logits, out_size, top, bottom).softmax(dim=1)
+            total = probabilities if total is None else total.add_(probabilities)
+        labels[:, top:bottom] = total.div_(len(views)).argmax(dim=1)
+    return labels
+
+
+def _labels_of_accumulated(views: Iterable[torch.Tensor], out_size: tuple[int, int],
+                           dtype: torch.dtype) -> torch.Tensor:
+    """Class ids of averaged probabilities summed at ``out_size`` one view at a time, each view
+    resized strip by strip: for views larger than the output (scales above 1)."""
     total = None
-    views = 0
-    for scale in scales:
-        if scale == 1.0:
-            scaled = image
-        else:
-            size = [max(int(round(side * scale)), 1) for side in image.shape[-2:]]
-            scaled = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
-        for flipped in (False, True) if flip else (False,):
-            x = torch.flip(scaled, dims=[3]) if flipped else scaled
-            logits = model(x)["out"].float()
-            if flipped:
-                logits = torch.flip(logits, dims=[3])
-            logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
-            probabilities = logits.softmax(dim=1)
-            total = probabilities if total is None else total + probabilities
-            views += 1
-    return total / views
+    count = 0
+    for logits in views:
+        if total is None:
+            total = torch.zeros((logits.shape[0], logits.shape[1], *out_size),
+                                dtype=torch.float32, device=logits.device)
+        for top, bottom in _strips(logits.shape[0], logits.shape[1], out_size):
+            total[:, :, top:bottom] += resize_rows(logits, out_size, top, bottom).softmax(dim=1)
+        count += 1
+    labels = torch.empty((total.shape[0], *out_size), dtype=dtype, device=total.device)
+    for top, bottom in _strips(total.shape[0], total.shape[1], out_size):
+        labels[:, top:bottom] = total[:, :, top:bottom].div_(count).argmax(dim=1)
+    return labels
 
 
 def predict_labels(
@@ -60,12 +150,17 @@ def predict_labels(
     out_size: tuple[int, int],
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
+    *,
+    dtype: torch.dtype = torch.int64,
 ) -> torch.Tensor:
     """Class ids for a normalised batch: the prediction evaluation scores and inference writes.
 
     With one scale of 1 and no flip this is the argmax of the logits resized to ``out_size``
     (softmax is monotonic, so the full-size softmax that averaging needs is skipped); otherwise
-    the argmax of :func:`predict_probabilities`.
+    the argmax of :func:`predict_probabilities`. Whatever ``out_size``, the classes x output
+    pixels float maps are only built whole up to :data:`STRIP_ELEMENTS`; larger ones are
+    resized and reduced strip by strip (:func:`resize_rows`), so memory follows the model's
+    input, not the output (``--size`` on a large photo).
 
     Args:
         model: returns ``{"out": logits}``; a module in eval mode, or an exported-model runner.
@@ -73,17 +168,41 @@ def predict_labels(
         out_size: ``(height, width)`` of the returned map.
         scales: input scale factors (see :func:`predict_probabilities`).
         flip: also average the horizontally flipped input.
+        dtype: of the returned ids (``torch.uint8`` takes an eighth of int64's memory).
 
     Returns:
-        ``(N, out_height, out_width)`` int64 class ids.
+        ``(N, out_height, out_width)`` class ids.
     """
-    if tuple(scales) != (1.0,) or flip:
-        return predict_probabilities(model, image, out_size, scales, flip).argmax(dim=1)
-    logits = model(image)["out"]
-    if tuple(logits.shape[-2:]) != tuple(out_size):
-        logits = F.interpolate(logits.float(), size=out_size, mode="bilinear",
-                               align_corners=False)
-    return logits.argmax(dim=1)
+    out_size = (int(out_size[0]), int(out_size[1]))
+    views = _view_logits(model, image, scales, flip)
+    first = next(views)
+    batch, classes = first.shape[:2]
+    full_size = batch * classes * out_size[0] * out_size[1]
+    if tuple(scales) == (1.0,) and not flip:
+        if tuple(first.shape[-2:]) == out_size:
+            return first.argmax(dim=1).to(dtype)
+        if full_size <= STRIP_ELEMENTS:
+            return F.interpolate(first, size=out_size, mode="bilinear",
+                                 align_corners=False).argmax(dim=1).to(dtype)
+        return _labels_in_strips([first], out_size, average=False, dtype=dtype)
+    if full_size <= STRIP_ELEMENTS:
+        return _averaged_probabilities(itertools.chain([first], views), out_size
+                                       ).argmax(dim=1).to(dtype)
+    height, width = image.shape[-2:]
+    views_size = batch * classes * (2 if flip else 1) * sum(
+        max(int(round(height * scale)), 1) * max(int(round(width * scale)), 1)
+        for scale in scales)
+    if views_size <= full_size:  # keep the views (smaller), resize them strip by strip
+        return _labels_in_strips([first, *views], out_size, average=True, dtype=dtype)
+    return _labels_of_accumulated(itertools.chain([first], views), out_size, dtype)
+
+
+def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(H, W)`` class ids resized (nearest) to ``size``, in their own dtype (uint8 ids of a
+    24-megapixel photo take 24 MB, where float32 would take four times that)."""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels
+    return F.interpolate(labels[None, None], size=tuple(size), mode="nearest")[0, 0]
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -161,8 +280,9 @@ def predict_labels_tiled(
         chunk = windows[first:first + max(batch_size, 1)]
         crops = torch.stack([image[:, top:top + tile_h, left:left + tile_w]
                              for (top, _), (left, _) in chunk])
-        predicted = predict_labels(model, prepare(crops), (tile_h, tile_w), scales, flip).cpu()
+        predicted = predict_labels(model, prepare(crops), (tile_h, tile_w), scales, flip,
+                                   dtype=torch.uint8).cpu()
         for window, (row, column) in zip(predicted, chunk):
             (top, (y0, y1)), (left, (x0, x1)) = row, column
-            labels[y0:y1, x0:x1] = window[y0 - top:y1 - top, x0 - left:x1 - left].to(torch.uint8)
+            labels[y0:y1, x0:x1] = window[y0 - top:y1 - top, x0 - left:x1 - left]
     return labels

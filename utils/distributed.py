@@ -6,8 +6,9 @@ import contextlib
 import datetime
 import logging
 import os
+import pickle
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -15,6 +16,8 @@ import torch.distributed as dist
 from utils.slurm import slurm_task
 
 logger = logging.getLogger(__name__)
+
+_Decided = TypeVar("_Decided")
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,31 @@ def broadcast_buffers(module: torch.nn.Module, context: DistributedContext) -> N
     if context.enabled:
         for buffer in module.buffers():
             dist.broadcast(buffer, src=0)
+
+
+def decided_by_main(decide: Callable[[], _Decided], context: DistributedContext) -> _Decided:
+    """``decide()`` run by rank 0 alone, its result (or the exception it raised) given to every
+    rank: a decision that reads files other ranks are about to change is made once, before
+    any of them changes anything."""
+    if not context.enabled:
+        return decide()
+    outcome: list = [None]
+    failure = None
+    if context.is_main:
+        try:
+            outcome[0] = ("result", decide())
+        except Exception as error:  # every rank must leave the broadcast, then fail alike
+            failure = error
+            try:
+                pickle.dumps(error)
+            except Exception:  # noqa: BLE001 - an exception that cannot travel: its message
+                error = RuntimeError(f"rank 0: {type(error).__name__}: {error}")
+            outcome[0] = ("error", error)
+    dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise failure or value
+    return value
 
 
 def cleanup(context: DistributedContext) -> None:

@@ -10,11 +10,12 @@ usual 022, so the group of a shared cluster account can read checkpoints and mas
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Callable, Iterable
 
 try:
     import fcntl
@@ -41,6 +42,45 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+#: Bytes a temporary name adds to its target's: ``.`` before, ``.<12 hex digits>.tmp`` after.
+_TEMPORARY_EXTRA = 18
+#: A file name's limit in bytes where the file system does not say (ext4, NTFS, APFS: 255).
+_DEFAULT_NAME_MAX = 255
+
+
+def _name_max(directory: Path) -> int:
+    """The longest file name ``directory`` takes, in bytes."""
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # Windows has no pathconf
+        return _DEFAULT_NAME_MAX
+
+
+def name_limit(path: str | os.PathLike) -> int:
+    """The longest file name, in bytes, the folder ``path`` (or its nearest existing parent)
+    takes."""
+    folder = Path(path).absolute()
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    return _name_max(folder)
+
+
+def temporary_prefix(path: str | os.PathLike) -> str:
+    """The start of every temporary name :func:`atomic_write` uses for ``path``: ``.<name>.``,
+    or, where that would pass the folder's name limit (a legal name of 240 bytes plus 18), the
+    name cut short and made unique again by a hash of the whole name: ``.<start>~<hash>.``."""
+    path = Path(path)
+    limit = _name_max(path.parent) if path.parent.is_dir() else _DEFAULT_NAME_MAX
+    if len(os.fsencode(path.name)) + _TEMPORARY_EXTRA <= limit:
+        return f".{path.name}."
+    digest = hashlib.sha1(os.fsencode(path.name)).hexdigest()[:8]
+    keep = max(limit - _TEMPORARY_EXTRA - len(digest) - 1, 1)
+    start = path.name
+    while len(os.fsencode(start)) > keep:  # cut whole characters, never half of one
+        start = start[:-1]
+    return f".{start}~{digest}."
+
+
 def _create_temporary(directory: Path, name: str) -> tuple[int, str]:
     """Open a new, uniquely named file in ``directory`` for writing; returns ``(fd, path)``.
 
@@ -49,13 +89,39 @@ def _create_temporary(directory: Path, name: str) -> tuple[int, str]:
     group out. Asking the kernel avoids reading the umask, which ``os.umask`` can only do by
     changing it for every thread for a moment.
     """
+    prefix = temporary_prefix(directory / name)
     for _ in range(100):
-        temp_name = os.path.join(directory, f".{name}.{os.urandom(6).hex()}.tmp")
+        temp_name = os.path.join(directory, f"{prefix}{os.urandom(6).hex()}.tmp")
         try:
             return os.open(temp_name, _CREATE_FLAGS, _NEW_FILE_MODE), temp_name
         except FileExistsError:
             continue
     raise FileExistsError(f"no free temporary file name for {name} in {directory}")
+
+
+_RANDOM_PART = re.compile(r"[0-9a-f]{12}\.tmp")
+
+
+def remove_stale_temporaries_of(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Delete the temporary files killed :func:`atomic_write` calls of any of ``paths`` left.
+
+    Each folder is listed once, however many of ``paths`` it holds. Call this only when no
+    other process is writing those paths.
+    """
+    prefixes: dict[Path, set[str]] = {}
+    for path in map(Path, paths):
+        prefixes.setdefault(path.parent, set()).add(temporary_prefix(path))
+    stale = []
+    for folder, wanted in prefixes.items():
+        try:
+            names = os.listdir(folder)
+        except OSError:  # no folder yet (nothing was written there), or not a folder
+            continue
+        stale += [folder / name for name in names
+                  if name[:-16] in wanted and _RANDOM_PART.fullmatch(name[-16:])]
+    for entry in stale:
+        entry.unlink(missing_ok=True)
+    return stale
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
@@ -65,13 +131,7 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     a requeued job that is killed again and again would fill the disk with them. Call this only
     when no other process is writing ``path``.
     """
-    path = Path(path)
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{12}}\.tmp")
-    stale = [entry for entry in path.parent.glob(f".{path.name}.*.tmp")
-             if pattern.fullmatch(entry.name)] if path.parent.is_dir() else []
-    for entry in stale:
-        entry.unlink(missing_ok=True)
-    return stale
+    return remove_stale_temporaries_of([path])
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:

@@ -26,7 +26,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,7 +37,9 @@ from utils.fileio import (FolderInUse, FolderLock, atomic_write, atomic_write_te
                           remove_stale_temporaries)
 from utils.optim import Optimisation, load_optimizer_state
 from utils.plan import TrainPlan
-from utils.summaries import TensorboardSummary
+
+if TYPE_CHECKING:  # TensorBoard is imported by the training run that writes it, not to read one
+    from utils.summaries import TensorboardSummary
 
 logger = logging.getLogger(__name__)
 

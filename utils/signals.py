@@ -1,19 +1,27 @@
 """Stop signals: SIGINT, SIGTERM (and SLURM's warning signal, ``train.py --requeue-signal``) set
 a flag that the training loop reads at step boundaries, so that a run saves its state and exits
-instead of dying mid-write."""
+instead of dying mid-write; or, for scripts whose writes are atomic and run on threads
+(inference, export), raise :class:`Interrupted` where the main thread is, so the script can let
+the writes in flight finish and say where it stopped."""
 from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 from typing import Any, Iterator
 
 
 class Interrupted(Exception):
-    """A stop signal arrived; a checkpoint was saved and the run exits."""
+    """A stop signal arrived: the run saves what it must and exits with ``exit_status``."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        """What a shell reports for a process this signal ended: 130 (SIGINT), 143 (SIGTERM)."""
+        return 128 + self.signum
 
 
 class StopFlag:
@@ -44,3 +52,26 @@ class StopFlag:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def raise_on_stop_signals() -> Iterator[None]:
+    """Inside the block the first SIGINT or SIGTERM raises :class:`Interrupted` in the main
+    thread (not a KeyboardInterrupt from deep inside a runtime, nor death mid-write); later ones
+    are ignored while the caller cleans up. Outside the main thread the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        if not received:
+            received.append(signum)
+            raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

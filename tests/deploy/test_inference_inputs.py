@@ -28,10 +28,10 @@ def test_a_folder_is_walked_recursively_skipping_hidden_and_other_files(tmp_path
     for name in ("b.JPG", "a.png", "sub/c.jpeg", "sub/deeper/d.webp", ".hidden.jpg",
                  ".cache/e.jpg", "notes.txt", "sub/readme.md"):
         touch(root / name)
-    (root / "folder.jpg").mkdir()  # listed, so that it is reported as bad when read
+    (root / "folder.jpg").mkdir()  # a folder named like an image is walked like any other
     (root / "folder.jpg" / "inside.png").write_bytes(b"x")
-    assert relatives(list_inputs(root)) == ["a.png", "b.JPG", "folder.jpg", "sub/c.jpeg",
-                                            "sub/deeper/d.webp"]
+    assert relatives(list_inputs(root)) == ["a.png", "b.JPG", "folder.jpg/inside.png",
+                                            "sub/c.jpeg", "sub/deeper/d.webp"]
 
 
 def test_a_list_file_takes_paths_relative_to_itself_and_mirrors_below_their_common_folder(
