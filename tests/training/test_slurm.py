@@ -197,6 +197,9 @@ def test_requeue_runs_scontrol_requeue_with_the_job_id(fake_scontrol, caplog):
 
 
 def test_a_refused_requeue_is_logged_not_raised(fake_scontrol, caplog, monkeypatch):
+    # The capture's own level too: a library imported by an earlier test (the int8 export's)
+    # can leave the root handlers at ERROR.
+    caplog.set_level(logging.WARNING, logger="utils.slurm")
     monkeypatch.setenv("FAKE_SCONTROL_STATUS", "1")
     assert not requeue_job(dict(os.environ, SLURM_JOB_ID="42"), scontrol=str(fake_scontrol))
     assert "could not requeue job 42" in caplog.text and "presently disabled" in caplog.text
@@ -364,6 +367,13 @@ def _job_state(job: str, env: dict[str, str]) -> str:
     return match.group(1) if match else "UNKNOWN"
 
 
+def _node_states(env: dict[str, str]) -> set[str]:
+    """The states of the cluster's nodes (``idle``, ``allocated``, ``completing``, ...)."""
+    shown = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True,
+                           text=True, timeout=30).stdout
+    return {state.strip().rstrip("*~#") for state in shown.split()}
+
+
 def _wait_for(condition, what: str, log: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -408,6 +418,10 @@ def test_usr1_mid_epoch_requeues_the_job_and_it_ends_bit_identical(slurm_env, tm
         saved = torch.load(run_dir / "checkpoint.pth.tar", weights_only=True)
         assert 3 <= saved["iteration"] < 32  # mid-epoch, where the signal arrived
 
+        # The first start's step must be gone (the node idle, not completing) before the job
+        # starts again, or the new start can race the old one's clean-up on a loaded machine.
+        _wait_for(lambda: _node_states(slurm_env) <= {"idle"}, "the node's clean-up", log,
+                  timeout=120)
         # A requeued job waits about two minutes (EligibleTime); start it at once.
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm_env,
                        check=True, timeout=30)
@@ -415,7 +429,9 @@ def test_usr1_mid_epoch_requeues_the_job_and_it_ends_bit_identical(slurm_env, tm
                                                              "CONFIGURING", "COMPLETING"),
                   "the requeued job's end", log, timeout=300)
         text = log.read_text(errors="replace")
-        assert _job_state(job, slurm_env) == "COMPLETED", text[-3000:]
+        shown = subprocess.run(["scontrol", "show", "job", job], env=slurm_env,
+                               capture_output=True, text=True, timeout=30).stdout
+        assert _job_state(job, slurm_env) == "COMPLETED", text[-3000:] + shown
     except BaseException:
         reference.kill()
         raise
