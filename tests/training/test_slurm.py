@@ -8,6 +8,7 @@ and with ``DEEPLAB_REQUIRE_SLURM=1`` (CI) they fail instead.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -367,11 +368,14 @@ def _job_state(job: str, env: dict[str, str]) -> str:
     return match.group(1) if match else "UNKNOWN"
 
 
-def _node_states(env: dict[str, str]) -> set[str]:
-    """The states of the cluster's nodes (``idle``, ``allocated``, ``completing``, ...)."""
-    shown = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True,
+def _eligible(job: str, env: dict[str, str]) -> bool:
+    """Whether the job's EligibleTime (the cluster's local time) has passed."""
+    shown = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True,
                            text=True, timeout=30).stdout
-    return {state.strip().rstrip("*~#") for state in shown.split()}
+    match = re.search(r"EligibleTime=(\S+)", shown)
+    if match is None or match.group(1) in ("Unknown", "None"):
+        return True
+    return datetime.datetime.now() > datetime.datetime.fromisoformat(match.group(1))
 
 
 def _wait_for(condition, what: str, log: Path, timeout: float) -> None:
@@ -418,11 +422,11 @@ def test_usr1_mid_epoch_requeues_the_job_and_it_ends_bit_identical(slurm_env, tm
         saved = torch.load(run_dir / "checkpoint.pth.tar", weights_only=True)
         assert 3 <= saved["iteration"] < 32  # mid-epoch, where the signal arrived
 
-        # The first start's step must be gone (the node idle, not completing) before the job
-        # starts again, or the new start can race the old one's clean-up on a loaded machine.
-        _wait_for(lambda: _node_states(slurm_env) <= {"idle"}, "the node's clean-up", log,
-                  timeout=120)
-        # A requeued job waits about two minutes (EligibleTime); start it at once.
+        # A requeued job may start once the killed start's credential has expired (EligibleTime:
+        # cred_expire after the requeue, 10 s on the local cluster, 120 s by default); started
+        # sooner, slurmd refuses it ("Job credential revoked") and the job fails.
+        _wait_for(lambda: _eligible(job, slurm_env), "the requeued job's EligibleTime", log,
+                  timeout=180)
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm_env,
                        check=True, timeout=30)
         _wait_for(lambda: _job_state(job, slurm_env) not in ("PENDING", "RUNNING",
