@@ -147,6 +147,9 @@ def requeue_job(environ: Mapping[str, str], *, scontrol: str = "scontrol") -> bo
         return False
     if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID"):
         job_id = f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
+    # Said first: SLURM ends this job's tasks (SIGTERM) as it requeues it, possibly before
+    # scontrol returns here.
+    logger.info("asking SLURM to requeue job %s", job_id)
     try:
         completed = subprocess.run([scontrol, "requeue", job_id], capture_output=True,
                                    text=True, timeout=60)
