@@ -49,3 +49,23 @@ def read_mask(path: Path) -> np.ndarray:
     with Image.open(path) as mask:
         assert mask.mode == "P", f"{path} is {mask.mode}, not a palette mask"
         return np.asarray(mask)
+
+
+#: Flags of the quick inference runs: PyTorch in this process, no loader workers.
+FAST = ["--engine", "torch", "--workers", "0"]
+
+
+def run(ckpt, in_path, out_path, *extra) -> int:
+    """``inference.py`` on ``in_path`` into ``out_path`` with :data:`FAST` and ``extra`` flags."""
+    import inference
+
+    return inference.cli(["--in-path", str(in_path), "--out-path", str(out_path),
+                          "--ckpt", str(ckpt), *FAST, *extra])
+
+
+def one_error_line(capsys) -> str:
+    """What the run wrote to stderr, asserted to be one line and no traceback."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    return err

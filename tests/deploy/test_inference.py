@@ -10,10 +10,9 @@ from PIL import Image
 
 import deploy.predictor
 import inference
-from inference_testing import make_checkpoint, read_mask, write_image
+from inference_testing import make_checkpoint, one_error_line, read_mask, run, write_image
 
 # --engine torch: the ONNX runtimes have their own tests (test_inference_engines.py).
-FAST = ["--engine", "torch", "--workers", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -21,15 +20,6 @@ def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "r18.pth.tar", num_classes=5)
 
 
-def run(ckpt, in_path, out_path, *extra) -> int:
-    return inference.cli(["--in-path", str(in_path), "--out-path", str(out_path),
-                          "--ckpt", str(ckpt), *FAST, *extra])
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    return err
 
 
 def test_folder_is_walked_and_mirrored(ckpt, tmp_path):

@@ -22,11 +22,10 @@ import inference
 import modeling.predict
 from dataloader.images import list_inputs
 from dataloader.utils import DatasetError
-from inference_testing import make_checkpoint, read_mask, write_image
+from inference_testing import FAST, make_checkpoint, one_error_line, read_mask, run, write_image
 from utils.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
-FAST = ["--engine", "torch", "--workers", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +41,6 @@ def garbage_ckpt(tmp_path) -> Path:
     return path
 
 
-def run(ckpt, in_path, out_path, *extra) -> int:
-    return inference.cli(["--in-path", str(in_path), "--out-path", str(out_path),
-                          "--ckpt", str(ckpt), *FAST, *extra])
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert "Traceback" not in err
-    return err
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
