@@ -9,7 +9,7 @@ Input ``image``: float32 ``(N, 3, H, W)``, RGB, ``(pixel / 255 - mean) / std``; 
 float32 ``(N, num_classes, H, W)``; batch, height and width are dynamic. The class names,
 palette, normalisation and architecture are in the file's metadata_props. ``--int8`` stores
 int8 weights and activations (QuantizeLinear / DequantizeLinear pairs, calibrated by NNCF on
-your images); OpenVINO ran it faster than fp32 on the CPUs in the README's Results table, and
+your images); OpenVINO ran it faster than fp32 on the CPUs in doc/results.md, and
 its masks differ from fp32 on some pixels: measure how many with `python -m bench.inference`
 before you rely on it.
 """

@@ -29,7 +29,7 @@ import mypath
 from dataloader import custom_transforms as tr
 from dataloader.check import check_datasets
 from dataloader.class_weights import compute_class_weights
-from dataloader.datasets import DATASETS, build_dataset
+from dataloader.datasets import DATASETS, build_dataset, dataset_entry
 from dataloader.samplers import ResumableSampler, resumable_loader
 from dataloader.utils import IGNORE_INDEX, DatasetError
 from modeling.backbone import (BACKBONE_ALIASES, BACKBONES, PretrainedWeightsUnavailable,
@@ -60,8 +60,6 @@ from utils.summaries import TensorboardSummary, TrainLog
 
 logger = logging.getLogger("train")
 
-#: Epochs when --epochs is not given (torchvision's COCO recipe trains 30).
-DEFAULT_EPOCHS = {"coco": 30, "cocostuff": 30, "pascal": 50, "folder": 50, "demo": 15}
 #: --init value that downloads torchvision's COCO DeepLabV3 (any other value is a local file).
 INIT_TORCHVISION_COCO = "torchvision-coco"
 
@@ -115,7 +113,7 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
 def _optimisation_args(parser: argparse.ArgumentParser) -> None:
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, help="default: by dataset, " + ", ".join(
-        f"{k} {v}" for k, v in sorted(DEFAULT_EPOCHS.items())))
+        f"{name} {entry.epochs}" for name, entry in sorted(DATASETS.items())))
     optim.add_argument("--batch-size", type=int, help=f"images per step in this process "
                        f"(default {DEFAULT_BATCH_PER_DEVICE} per GPU used by it)")
     optim.add_argument("--lr", type=float, help=f"backbone learning rate; the head gets 10x "
@@ -300,8 +298,8 @@ def build_datasets(args: argparse.Namespace, context: DistributedContext) -> tup
         root = mypath.db_root_dir(args.dataset, root=args.data_root)
     except FileNotFoundError as error:
         raise UserError(str(error)) from None
-    if context.is_main and args.dataset == "demo":
-        logger.info("demo dataset: %s", root)
+    if context.is_main and dataset_entry(args.dataset).generated:
+        logger.info("%s dataset: %s", args.dataset, root)
     # Rank 0 first: it may generate the demo data or write index caches the others then read.
     with main_process_first(context):
         val_set = build_dataset(args.dataset, root, "val",
@@ -373,7 +371,7 @@ def init_from_coco_deeplabv3(model: DeepLab, init: str, context: DistributedCont
 
 def plan_run(args: argparse.Namespace, train_size: int, hardware: Hardware,
              context: DistributedContext) -> TrainPlan:
-    epochs = DEFAULT_EPOCHS[args.dataset] if args.epochs is None else args.epochs
+    epochs = dataset_entry(args.dataset).epochs if args.epochs is None else args.epochs
     return plan_training(train_size=train_size, batch_size=args.batch_size,
                          devices=hardware.devices_per_process, world_size=context.world_size,
                          epochs=epochs, lr=args.lr,

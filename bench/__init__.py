@@ -1,4 +1,4 @@
 """Benchmarks: each one a module run from the repository root, ``python -m bench.NAME --help``.
 
-They print what they measure; the figures quoted in the README's Results table come from them.
+They print what they measure; the figures quoted in doc/results.md come from them.
 """

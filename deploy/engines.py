@@ -19,7 +19,7 @@ from deploy.onnx_model import INPUT_NAME, OUTPUT_NAME, export_onnx, settings_fro
 
 ENGINES = ("torch", "onnxruntime", "openvino")
 ENGINE_CHOICES = ("auto",) + ENGINES
-#: OpenVINO first: on the CPUs measured (README, Results) the ONNX runtimes ran faster than
+#: OpenVINO first: on the CPUs measured (doc/results.md) the ONNX runtimes ran faster than
 #: PyTorch fp32, and OpenVINO also runs the int8 files of ``export.py --int8``
 #: (``python -m bench.inference --configs openvino:int8 onnxruntime:int8`` measures yours).
 CPU_PREFERENCE = ("openvino", "onnxruntime", "torch")

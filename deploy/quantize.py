@@ -10,7 +10,7 @@ with fp32 on the user's own images.
 
 NNCF is used instead of onnxruntime's ``quantize_static`` because it corrects the bias that
 quantization adds to each layer: with the same calibration images, its masks differ from fp32 on
-fewer pixels (``python -m bench.quantizers``; README, Results: the NNCF against quantize_static
+fewer pixels (``python -m bench.quantizers``; doc/results.md: the NNCF against quantize_static
 row).
 """
 from __future__ import annotations

@@ -15,7 +15,7 @@ PACKAGES = ("utils", "dataloader", "modeling", "deploy")
 #: Our top-level names each package may import (besides the standard library and third parties).
 ALLOWED = {
     "utils": {"utils"},
-    "dataloader": {"utils", "dataloader", "mypath"},
+    "dataloader": {"utils", "dataloader"},
     "modeling": {"utils", "modeling"},
     "deploy": {"utils", "dataloader", "modeling", "deploy"},
 }

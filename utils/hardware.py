@@ -76,7 +76,7 @@ class Hardware:
 
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles (Intel Xeon 4th generation and later), the one kind of CPU
-    where ``--amp bf16`` may beat fp32: AVX512-BF16 without AMX ran it slower (README)."""
+    where ``--amp bf16`` may beat fp32: AVX512-BF16 without AMX ran it slower (doc/deployment.md)."""
     try:
         if torch.cpu._is_amx_tile_supported():
             return True

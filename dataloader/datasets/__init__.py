@@ -1,10 +1,13 @@
-"""Dataset registry: ``--dataset`` takes its choices from :data:`DATASETS`.
+"""Dataset registry: one :class:`DatasetEntry` per ``--dataset`` name in :data:`DATASETS`.
 
-A builder takes ``(root, split, transform, skip_bad_images, cache_dir)`` and returns a
-:class:`~dataloader.datasets.base.SegmentationDataset`. A new dataset is one function here.
+A new dataset is its module (a :class:`~dataloader.datasets.base.SegmentationDataset`) plus one
+entry here. ``train.py`` takes its ``--dataset`` choices and default ``--epochs`` from the
+registry; ``mypath.py`` takes the dataset names and their environment variables from it, and
+keeps the default root folders that a user edits for their machine.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from dataloader.datasets.base import SegmentationDataset
@@ -13,6 +16,25 @@ from dataloader.datasets.cocostuff import COCOStuffSegmentation
 from dataloader.datasets.demo import ensure_demo_dataset
 from dataloader.datasets.folder import FolderSegmentation
 from dataloader.datasets.pascal import VOCSegmentation
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """What the tools look up about one dataset.
+
+    Attributes:
+        build: ``build(root, split, transform=..., skip_bad_images=..., cache_dir=...)`` returns
+            the split ``"train"`` or ``"val"`` as a ``SegmentationDataset``.
+        variable: the environment variable that names its root folder (above ``mypath.py``'s
+            default, below ``--data-root``).
+        epochs: ``train.py``'s ``--epochs`` when the flag is not given.
+        generated: the root need not exist before the run: ``build`` creates the data there.
+    """
+
+    build: Callable[..., SegmentationDataset]
+    variable: str
+    epochs: int
+    generated: bool = False
 
 
 def _coco(root: str, split: str, cache_dir: str | None = None, **kwargs: Any) -> SegmentationDataset:
@@ -32,13 +54,28 @@ def _plain(cls: type) -> Callable[..., SegmentationDataset]:
     return build
 
 
-DATASETS: dict[str, Callable[..., SegmentationDataset]] = {
-    "coco": _coco,
-    "cocostuff": _plain(COCOStuffSegmentation),
-    "demo": _demo,
-    "folder": _plain(FolderSegmentation),
-    "pascal": _plain(VOCSegmentation),
+#: ``--dataset`` name -> entry (torchvision's COCO recipe trains 30 epochs).
+DATASETS: dict[str, DatasetEntry] = {
+    "coco": DatasetEntry(_coco, variable="DEEPLAB_COCO_ROOT", epochs=30),
+    "cocostuff": DatasetEntry(_plain(COCOStuffSegmentation),
+                              variable=COCOStuffSegmentation.root_variable, epochs=30),
+    "demo": DatasetEntry(_demo, variable="DEEPLAB_DEMO_ROOT", epochs=15, generated=True),
+    "folder": DatasetEntry(_plain(FolderSegmentation),
+                           variable=FolderSegmentation.root_variable, epochs=50),
+    "pascal": DatasetEntry(_plain(VOCSegmentation), variable=VOCSegmentation.root_variable,
+                           epochs=50),
 }
+
+
+def dataset_entry(name: str) -> DatasetEntry:
+    """The registry entry of ``name``.
+
+    Raises:
+        ValueError: naming the unknown dataset and the known ones.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
+    return DATASETS[name]
 
 
 def build_dataset(
@@ -50,8 +87,6 @@ def build_dataset(
     cache_dir: str | None = None,
 ) -> SegmentationDataset:
     """Build split ``split`` ("train" or "val") of dataset ``name`` stored under ``root``."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
-    return DATASETS[name](
+    return dataset_entry(name).build(
         root, split, transform=transform, skip_bad_images=skip_bad_images, cache_dir=cache_dir
     )

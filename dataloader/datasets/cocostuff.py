@@ -18,7 +18,6 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-import mypath
 from dataloader.datasets.base import PairedFileDataset
 from dataloader.utils import (
     IGNORE_INDEX,
@@ -87,7 +86,7 @@ class COCOStuffSegmentation(PairedFileDataset):
     """
 
     class_names = COCOSTUFF_CLASS_NAMES
-    root_variable = mypath.DEFAULT_ROOTS["cocostuff"][0]
+    root_variable = "DEEPLAB_COCOSTUFF_ROOT"  # its entry in the registry reads it
 
     def __init__(
         self,

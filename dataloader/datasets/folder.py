@@ -20,7 +20,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-import mypath
 from dataloader.datasets.base import PairedFileDataset
 from dataloader.utils import (
     IGNORE_INDEX,
@@ -118,7 +117,7 @@ class FolderSegmentation(PairedFileDataset):
     masks of all splits (names ``class_0``, ``class_1``, ...); see the module docstring.
     """
 
-    root_variable = mypath.DEFAULT_ROOTS["folder"][0]
+    root_variable = "DEEPLAB_FOLDER_ROOT"  # its entry in the registry reads it
 
     def __init__(
         self,

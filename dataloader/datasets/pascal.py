@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-import mypath
 from dataloader.datasets.base import PairedFileDataset
 from dataloader.utils import (
     VOC_CLASS_NAMES,
@@ -36,7 +35,7 @@ class VOCSegmentation(PairedFileDataset):
     """
 
     class_names = VOC_CLASS_NAMES
-    root_variable = mypath.DEFAULT_ROOTS["pascal"][0]
+    root_variable = "DEEPLAB_VOC_ROOT"  # its entry in the registry reads it
 
     def __init__(
         self,

@@ -166,7 +166,7 @@ def test_finetune_reinitialises_a_classifier_of_another_size(trained, tmp_path, 
 
 def test_missing_dataset_root_names_the_variable(monkeypatch, capsys):
     monkeypatch.delenv("DEEPLAB_COCO_ROOT", raising=False)
-    monkeypatch.setattr("mypath.DEFAULT_ROOTS", {"coco": ("DEEPLAB_COCO_ROOT", "/nope/coco")})
+    monkeypatch.setattr("mypath.DEFAULT_ROOTS", {"coco": "/nope/coco"})
     assert train.cli(TINY + ["--dataset", "coco"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
