@@ -28,6 +28,10 @@ def _mix(*values: int) -> int:
 class ResumableSampler(torch.utils.data.Sampler):
     """Yields ``(dataset index, augmentation seed)`` pairs for one rank.
 
+    The augmentation seed is a function of ``(seed, epoch, rank, position in the rank's slice)``:
+    ranks read different images and draw independent augmentations (a seed without the rank
+    would make every rank apply the same scale, crop and flip at each step).
+
     Args:
         dataset_size: number of items in the dataset.
         shuffle: permute the items every epoch (training) or keep their order (evaluation).

@@ -109,3 +109,15 @@ def test_batches_say_which_dataset_items_they_hold():
         # Item i's image is i (RandomAugmentation): the index names the item in the batch.
         assert batch["index"].tolist() == order[2 * number: 2 * number + 2]
         assert batch["index"].tolist() == batch["image"].flatten().long().tolist()
+
+
+def test_ranks_draw_independent_augmentations_at_the_same_step():
+    # Ranks read different images and must not apply the same scale, crop and flip at a step:
+    # the augmentation seed includes the rank, so no draw repeats across the ranks.
+    ranks = [batches(0, rank, world_size=2) for rank in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 2
+    for mine, theirs in zip(*ranks):
+        for first, second in zip(mine["label"], theirs["label"]):
+            assert not torch.equal(first, second)
+    draws = {tuple(row.tolist()) for rank in ranks for batch in rank for row in batch["label"]}
+    assert len(draws) == 8  # 2 ranks x 2 batches x 2 samples

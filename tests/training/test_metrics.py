@@ -313,6 +313,29 @@ def test_thumbnails_have_a_bounded_longest_side_and_the_label_aspect():
     assert (entry.target[:, :128] == 0).all() and (entry.target[:, 128:] == 1).all()
 
 
+def test_thumbnail_labels_are_resized_nearest_across_boundaries_off_the_grid():
+    # A 10 x 30 label to a 3 x 8 thumbnail: thumbnail pixels span 10/3 rows and 30/8 = 3.75
+    # columns, so the class boundaries at column 13 and row 7 fall inside a thumbnail pixel,
+    # where any blending of ids (bilinear) would invent a value: 0/255 -> e.g. 159, 0/2 -> 1.
+    worst = WorstImages(1, num_classes=3, mean=MEAN3, std=STD3, thumbnail_size=8)
+    target = torch.zeros(1, 10, 30, dtype=torch.long)
+    target[:, :, 13:] = 255
+    prediction = torch.zeros_like(target)
+    prediction[:, 7:, :] = 2
+    worst.add([0], torch.zeros(1, 3, 10, 30), target, prediction)
+    (entry,) = worst.worst()
+    assert entry.target.shape == entry.prediction.shape == (3, 8)
+    assert set(np.unique(entry.target).tolist()) == {0, 255}
+    assert set(np.unique(entry.prediction).tolist()) == {0, 2}
+    # Each thumbnail pixel takes the id of a label pixel under it.
+    for thumbnail, source in ((entry.target, target[0]), (entry.prediction, prediction[0])):
+        for i in range(3):
+            for j in range(8):  # label pixels [10 i / 3, 10 (i + 1) / 3) x [30 j / 8, ...)
+                under = source[i * 10 // 3:-(-(i + 1) * 10 // 3),
+                               j * 30 // 8:-(-(j + 1) * 30 // 8)]
+                assert thumbnail[i, j] in set(under.unique().tolist())
+
+
 def test_worst_images_needs_a_positive_k():
     with pytest.raises(ValueError, match="k must be"):
         WorstImages(0, num_classes=3, mean=MEAN3, std=STD3)

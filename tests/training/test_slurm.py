@@ -100,6 +100,12 @@ def test_second_task_on_the_second_node():
                                        "tcp://gpu07:18456")
 
 
+def test_world_size_is_the_steps_task_count_not_the_jobs():
+    # srun -n 8 inside a 16-task job: 8 ranks meet at the rendezvous; waiting for 16 would hang.
+    environ = dict(SRUN_TASK, SLURM_PROCID="7", SLURM_LOCALID="7", SLURM_STEP_NUM_TASKS="8")
+    assert launch_context(environ)[0] == DistributedContext(rank=7, world_size=8, local_rank=7)
+
+
 def test_rendezvous_on_the_steps_first_node_not_the_jobs():
     # A step on nodes 2-3 of a 3-node job: its task 0 runs on gpu08.
     environ = dict(SRUN_TASK, SLURM_JOB_NODELIST="gpu[07-09]", SLURM_STEP_NODELIST="gpu[08-09]")
