@@ -24,11 +24,12 @@ import torch
 
 from dataloader.custom_transforms import Normalize
 from deploy.onnx_model import INPUT_NAME, OUTPUT_NAME, export_onnx, with_metadata
-from deploy.predictor import model_from_checkpoint
+from deploy.predictor import REQUIRED_SETTINGS
+from modeling.checkpoint import load_model
 from modeling.deeplab import DeepLab
+from utils.checkpoint import CheckpointError
 from utils.errors import UserError
 from utils.fileio import atomic_write, remove_stale_temporaries
-from utils.saver import CheckpointError, load_checkpoint
 from utils.signals import Interrupted, raise_on_stop_signals
 
 
@@ -90,12 +91,9 @@ def main(args: argparse.Namespace) -> str:
         require_packages()
         calibration = calibration_images(args.calibration, args.calibration_count)
     try:
-        checkpoint = load_checkpoint(args.ckpt, map_location="cpu",
-                                     required_keys=("model", "settings"))
+        model, settings = load_model(args.ckpt, required_settings=REQUIRED_SETTINGS)
     except CheckpointError as error:
         raise UserError(f"--ckpt: {error}") from None
-    model = model_from_checkpoint(checkpoint, f"--ckpt {args.ckpt}")
-    settings = checkpoint["settings"]
     remove_stale_temporaries(args.out)  # of an export killed while it wrote
     data = export_onnx(model, settings)
     if args.int8:

@@ -34,10 +34,12 @@ from dataloader.samplers import ResumableSampler, resumable_loader
 from dataloader.utils import IGNORE_INDEX, DatasetError
 from modeling.backbone import (BACKBONE_ALIASES, BACKBONES, PretrainedWeightsUnavailable,
                                canonical_backbone_name)
+from modeling.checkpoint import load_model
 from modeling.deeplab import DeepLab
 from modeling.predict import predict_labels
 from modeling.pretrained import (coco_deeplabv3_state_dict, coco_deeplabv3_weights,
                                  init_from_torchvision_deeplabv3)
+from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.distributed import (DEFAULT_TIMEOUT_MINUTES, DistributedContext, any_true,
                                any_true_each, broadcast_buffers, cleanup, init_distributed,
                                launch_context, main_process_first, ranks_in_sync)
@@ -52,8 +54,8 @@ from utils.metrics import Evaluator, WorstImages, metrics_json
 from utils.optim import Optimisation, build_optimizer, grad_scaler
 from utils.plan import DEFAULT_BATCH_PER_DEVICE, REFERENCE_BATCH, REFERENCE_LR, TrainPlan, \
     plan_training
-from utils.saver import (CHECKPOINT_NAME, SETTINGS_NAME, Checkpointer, CheckpointError, Saver,
-                         TrainState, load_checkpoint, restore_training_state)
+from utils.saver import (CHECKPOINT_NAME, SETTINGS_NAME, Checkpointer, Saver, TrainState,
+                         restore_training_state)
 from utils.signals import Interrupted, StopFlag
 from utils.slurm import DEFAULT_REQUEUE_SIGNAL, parse_signal, requeue_job
 from utils.summaries import TensorboardSummary, TrainLog
@@ -316,14 +318,15 @@ def build_model(args: argparse.Namespace, checkpoint: dict | None, num_classes: 
                 context: DistributedContext) -> DeepLab:
     """The model ``--resume`` describes (weights loaded), or a new one from the flags (with
     ``--ft``, the checkpoint's weights where they fit)."""
-    if checkpoint is not None and not args.ft:
-        settings = checkpoint["settings"]
+    loaded = None if checkpoint is None else load_model(checkpoint,
+                                                        source=f"--resume {args.resume}")
+    if loaded is not None and not args.ft:
+        model, settings = loaded
         if settings["num_classes"] != num_classes:
             raise UserError(f"--resume checkpoint has {settings['num_classes']} classes but "
                             f"--dataset {args.dataset} has {num_classes}: use --ft to fine-tune")
-        model = DeepLab.from_settings(settings)
-        model.load_state_dict(checkpoint["model"])
-        return model
+        return model.train()  # in training mode, as a new model
+    pretrained, pretrained_settings = loaded or (None, {})
     try:
         # A fine-tuned model upsamples as the one it starts from (converted ones: corners).
         model = DeepLab(backbone=canonical_backbone_name(args.backbone),
@@ -331,7 +334,7 @@ def build_model(args: argparse.Namespace, checkpoint: dict | None, num_classes: 
                         aux_loss=args.aux_loss,
                         pretrained_backbone=args.pretrained and not args.ft and not args.init,
                         backbone_weights=args.backbone_weights, align_corners=bool(
-                            args.ft and checkpoint["settings"].get("align_corners", False)))
+                            args.ft and pretrained_settings.get("align_corners", False)))
     except PretrainedWeightsUnavailable as error:
         raise UserError(f"{error}; pass --no-pretrained to train from scratch, or "
                         f"--backbone-weights PATH with a local torchvision ResNet state "
@@ -344,13 +347,13 @@ def build_model(args: argparse.Namespace, checkpoint: dict | None, num_classes: 
         init_from_coco_deeplabv3(model, args.init, context)
     if args.ft:
         try:
-            reinit = model.load_finetune_state_dict(checkpoint["model"])
+            reinit = model.load_finetune_state_dict(pretrained.state_dict())
         except ValueError as error:
             raise UserError(f"--ft checkpoint does not match this model ({error}): use the same "
                             f"--backbone and --aux-loss") from None
         if reinit and context.is_main:
             print(f"fine-tuning: re-initialised {', '.join(reinit)} (class count "
-                  f"{checkpoint['settings']['num_classes']} -> {num_classes})")
+                  f"{pretrained_settings['num_classes']} -> {num_classes})")
     return model
 
 

@@ -23,8 +23,7 @@ from dataloader.custom_transforms import Normalize
 from dataloader.images import list_inputs
 from deploy.onnx_model import INPUT_NAME, export_onnx
 from deploy.quantize import calibration_images, model_input, quantize_int8
-from modeling.deeplab import DeepLab
-from utils.saver import load_checkpoint
+from modeling.checkpoint import load_model
 
 
 def onnxruntime_int8(fp32: bytes, paths: list[str], normalize: Normalize, scratch: Path) -> bytes:
@@ -56,9 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=16)
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)  # onnxruntime's quantizer warns once per bias
-    checkpoint = load_checkpoint(args.ckpt, map_location="cpu")
-    settings = checkpoint["settings"]
-    model = DeepLab.from_state_dict(settings, checkpoint["model"]).eval()
+    model, settings = load_model(args.ckpt, required_settings=("mean", "std"))
     normalize = Normalize(settings["mean"], settings["std"])
     paths = calibration_images(args.calibration, args.count)
     fp32 = export_onnx(model)

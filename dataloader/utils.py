@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from utils.labels import IGNORE_INDEX, colorize  # noqa: F401  (dataloader's public names)
+from utils.labels import IGNORE_INDEX, color_map, palette_for  # noqa: F401  (public names here)
 
 logger = logging.getLogger(__name__)
 
@@ -36,32 +36,6 @@ VOC_CLASS_NAMES = (
 
 class DatasetError(Exception):
     """A problem with the user's data (missing path, bad file) that a script reports in one line."""
-
-
-def color_map(num_colors: int = 256) -> np.ndarray:
-    """The Pascal VOC colour map: class ``i`` gets the bit-interleaved colour of ``i``.
-
-    Returns:
-        ``(num_colors, 3)`` uint8 array; entry 0 is black, entry 15 (person) is (192, 128, 128).
-    """
-    cmap = np.zeros((num_colors, 3), dtype=np.uint8)
-    for i in range(num_colors):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        cmap[i] = (r, g, b)
-    return cmap
-
-
-def palette_for(num_classes: int) -> list[list[int]]:
-    """Per-class RGB colours as plain lists (storable in a checkpoint); ignore stays white."""
-    if num_classes > 255:
-        raise ValueError(f"at most 255 classes can be coloured, got {num_classes}")
-    return color_map(num_classes).tolist()
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

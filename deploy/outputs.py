@@ -28,9 +28,10 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from dataloader.images import InputImage
-from dataloader.utils import IGNORE_INDEX, colorize, summarize_names
+from dataloader.utils import summarize_names
 from utils.errors import UserError
 from utils.fileio import atomic_write, name_limit
+from utils.labels import colorize, palette_image
 
 OUTPUT_KINDS = ("mask", "color", "overlay")
 IMAGE_FORMATS = ("png", "jpg")
@@ -196,58 +197,35 @@ def check_existing(plans: list[dict[str, Path]], out_dir: Path, *, skip_existing
     return [all(value == "ours" for value in state.values()) for state in states]
 
 
-def _colour_table(palette: Sequence[Sequence[int]]) -> np.ndarray:
-    table = np.zeros((256, 3), dtype=np.uint8)
-    table[: len(palette)] = np.asarray(palette, dtype=np.uint8)
-    table[IGNORE_INDEX] = (255, 255, 255)
-    return table
-
-
-def color_image(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
-    """``(H, W, 3)`` uint8 colours of ``(H, W)`` class ids (ignore = white, unknown = black)."""
-    return _colour_table(palette)[labels]
-
-
 def _strips(height: int, width: int) -> list[slice]:
     """Row ranges of about :data:`_OVERLAY_STRIP_PIXELS` pixels each."""
     step = max(1, _OVERLAY_STRIP_PIXELS // max(width, 1))
     return [slice(top, top + step) for top in range(0, height, step)]
 
 
-def _blend(labels: np.ndarray, image: np.ndarray, table: np.ndarray, alpha: float) -> np.ndarray:
-    mix = (1.0 - alpha) * image.astype(np.float32) + alpha * table[labels].astype(np.float32)
+def _blend(image: np.ndarray, colours: np.ndarray, alpha: float) -> np.ndarray:
+    """``(1 - alpha) * image + alpha * colours``, rounded, as uint8."""
+    mix = (1.0 - alpha) * image.astype(np.float32) + alpha * colours.astype(np.float32)
     return np.clip(np.rint(mix), 0, 255).astype(np.uint8)
-
-
-def overlay_image(labels: np.ndarray, image: np.ndarray, palette: Sequence[Sequence[int]],
-                  alpha: float) -> np.ndarray:
-    """The photo blended with the class colours: ``(1 - alpha) * image + alpha * colour``,
-    rounded, as ``(H, W, 3)`` uint8; ``image`` is ``(H, W, 3)`` uint8 of the same size.
-
-    Blended a strip of rows at a time: the float32 copies a whole 24-megapixel photo would
-    need (about 1 GB) are never made.
-    """
-    table = _colour_table(palette)
-    blended = np.empty(image.shape, dtype=np.uint8)
-    for rows in _strips(*labels.shape):
-        blended[rows] = _blend(labels[rows], image[rows], table, alpha)
-    return blended
 
 
 def render(kind: str, labels: np.ndarray, palette: Sequence[Sequence[int]],
            image: np.ndarray | None, alpha: float) -> Image.Image:
     """One output as a PIL image: ``"mask"`` a palette image whose values are class ids,
-    ``"color"`` RGB colours, ``"overlay"`` the blended photo (needs ``image``).
+    ``"color"`` RGB colours, ``"overlay"`` the photo blended with them,
+    ``(1 - alpha) * image + alpha * colour`` rounded (needs ``image``, ``(H, W, 3)`` uint8 of
+    the labels' size). Colours are :func:`utils.labels.colour_table`'s (ignore white, an id
+    beyond the palette black).
 
-    Colours and overlays are drawn into the PIL image a strip at a time, so no full-size
-    array is held beside it."""
+    Colours and overlays are drawn into the PIL image a strip of rows at a time, so no
+    full-size array is held beside it (the float32 copies a whole 24-megapixel photo would need
+    are about 1 GB)."""
     if kind == "mask":
-        return colorize(labels, palette)
-    table = _colour_table(palette)
+        return palette_image(labels, palette)
     picture = Image.new("RGB", (labels.shape[1], labels.shape[0]))
     for rows in _strips(*labels.shape):
-        strip = (table[labels[rows]] if kind == "color"
-                 else _blend(labels[rows], image[rows], table, alpha))
+        colours = colorize(labels[rows], palette)
+        strip = colours if kind == "color" else _blend(image[rows], colours, alpha)
         picture.paste(Image.fromarray(strip, mode="RGB"), (0, rows.start))
     return picture
 

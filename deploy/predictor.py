@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-from torch import nn
 
 from dataloader.custom_transforms import Normalize
 from deploy.cache import cached_graph, compiled_models_dir, graph_key, graph_path, prune_graphs
 from deploy.engines import Engine, engine_from_model, engine_from_onnx, resolve_engine
 from deploy.onnx_model import export_onnx
+from modeling.checkpoint import check_settings, load_model
 from modeling.predict import (DEFAULT_TILE, TILE_PIXEL_BUDGET, predict_labels,
                               predict_labels_tiled, resize_labels)
 from utils.distributed import DistributedContext
@@ -39,42 +39,6 @@ logger = logging.getLogger(__name__)
 #: What a checkpoint's (or ONNX file's) settings must hold to rebuild, run and draw the model.
 REQUIRED_SETTINGS = ("backbone", "output_stride", "num_classes", "class_names", "palette",
                      "mean", "std")
-
-
-def check_settings(settings: Any, source: str) -> dict[str, Any]:
-    """``settings`` if it holds every :data:`REQUIRED_SETTINGS` entry.
-
-    Raises:
-        UserError: it does not (a checkpoint from another project or an older version).
-    """
-    missing = ([key for key in REQUIRED_SETTINGS if key not in settings]
-               if isinstance(settings, dict) else list(REQUIRED_SETTINGS))
-    if missing:
-        raise UserError(f"{source}: its settings lack {', '.join(map(repr, missing))}: it was "
-                        f"not written by this project's train.py or export.py; train or export "
-                        f"it again")
-    return settings
-
-
-def model_from_checkpoint(checkpoint: dict[str, Any], source: str) -> nn.Module:
-    """The eval-mode DeepLab a ``{"model", "settings"}`` checkpoint describes.
-
-    Raises:
-        UserError: the settings lack an entry, name no known architecture, or the weights do
-            not fit the architecture they name (one line, not PyTorch's list of every tensor).
-    """
-    settings = check_settings(checkpoint["settings"], source)
-    from modeling.deeplab import DeepLab  # imports torchvision, which an ONNX file's start-up skips
-
-    try:
-        return DeepLab.from_state_dict(settings, checkpoint["model"]).eval()
-    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
-        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-        detail = " ".join(lines[1:] or lines or [type(error).__name__])
-        detail = detail if len(detail) <= 160 else detail[:157] + "..."
-        raise UserError(f"{source}: its weights do not fit its settings (DeepLabV3+ "
-                        f"{settings['backbone']}, output stride {settings['output_stride']}, "
-                        f"{settings['num_classes']} classes): {detail}") from None
 
 
 def load_engine(ckpt: str, hardware: Hardware, *, engine: str = "auto",
@@ -99,7 +63,7 @@ def load_engine(ckpt: str, hardware: Hardware, *, engine: str = "auto",
     if onnx_file:
         runtime, settings = engine_from_onnx(engine_name, ckpt, hardware,
                                              amp_explicit=amp_explicit, cache_dir=compiled)
-        return runtime, check_settings(settings, ckpt), engine_name
+        return runtime, check_settings(settings, ckpt, REQUIRED_SETTINGS), engine_name
     if not os.path.isfile(ckpt):
         raise UserError(
             f"checkpoint {ckpt} not found: train one with `python train.py` (or `make demo`)"
@@ -110,21 +74,10 @@ def load_engine(ckpt: str, hardware: Hardware, *, engine: str = "auto",
                                     amp_explicit=amp_explicit, compiled=compiled)
         if loaded is not None:
             return loaded
-    checkpoint = _read_checkpoint(ckpt)
-    model = model_from_checkpoint(checkpoint, ckpt)
+    model, settings = load_model(ckpt, required_settings=REQUIRED_SETTINGS)
     runtime = engine_from_model(engine_name, model, hardware, amp_explicit=amp_explicit,
                                 compile_model=compile_model)
-    return runtime, checkpoint["settings"], engine_name
-
-
-def _read_checkpoint(ckpt: str) -> dict[str, Any]:
-    # Only here: a run from an ONNX file or a cached graph never reads a checkpoint.
-    from utils.saver import CheckpointError, load_checkpoint
-
-    try:
-        return load_checkpoint(ckpt, map_location="cpu", required_keys=("model", "settings"))
-    except CheckpointError as error:
-        raise UserError(str(error)) from None
+    return runtime, settings, engine_name
 
 
 def _engine_from_cache(ckpt: str, cache_dir: Path, engine_name: str, hardware: Hardware, *,
@@ -138,7 +91,7 @@ def _engine_from_cache(ckpt: str, cache_dir: Path, engine_name: str, hardware: H
         try:
             runtime, settings = engine_from_onnx(engine_name, str(graph), hardware,
                                                  amp_explicit=amp_explicit, cache_dir=compiled)
-            return runtime, check_settings(settings, ckpt), engine_name
+            return runtime, check_settings(settings, ckpt, REQUIRED_SETTINGS), engine_name
         except UserError as error:
             logger.warning("exporting again: the cached %s failed (%s)", graph, error)
             graph.unlink(missing_ok=True)
@@ -148,7 +101,7 @@ def _engine_from_cache(ckpt: str, cache_dir: Path, engine_name: str, hardware: H
     prune_graphs(cache_dir)
     runtime, settings = engine_from_onnx(engine_name, str(graph), hardware,
                                          amp_explicit=amp_explicit, cache_dir=compiled)
-    return runtime, check_settings(settings, ckpt), engine_name
+    return runtime, check_settings(settings, ckpt, REQUIRED_SETTINGS), engine_name
 
 
 def export_in_child(ckpt: str, graph: Path) -> bool:
@@ -179,13 +132,12 @@ def _export_child(ckpt: str, graph: str) -> int:
     """The child process of :func:`export_in_child`: 0 written, 2 a bad checkpoint (its line
     on stderr), 1 not writable."""
     try:
-        checkpoint = _read_checkpoint(ckpt)
-        model = model_from_checkpoint(checkpoint, ckpt)
+        model, settings = load_model(ckpt, required_settings=REQUIRED_SETTINGS)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     model.aux_classifier = None  # a training aid: inference reads the main head only
-    data = export_onnx(model.float(), checkpoint["settings"])
+    data = export_onnx(model.float(), settings)
     try:
         atomic_write(graph, lambda handle: handle.write(data))
     except OSError as error:

@@ -34,7 +34,7 @@ from dataloader.utils import (
 )
 from modeling.convert import NotConvertible, load_jfzhang95_resnet
 from modeling.deeplab import DeepLab
-from utils.saver import CheckpointError, load_checkpoint, save_checkpoint
+from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 SOURCE_REPOSITORY = "jfzhang95/pytorch-deeplab-xception"
 

@@ -56,8 +56,7 @@ from torch import nn
 
 from dataloader.custom_transforms import Normalize, pil_to_uint8_tensor
 from deploy.predictor import Predictor
-from modeling.deeplab import DeepLab
-from utils.saver import load_checkpoint
+from modeling.checkpoint import load_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -263,9 +262,7 @@ def compare(original: SimpleNamespace, theirs: nn.Module, ckpt: Path,
             images: list[Path]) -> list[dict[str, Any]]:
     """Per image: the same input tensor into both models, and this project's inference path
     (its own preprocessing) against the original's argmax."""
-    checkpoint = load_checkpoint(ckpt, map_location="cpu", required_keys=("model", "settings"))
-    settings = checkpoint["settings"]
-    ours = DeepLab.from_state_dict(settings, checkpoint["model"]).eval()
+    ours, settings = load_model(ckpt, required_settings=("mean", "std"))
     predictor, _ = Predictor.load(str(ckpt), engine="torch", device="cpu", amp="off")
     normalize = Normalize(settings["mean"], settings["std"])
     rows = []

@@ -50,3 +50,113 @@ def test_package_imports_only_what_lies_below_it(package):
 
 def test_training_never_imports_deployment():
     assert "deploy" not in our_imports(REPO / "train.py")
+
+
+#: The training modules of utils/: deployment (deploy/, export.py) imports none of them, directly
+#: or through another module of ours.
+TRAINING_MODULES = {
+    "utils.saver", "utils.summaries", "utils.metrics", "utils.losses", "utils.lr_scheduler",
+    "utils.optim", "utils.plan", "utils.figures", "utils.run_folder", "utils.stopping",
+    "utils.evaluation_report",
+}
+
+
+def module_file(name: str) -> Path | None:
+    """The file of our module ``name`` (dotted), or None when it is not one of ours."""
+    base = REPO.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The dotted names of our modules that ``path`` imports (``from package import module``
+    counts the module), also inside functions."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {name for name in names if module_file(name) is not None}
+
+
+def reachable_modules(paths: list[Path]) -> dict[str, Path]:
+    """Every module of ours that ``paths`` import, directly or not, with a file importing it."""
+    seen: dict[str, Path] = {}
+    todo = list(paths)
+    while todo:
+        path = todo.pop()
+        for name in imported_modules(path) - seen.keys():
+            seen[name] = path
+            todo.append(module_file(name))
+    return seen
+
+
+def test_the_import_reader_follows_imports_through_our_modules():
+    reached = reachable_modules([REPO / "train.py"])
+    assert "utils.saver" in reached and "utils.fileio" in reached  # the latter through saver
+
+
+@pytest.mark.parametrize("entry", ["deploy", "export.py"])
+def test_deployment_imports_no_training_module(entry):
+    paths = sorted((REPO / entry).rglob("*.py")) if entry == "deploy" else [REPO / entry]
+    wrong = {f"{name} (imported by {path.relative_to(REPO)})"
+             for name, path in reachable_modules(paths).items() if name in TRAINING_MODULES}
+    assert not wrong, "deployment must run without the training code"
+
+
+def our_sources() -> list[Path]:
+    """Every Python file of the project outside tests/ (and hidden folders such as .venv)."""
+    return [path for path in sorted(REPO.rglob("*.py"))
+            if not any(part.startswith(".") or part == "tests"
+                       for part in path.relative_to(REPO).parts)]
+
+
+def functions_calling(path: Path, is_wanted) -> set[str]:
+    """The functions in ``path`` with a call for which ``is_wanted(call)``."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return {function.name for function in ast.walk(tree)
+            if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and any(isinstance(node, ast.Call) and is_wanted(node)
+                    for node in ast.walk(function))}
+
+
+def project_functions_calling(is_wanted) -> set[str]:
+    """``file:function`` of each function outside tests with a call ``is_wanted`` picks."""
+    return {f"{path.relative_to(REPO).as_posix()}:{name}" for path in our_sources()
+            for name in functions_calling(path, is_wanted)}
+
+
+def builds_from_settings(call: ast.Call) -> bool:
+    """``<anything>.from_settings(...)`` or ``.from_state_dict(...)``: a DeepLab from a
+    checkpoint's settings."""
+    return isinstance(call.func, ast.Attribute) and call.func.attr in ("from_settings",
+                                                                        "from_state_dict")
+
+
+def loads_checkpoint_weights(call: ast.Call) -> bool:
+    """``<model>.load_state_dict(<x>["model"])`` and the like: a checkpoint's weights loaded by
+    hand."""
+    return (isinstance(call.func, ast.Attribute) and call.func.attr.startswith("load_")
+            and any(isinstance(arg, ast.Subscript) and isinstance(arg.slice, ast.Constant)
+                    and arg.slice.value == "model" for arg in call.args))
+
+
+def test_the_call_finder_sees_both_ways_of_loading_by_hand(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("def a(c):\n    return DeepLab.from_state_dict(c['settings'], c['model'])\n"
+                      "def b(m, c):\n    m.load_state_dict(c['model'])\n"
+                      "def c(m, s):\n    m.load_state_dict(s)\n")
+    assert functions_calling(source, builds_from_settings) == {"a"}
+    assert functions_calling(source, loads_checkpoint_weights) == {"b"}
+
+
+def test_one_function_builds_a_model_from_a_checkpoint():
+    # DeepLab.from_state_dict builds through from_settings; load_model is the one caller.
+    assert project_functions_calling(builds_from_settings) == {
+        "modeling/deeplab.py:from_state_dict", "modeling/checkpoint.py:load_model"}
+    by_hand = project_functions_calling(loads_checkpoint_weights)
+    assert not by_hand, "load a checkpoint's weights with modeling.checkpoint.load_model"

@@ -218,7 +218,8 @@ def image_rows_figure(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarr
 
     Args:
         rows: ``(title, (h, w, 3) uint8 image, (h, w) ground-truth ids, (h, w) predicted ids)``;
-            ids index ``palette``, 255 (ignore) is drawn white.
+            coloured by :func:`utils.labels.colour_table` (255, ignore, white; an id beyond
+            ``palette`` black).
         palette: RGB triple (0-255) per class id.
         caption: written under the figure.
         row_height: inches per row (the widest image sets the column width).
@@ -230,8 +231,8 @@ def image_rows_figure(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarr
     figure = new_figure(3 * column_width + 0.3, height)
     grid = figure.subplots(max(len(rows), 1), 3, squeeze=False)
     for axes_row, (title, image, truth, prediction) in zip(grid, rows):
-        for axes, picture in zip(axes_row, (image, _colours(truth, palette),
-                                            _colours(prediction, palette))):
+        for axes, picture in zip(axes_row, (image, colorize(truth, palette),
+                                            colorize(prediction, palette))):
             axes.imshow(picture, interpolation="nearest")
         axes_row[0].set_title(title, loc="left", fontsize=8)
     for axes in grid.ravel():
@@ -244,10 +245,6 @@ def image_rows_figure(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarr
     if caption:
         figure.text(0.01, 0.5 * footer / height, caption, fontsize=8, va="center")
     return to_rgb(figure)
-
-
-def _colours(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
-    return np.asarray(colorize(np.asarray(labels), palette).convert("RGB"))
 
 
 def worst_images_figure(worst: Sequence[ScoredImage],

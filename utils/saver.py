@@ -1,11 +1,9 @@
-"""Crash-safe checkpoints, the run folder layout, and what a checkpoint holds to resume exactly
-(weights, optimiser, schedule, progress, RNG states).
+"""The run folder layout, and what a checkpoint holds to resume exactly (weights, optimiser,
+schedule, progress, RNG states).
 
 Every file is written with :func:`utils.fileio.atomic_write`, so a crash or a full disk leaves
-either the previous file or the new one, never half of one.
-
-Checkpoints are read with ``torch.load(..., weights_only=True)`` only: a checkpoint must hold
-plain types (tensors, numbers, strings, lists, tuples, dicts), never pickled Python objects.
+either the previous file or the new one, never half of one. Checkpoint files are written and read
+by :mod:`utils.checkpoint` (safe ``weights_only`` loading), which needs none of this module.
 
 Run layout::
 
@@ -20,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
@@ -32,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from utils.checkpoint import save_checkpoint
 from utils.errors import UserError
 from utils.fileio import (FolderInUse, FolderLock, atomic_write, atomic_write_text,
                           remove_stale_temporaries)
@@ -48,76 +46,6 @@ BEST_NAME = "model_best.pth.tar"
 SETTINGS_NAME = "settings.json"
 METRICS_NAME = "metrics.json"
 _EXPERIMENT = re.compile(r"experiment_(\d+)")
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used (missing, corrupt, unsafe); the message is one line."""
-
-
-def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """Atomically ``torch.save`` ``state`` to ``path``.
-
-    Args:
-        state: plain types only (tensors, numbers, strings, lists, tuples, dicts), so that
-            :func:`load_checkpoint` can read it back with ``weights_only=True``.
-        path: target file; its folder is created if needed. An existing file is replaced only once
-            the new one is completely on disk.
-    """
-    atomic_write(path, lambda handle: torch.save(state, handle))
-    logger.debug("saved checkpoint %s", path)
-
-
-def load_checkpoint(
-    path: str | os.PathLike,
-    map_location: str | torch.device | None = "cpu",
-    required_keys: tuple[str, ...] = (),
-) -> dict[str, Any]:
-    """Load a checkpoint with ``torch.load(..., weights_only=True)``; never unsafely.
-
-    Args:
-        path: a file written by :func:`save_checkpoint` (or any plain-types ``torch.save`` file).
-        map_location: where tensors go, as in :func:`torch.load`.
-        required_keys: entries the caller needs (e.g. ``("model", "settings")``); a file without
-            them (a bare state dict, another project's checkpoint) is a CheckpointError.
-
-    Raises:
-        CheckpointError: the file is missing, is corrupt or truncated, or holds pickled Python
-            objects that only unsafe loading could rebuild (refused: unpickling can run code).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "weights only load failed" in str(error).lower():
-            raise CheckpointError(
-                f"checkpoint {path} holds Python objects that need unsafe (weights_only=False) "
-                "loading; refused. Re-save it with plain types (tensors, numbers, strings, "
-                "lists, dicts)"
-            ) from error
-        raise CheckpointError(_unreadable(path, error)) from error
-    except Exception as error:  # noqa: BLE001 - torch reports corruption with many types
-        raise CheckpointError(_unreadable(path, error)) from error
-    if not isinstance(state, dict):
-        raise CheckpointError(
-            f"checkpoint {path} holds a {type(state).__name__}, expected a dict of named entries"
-        )
-    missing = [key for key in required_keys if key not in state]
-    if missing:
-        raise CheckpointError(
-            f"checkpoint {path} has no {', '.join(repr(k) for k in missing)} entry: it was not "
-            "written by this project's train.py"
-        )
-    return state
-
-
-def _unreadable(path: Path, error: BaseException) -> str:
-    reason = (str(error).strip().splitlines() or [""])[0][:200]
-    return (
-        f"cannot read checkpoint {path}: corrupt, truncated or not a PyTorch file "
-        f"({type(error).__name__}: {reason})"
-    )
 
 
 def get_rng_state() -> dict[str, Any]:

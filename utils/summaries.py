@@ -37,6 +37,7 @@ from tqdm import tqdm
 from utils.losses import NonFiniteLoss
 
 from utils.figures import EVALUATION_FIGURES
+from utils.labels import colorize
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +51,6 @@ METRIC_TAGS = {
 IMAGE_TAG = "val/input_gt_prediction"
 #: Tag of each evaluation figure (:data:`utils.figures.EVALUATION_FIGURES`).
 FIGURE_TAGS = {name: f"val/{name}" for name in EVALUATION_FIGURES}
-
-#: Colour of ignored pixels (255) and of any id without a palette entry.
-_IGNORE_COLOR = (255, 255, 255)
-
 
 class TensorboardSummary:
     """A thin wrapper over :class:`~torch.utils.tensorboard.SummaryWriter` with the run's tags.
@@ -109,8 +106,8 @@ class TensorboardSummary:
 
         Args:
             images: ``(N, 3, H, W)`` float inputs normalised with ``mean`` and ``std``.
-            targets: ``(N, H, W)`` class ids; 255 (ignore) and ids without a palette colour are
-                drawn white.
+            targets: ``(N, H, W)`` class ids, coloured by :func:`utils.labels.colour_table`
+                (255, ignore, white; an id without a palette colour black).
             predictions: ``(N, H, W)`` predicted class ids.
             palette: RGB triple (0-255) per class id.
             mean, std: per-channel normalisation applied to ``images`` (values in ``[0, 1]`` scale).
@@ -124,17 +121,8 @@ class TensorboardSummary:
         mean_tensor = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         std_tensor = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         inputs = (images * std_tensor + mean_tensor).clamp(0.0, 1.0)
-        # Palette colours by id, plus one white entry for every id the palette lacks: the ignore
-        # value (255) among them.
-        white = len(palette)
-        colors = torch.tensor([*palette, _IGNORE_COLOR], dtype=torch.float32).view(-1, 3) / 255.0
-
-        def colorize(labels: Tensor) -> Tensor:
-            labels = labels[:count].detach().cpu().long()
-            labels = torch.where((labels >= 0) & (labels < white), labels, white)
-            return colors[labels].permute(0, 3, 1, 2)  # (count, 3, H, W)
-
-        rows = torch.stack([inputs, colorize(targets), colorize(predictions)], dim=1)
+        rows = torch.stack([inputs, _colours(targets[:count], palette),
+                            _colours(predictions[:count], palette)], dim=1)
         grid = make_grid(rows.flatten(0, 1), nrow=3, padding=2)
         self.writer.add_image(IMAGE_TAG, grid, global_step=step)
 
@@ -152,6 +140,12 @@ class TensorboardSummary:
     def close(self) -> None:
         """Flush and close the event file."""
         self.writer.close()
+
+
+def _colours(labels: Tensor, palette: Sequence[Sequence[int]]) -> Tensor:
+    """``(N, H, W)`` class ids -> ``(N, 3, H, W)`` float colours in ``[0, 1]``."""
+    rgb = colorize(labels.detach().cpu().numpy(), palette)
+    return torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 255.0
 
 
 class LossWindow:

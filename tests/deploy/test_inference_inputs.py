@@ -10,7 +10,7 @@ from PIL import Image
 from dataloader.images import ImageFiles, list_inputs
 from dataloader.utils import DatasetError
 from utils.errors import UserError
-from deploy.outputs import overlay_image, parse_kinds, plan_outputs, render
+from deploy.outputs import parse_kinds, plan_outputs, render
 
 
 def touch(path: Path, data: bytes = b"x") -> Path:
@@ -105,9 +105,9 @@ def test_colour_and_overlay_pixels_by_hand():
     color = np.asarray(render("color", labels, palette, None, 0.5))
     assert color[0, 1].tolist() == [192, 128, 128] and color[1, 1].tolist() == [255, 255, 255]
     # 0.5 * 100 + 0.5 * 192 = 146, 0.5 * 100 + 0.5 * 128 = 114; background blends with black.
-    overlay = overlay_image(labels, photo, palette, 0.5)
+    overlay = np.asarray(render("overlay", labels, palette, photo, 0.5))
     assert overlay[0, 1].tolist() == [146, 114, 114] and overlay[0, 0].tolist() == [50, 50, 50]
-    assert overlay_image(labels, photo, palette, 0.0).tolist() == photo.tolist()
+    assert np.asarray(render("overlay", labels, palette, photo, 0.0)).tolist() == photo.tolist()
     mask = render("mask", labels, palette, None, 0.5)
     assert mask.mode == "P" and np.asarray(mask).tolist() == labels.tolist()
 

@@ -7,8 +7,9 @@ import stat
 import pytest
 import torch
 
+from utils.checkpoint import save_checkpoint
 from utils.fileio import atomic_write, atomic_write_text, remove_stale_temporaries
-from utils.saver import Saver, save_checkpoint
+from utils.saver import Saver
 
 
 @pytest.fixture

@@ -10,16 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+import utils.checkpoint as checkpoint_module
 import utils.saver as saver_module
+from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.errors import UserError
-from utils.saver import (
-    CheckpointError,
-    Saver,
-    get_rng_state,
-    load_checkpoint,
-    save_checkpoint,
-    set_rng_state,
-)
+from utils.saver import Saver, get_rng_state, set_rng_state
 
 
 def make_state(value: float) -> dict:
@@ -216,7 +211,8 @@ def test_model_best_is_written_before_the_checkpoint_that_carries_its_score(tmp_
             raise OSError(28, "No space left on device")
         real_atomic_write(path, write)
 
-    monkeypatch.setattr(saver_module, "atomic_write", full_disk_for_the_checkpoint)
+    for module in (saver_module, checkpoint_module):  # the copy's write and torch.save's
+        monkeypatch.setattr(module, "atomic_write", full_disk_for_the_checkpoint)
     with pytest.raises(OSError):
         saver.save(make_state(2.0), is_best=True)
     assert_state_equal(load_checkpoint(saver.best_path), make_state(2.0))

@@ -95,6 +95,21 @@ def test_visualize_draws_input_gt_and_prediction_rows(tmp_path):
     assert (cell(1, 2) == np.array(PALETTE[2], dtype=np.uint8)).all()
 
 
+def test_visualize_draws_an_id_beyond_the_palette_black_as_every_output_does(tmp_path):
+    palette = [[255, 0, 0], [0, 255, 0]]  # no black entry: black can only be the rule's
+    targets = torch.tensor([[[0, 5], [255, 1]]])  # 5: a class the palette lacks
+    predictions = torch.tensor([[[7, 7], [1, 0]]])
+    summary = TensorboardSummary(tmp_path)
+    summary.visualize(torch.zeros(1, 3, 2, 2), targets, predictions, palette=palette,
+                      mean=MEAN, std=STD, step=0)
+    summary.close()
+    (event,) = reload(tmp_path).Images("val/input_gt_prediction")
+    grid = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
+    gt, prediction = grid[2:4, 6:8], grid[2:4, 10:12]  # 2-pixel padding around 2x2 cells
+    assert gt.tolist() == [[[255, 0, 0], [0, 0, 0]], [[255, 255, 255], [0, 255, 0]]]
+    assert prediction.tolist() == [[[0, 0, 0], [0, 0, 0]], [[0, 255, 0], [255, 0, 0]]]
+
+
 def test_purge_step_drops_steps_of_the_interrupted_run(tmp_path):
     first = TensorboardSummary(tmp_path)
     for step in range(10):
