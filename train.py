@@ -45,7 +45,8 @@ from utils.errors import UserError
 from utils.fileio import atomic_write_text
 from utils.hardware import (Hardware, add_hardware_args, cpu_bf16_note, cudnn_benchmark,
                             prepare_model, resolve_hardware, usable_batch_size)
-from utils.losses import LOSSES, NonFiniteLoss, OutputsLoss, build_loss
+from utils.losses import (DEFAULT_TOP_K, LOSSES, NonFiniteLoss, OutputsLoss, build_loss,
+                          loss_spec, top_k_fraction)
 from utils.lr_scheduler import SCHEDULERS, build_lr_scheduler
 from utils.figures import evaluation_figures, save_figures
 from utils.metrics import Evaluator, WorstImages, metrics_json
@@ -125,8 +126,14 @@ def _optimisation_args(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--momentum", type=float, default=0.9)
     optim.add_argument("--weight-decay", type=float, default=1e-4)
     optim.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False)
-    optim.add_argument("--loss-type", default="ce", choices=LOSSES)
-    optim.add_argument("--focal-gamma", type=float, default=2.0)
+    optim.add_argument("--loss-type", default="ce", type=loss_spec, metavar="SPEC",
+                       help=f"loss: one of {', '.join(LOSSES)}, or a weighted sum of them written "
+                       f"[WEIGHT*]NAME+[WEIGHT*]NAME, e.g. ce+dice or 0.5*ce+1.0*dice")
+    optim.add_argument("--focal-gamma", type=float, default=2.0,
+                       help="focusing exponent of the focal loss")
+    optim.add_argument("--ohem-top-k", type=top_k_fraction, default=DEFAULT_TOP_K, metavar="FRACTION",
+                       help="ohem loss: the fraction of scored pixels with the largest "
+                       "cross-entropy that it averages (detectron2's DeepLab: 0.2)")
 
 
 def _hardware_args(parser: argparse.ArgumentParser) -> None:
@@ -388,7 +395,8 @@ def build_optimisation(args: argparse.Namespace, model: DeepLab, plan: TrainPlan
             weight = compute_class_weights(train_set, model.num_classes,
                                            cache_dir=args.cache_dir).to(hardware.device)
     criterion = OutputsLoss(build_loss(args.loss_type, ignore_index=IGNORE_INDEX, weight=weight,
-                                       gamma=args.focal_gamma), aux_weight=args.aux_weight)
+                                       gamma=args.focal_gamma, top_k=args.ohem_top_k),
+                            aux_weight=args.aux_weight)
     if not 0 <= args.warmup_iters < plan.total_iters:
         raise UserError(f"--warmup-iters {args.warmup_iters} must be at least 0 and below the "
                         f"run's {plan.total_iters} iterations ({plan.epochs} epochs x "
