@@ -29,7 +29,7 @@ import mypath
 from dataloader import custom_transforms as tr
 from dataloader.check import check_datasets
 from dataloader.class_weights import compute_class_weights
-from dataloader.datasets import DATASETS, build_dataset, dataset_entry
+from dataloader.datasets import DATASETS, MASK_FORMATS, build_dataset, dataset_entry
 from dataloader.samplers import ResumableSampler, resumable_loader
 from dataloader.utils import IGNORE_INDEX, DatasetError
 from modeling.backbone import (BACKBONE_ALIASES, BACKBONES, PretrainedWeightsUnavailable,
@@ -107,6 +107,14 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
                       "(default: $DEEPLAB_CACHE_DIR or ~/.cache/deeplab)")
     data.add_argument("--use-balanced-weights", action=argparse.BooleanOptionalAction,
                       default=False, help="weight the loss by inverse log class frequency")
+    data.add_argument("--mask-format", choices=MASK_FORMATS, help="--dataset folder: index (a "
+                      "class id per pixel, 255 = ignore), binary (0 = background, other values = "
+                      "class 1) or color (RGB, a colour per class in classes.txt); default: index, "
+                      "refusing masks that look binary or colour")
+    data.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction,
+                      help="--dataset folder, index masks: 0 is unlabelled (ignored) and id k is "
+                      "class k-1, as mmsegmentation's option; default: off, refusing masks whose "
+                      "ids look 1-based")
     data.add_argument("--check-data", action="store_true", help="read every train and val sample, "
                       "list the bad ones and the class pixel histogram, exit (1: bad data)")
 
@@ -307,15 +315,16 @@ def build_datasets(args: argparse.Namespace, context: DistributedContext) -> tup
         raise UserError(str(error)) from None
     if context.is_main and dataset_entry(args.dataset).generated:
         logger.info("%s dataset: %s", args.dataset, root)
+    reading = dict(skip_bad_images=args.skip_bad_images, cache_dir=args.cache_dir,
+                   mask_format=args.mask_format, reduce_zero_label=args.reduce_zero_label)
     # Rank 0 first: it may generate the demo data or write index caches the others then read.
     with main_process_first(context):
         val_set = build_dataset(args.dataset, root, "val",
-                                transform=tr.eval_transform(args.eval_size),
-                                skip_bad_images=args.skip_bad_images, cache_dir=args.cache_dir)
+                                transform=tr.eval_transform(args.eval_size), **reading)
         train_set = None if args.eval_only else build_dataset(
             args.dataset, root, "train", transform=tr.train_transform(args.base_size,
                                                                       args.crop_size),
-            skip_bad_images=args.skip_bad_images, cache_dir=args.cache_dir)
+            **reading)
     return train_set, val_set
 
 
