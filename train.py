@@ -109,12 +109,12 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
                       default=False, help="weight the loss by inverse log class frequency")
     data.add_argument("--mask-format", choices=MASK_FORMATS, help="--dataset folder: index (a "
                       "class id per pixel, 255 = ignore), binary (0 = background, other values = "
-                      "class 1) or color (RGB, a colour per class in classes.txt); default: index, "
-                      "refusing masks that look binary or colour")
+                      "class 1) or color (RGB, a colour per class in classes.txt); unset: index, "
+                      "after refusing masks that look binary or colour")
     data.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction,
                       help="--dataset folder, index masks: 0 is unlabelled (ignored) and id k is "
-                      "class k-1, as mmsegmentation's option; default: off, refusing masks whose "
-                      "ids look 1-based")
+                      "class k-1, as mmsegmentation's option; unset: off, after refusing masks "
+                      "whose ids look 1-based")
     data.add_argument("--check-data", action="store_true", help="read every train and val sample, "
                       "list the bad ones and the class pixel histogram, exit (1: bad data)")
 
