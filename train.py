@@ -139,7 +139,8 @@ def _optimisation_args(parser: argparse.ArgumentParser) -> None:
                        f"[WEIGHT*]NAME+[WEIGHT*]NAME, e.g. ce+dice or 0.5*ce+1.0*dice")
     optim.add_argument("--focal-gamma", type=float, default=2.0,
                        help="focusing exponent of the focal loss")
-    optim.add_argument("--ohem-top-k", type=top_k_fraction, default=DEFAULT_TOP_K, metavar="FRACTION",
+    optim.add_argument("--ohem-top-k", type=top_k_fraction, default=DEFAULT_TOP_K,
+                       metavar="FRACTION",
                        help="ohem loss: the fraction of scored pixels with the largest "
                        "cross-entropy that it averages (detectron2's DeepLab: 0.2)")
 

@@ -47,7 +47,7 @@ from dataloader.utils import (
     require_path,
     summarize_names,
 )
-from dataloader.utils import _DECODE_ERRORS  # noqa: PLC2701  (Pillow's failures, defined once)
+from dataloader.utils import _DECODE_ERRORS  # what Pillow raises for a bad file, defined once
 
 logger = logging.getLogger(__name__)
 
