@@ -180,11 +180,11 @@ class DiceLoss(PixelLoss):
         """The Dice loss of ``(N, C, H, W)`` logits against ``(N, H, W)`` targets; a float32
         scalar in ``[0, 1]``, 0 when every pixel is ignored."""
         self.check_inputs(logits, target)
-        num_classes = logits.shape[1]
         scored, safe_target = _scored_and_safe(target, self.ignore_index)
         scored = scored.unsqueeze(1).float()
         probs = F.softmax(logits.float(), dim=1) * scored
-        one_hot = F.one_hot(safe_target, num_classes).permute(0, 3, 1, 2).float() * scored
+        # scatter into float: F.one_hot would hold an int64 copy of (N, H, W, C).
+        one_hot = torch.zeros_like(probs).scatter_(1, safe_target.unsqueeze(1), 1.0) * scored
         dims = (0, 2, 3)
         intersection = (probs * one_hot).sum(dims)
         pred_sum, true_sum = probs.sum(dims), one_hot.sum(dims)
