@@ -29,7 +29,7 @@ import mypath
 from dataloader import custom_transforms as tr
 from dataloader.check import check_datasets
 from dataloader.class_weights import compute_class_weights
-from dataloader.datasets import DATASETS, build_dataset, dataset_entry
+from dataloader.datasets import DATASETS, MASK_FORMATS, build_dataset, dataset_entry
 from dataloader.samplers import ResumableSampler, resumable_loader
 from dataloader.utils import IGNORE_INDEX, DatasetError
 from modeling.backbone import (BACKBONE_ALIASES, BACKBONES, PretrainedWeightsUnavailable,
@@ -47,7 +47,8 @@ from utils.errors import UserError
 from utils.fileio import atomic_write_text
 from utils.hardware import (Hardware, add_hardware_args, cpu_bf16_note, cudnn_benchmark,
                             prepare_model, resolve_hardware, usable_batch_size)
-from utils.losses import LOSSES, NonFiniteLoss, OutputsLoss, build_loss
+from utils.losses import (DEFAULT_TOP_K, LOSSES, NonFiniteLoss, OutputsLoss, build_loss,
+                          loss_spec, top_k_fraction)
 from utils.lr_scheduler import SCHEDULERS, build_lr_scheduler
 from utils.figures import evaluation_figures, save_figures
 from utils.metrics import Evaluator, WorstImages, metrics_json
@@ -108,6 +109,14 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
                       "(default: $DEEPLAB_CACHE_DIR or ~/.cache/deeplab)")
     data.add_argument("--use-balanced-weights", action=argparse.BooleanOptionalAction,
                       default=False, help="weight the loss by inverse log class frequency")
+    data.add_argument("--mask-format", choices=MASK_FORMATS, help="--dataset folder: index (a "
+                      "class id per pixel, 255 = ignore), binary (0 = background, other values = "
+                      "class 1) or color (RGB, a colour per class in classes.txt); unset: index, "
+                      "after refusing masks that look binary or colour")
+    data.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction,
+                      help="--dataset folder, index masks: 0 is unlabelled (ignored) and id k is "
+                      "class k-1, as mmsegmentation's option; unset: off, after refusing masks "
+                      "whose ids look 1-based")
     data.add_argument("--check-data", action="store_true", help="read every train and val sample, "
                       "list the bad ones and the class pixel histogram, exit (1: bad data)")
 
@@ -127,8 +136,15 @@ def _optimisation_args(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--momentum", type=float, default=0.9)
     optim.add_argument("--weight-decay", type=float, default=1e-4)
     optim.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False)
-    optim.add_argument("--loss-type", default="ce", choices=LOSSES)
-    optim.add_argument("--focal-gamma", type=float, default=2.0)
+    optim.add_argument("--loss-type", default="ce", type=loss_spec, metavar="SPEC",
+                       help=f"loss: one of {', '.join(LOSSES)}, or a weighted sum of them written "
+                       f"[WEIGHT*]NAME+[WEIGHT*]NAME, e.g. ce+dice or 0.5*ce+1.0*dice")
+    optim.add_argument("--focal-gamma", type=float, default=2.0,
+                       help="focusing exponent of the focal loss")
+    optim.add_argument("--ohem-top-k", type=top_k_fraction, default=DEFAULT_TOP_K,
+                       metavar="FRACTION",
+                       help="ohem loss: the fraction of scored pixels with the largest "
+                       "cross-entropy that it averages (detectron2's DeepLab: 0.2)")
 
 
 def _hardware_args(parser: argparse.ArgumentParser) -> None:
@@ -302,15 +318,16 @@ def build_datasets(args: argparse.Namespace, context: DistributedContext) -> tup
         raise UserError(str(error)) from None
     if context.is_main and dataset_entry(args.dataset).generated:
         logger.info("%s dataset: %s", args.dataset, root)
+    reading = dict(skip_bad_images=args.skip_bad_images, cache_dir=args.cache_dir,
+                   mask_format=args.mask_format, reduce_zero_label=args.reduce_zero_label)
     # Rank 0 first: it may generate the demo data or write index caches the others then read.
     with main_process_first(context):
         val_set = build_dataset(args.dataset, root, "val",
-                                transform=tr.eval_transform(args.eval_size),
-                                skip_bad_images=args.skip_bad_images, cache_dir=args.cache_dir)
+                                transform=tr.eval_transform(args.eval_size), **reading)
         train_set = None if args.eval_only else build_dataset(
             args.dataset, root, "train", transform=tr.train_transform(args.base_size,
                                                                       args.crop_size),
-            skip_bad_images=args.skip_bad_images, cache_dir=args.cache_dir)
+            **reading)
     return train_set, val_set
 
 
@@ -391,7 +408,8 @@ def build_optimisation(args: argparse.Namespace, model: DeepLab, plan: TrainPlan
             weight = compute_class_weights(train_set, model.num_classes,
                                            cache_dir=args.cache_dir).to(hardware.device)
     criterion = OutputsLoss(build_loss(args.loss_type, ignore_index=IGNORE_INDEX, weight=weight,
-                                       gamma=args.focal_gamma), aux_weight=args.aux_weight)
+                                       gamma=args.focal_gamma, top_k=args.ohem_top_k),
+                            aux_weight=args.aux_weight)
     if not 0 <= args.warmup_iters < plan.total_iters:
         raise UserError(f"--warmup-iters {args.warmup_iters} must be at least 0 and below the "
                         f"run's {plan.total_iters} iterations ({plan.epochs} epochs x "

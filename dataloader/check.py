@@ -40,6 +40,7 @@ class DataReport:
         problems: one line per bad sample, ``"<split>: <what is wrong, naming the file>"``.
         seconds: wall time of the whole check.
         workers: DataLoader worker processes used (0: the calling process).
+        mask_reading: how the masks became class ids (e.g. binary, with its flag), or empty.
     """
 
     class_names: tuple[str, ...]
@@ -48,6 +49,7 @@ class DataReport:
     problems: list[str]
     seconds: float
     workers: int
+    mask_reading: str = ""
 
     @property
     def ok(self) -> bool:
@@ -75,6 +77,8 @@ class DataReport:
         read = " + ".join(f"{count} {split}" for split, count in self.samples.items())
         lines = [f"checked {read} samples in {self.seconds:.1f} s "
                  f"({total / max(self.seconds, 1e-9):.0f} samples/s, {self.workers} workers)"]
+        if self.mask_reading:
+            lines.append(f"masks read as {self.mask_reading}")
         if self.problems:
             lines += [f"{len(self.problems)} bad sample(s):"] + self.problems
         lines += ["class pixels:"] + self.histogram_lines()
@@ -153,6 +157,8 @@ def check_datasets(splits: Mapping[str, SegmentationDataset | None], *,
     for name, dataset in present.items():
         pixels[name], found = check_split(dataset, workers=workers, name=name)
         problems += [f"{name}: {message}" for message in found]
-    return DataReport(class_names=tuple(next(iter(present.values())).class_names), pixels=pixels,
+    first = next(iter(present.values()))
+    return DataReport(class_names=tuple(first.class_names), pixels=pixels,
                       samples={name: len(dataset) for name, dataset in present.items()},
-                      problems=problems, seconds=time.perf_counter() - start, workers=workers)
+                      problems=problems, seconds=time.perf_counter() - start, workers=workers,
+                      mask_reading=first.mask_reading())

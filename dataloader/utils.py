@@ -158,7 +158,8 @@ def load_label(
             if mask.mode not in ("1", "P", "L", "I", "I;16", "I;16B", "I;16L"):
                 raise DatasetError(
                     f"mask {path}{where} has mode {mask.mode}; expected one class index per pixel "
-                    "(a palette or grayscale PNG; see doc/custom_dataset.md to convert colour masks)"
+                    "(a palette or grayscale PNG; --dataset folder reads colour masks with "
+                    "--mask-format color, see doc/custom_dataset.md)"
                 )
             # A 1-bit mask (PIL's mode "1", what it writes for a boolean array) reads as booleans:
             # as uint8 they are the classes 0 and 1.

@@ -14,8 +14,9 @@ from dataloader.datasets.base import SegmentationDataset
 from dataloader.datasets.coco import COCOSegmentation
 from dataloader.datasets.cocostuff import COCOStuffSegmentation
 from dataloader.datasets.demo import ensure_demo_dataset
-from dataloader.datasets.folder import FolderSegmentation
+from dataloader.datasets.folder import MASK_FORMATS, FolderSegmentation  # noqa: F401 (flags)
 from dataloader.datasets.pascal import VOCSegmentation
+from dataloader.utils import DatasetError
 
 
 @dataclass(frozen=True)
@@ -29,12 +30,15 @@ class DatasetEntry:
             default, below ``--data-root``).
         epochs: ``train.py``'s ``--epochs`` when the flag is not given.
         generated: the root need not exist before the run: ``build`` creates the data there.
+        options: the keywords ``build`` takes besides those above (how this dataset's files
+            may be read, e.g. the folder dataset's ``mask_format``).
     """
 
     build: Callable[..., SegmentationDataset]
     variable: str
     epochs: int
     generated: bool = False
+    options: tuple[str, ...] = ()
 
 
 def _coco(root: str, split: str, cache_dir: str | None = None, **kwargs: Any) -> SegmentationDataset:
@@ -61,7 +65,8 @@ DATASETS: dict[str, DatasetEntry] = {
                               variable=COCOStuffSegmentation.root_variable, epochs=30),
     "demo": DatasetEntry(_demo, variable="DEEPLAB_DEMO_ROOT", epochs=15, generated=True),
     "folder": DatasetEntry(_plain(FolderSegmentation),
-                           variable=FolderSegmentation.root_variable, epochs=50),
+                           variable=FolderSegmentation.root_variable, epochs=50,
+                           options=("mask_format", "reduce_zero_label")),
     "pascal": DatasetEntry(_plain(VOCSegmentation), variable=VOCSegmentation.root_variable,
                            epochs=50),
 }
@@ -85,8 +90,24 @@ def build_dataset(
     transform: Callable | None = None,
     skip_bad_images: bool = False,
     cache_dir: str | None = None,
+    **options: Any,
 ) -> SegmentationDataset:
-    """Build split ``split`` ("train" or "val") of dataset ``name`` stored under ``root``."""
-    return dataset_entry(name).build(
-        root, split, transform=transform, skip_bad_images=skip_bad_images, cache_dir=cache_dir
-    )
+    """Build split ``split`` ("train" or "val") of dataset ``name`` stored under ``root``.
+
+    Args:
+        options: keywords of the dataset's :attr:`DatasetEntry.options`; those that are ``None``
+            (a flag not given) are left out, so every dataset takes the same call.
+
+    Raises:
+        DatasetError: an option that is not ``None`` and that this dataset does not take (the
+            message names its flag, the option with dashes).
+    """
+    entry = dataset_entry(name)
+    given = {key: value for key, value in options.items() if value is not None}
+    foreign = sorted(set(given) - set(entry.options))
+    if foreign:
+        readers = sorted(other for other, each in DATASETS.items() if foreign[0] in each.options)
+        raise DatasetError(f"--{foreign[0].replace('_', '-')} is not read by --dataset {name} "
+                           f"(only by {', '.join(readers) or 'no dataset'})")
+    return entry.build(root, split, transform=transform, skip_bad_images=skip_bad_images,
+                       cache_dir=cache_dir, **given)

@@ -69,6 +69,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """Return ``(RGB image, "L" label)`` for item ``index``; raise DatasetError on bad files."""
         raise NotImplementedError
 
+    def mask_reading(self) -> str:
+        """How the mask files become class ids, for reports; empty when there is one way."""
+        return ""
+
     def sample_name(self, index: int) -> str:
         """How figures and reports name item ``index`` (its image file's name where there is
         one)."""

@@ -154,6 +154,7 @@ def test_class_index_beyond_class_count_names_the_mask(tmp_path):
     root = make_dataset_root(tmp_path / "data", ["a", "b"])
     mask = root / "masks" / "train" / "a.png"
     values = np.ones((HEIGHT, WIDTH), dtype=np.uint8)
+    values[0, 0] = 0  # ids 1..3 alone would read as 1-based labels (--reduce-zero-label)
     values[3, 4] = 3  # classes.txt names three classes: 0, 1, 2
     Image.fromarray(values, mode="L").save(mask)
     dataset = FolderSegmentation(root)
@@ -168,7 +169,7 @@ def test_largest_id_rule_rejects_colour_masks_and_empty_masks(tmp_path):
     (root / "classes.txt").unlink()
     mask = root / "masks" / "train" / "a.png"
     Image.new("RGB", (WIDTH, HEIGHT), (128, 0, 0)).save(mask)
-    expected = rf"{re.escape(str(mask))} has mode RGB; .*convert colour masks"
+    expected = rf"{re.escape(str(mask))} is an RGB colour image: .* --mask-format color"
     with pytest.raises(DatasetError, match=expected):
         FolderSegmentation(root)
     Image.new("L", (WIDTH, HEIGHT), 255).save(mask)

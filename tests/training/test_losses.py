@@ -130,7 +130,7 @@ def test_weight_follows_module_device_and_is_not_in_state_dict():
 
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="ce, focal"):
-        build_loss("dice")
+        build_loss("hinge")
     with pytest.raises(ValueError, match="gamma"):
         build_loss("focal", gamma=-1.0)
     with pytest.raises(ValueError, match="upsample"):
