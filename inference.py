@@ -36,7 +36,7 @@ from deploy.engines import ENGINE_CHOICES
 from deploy.outputs import (IMAGE_FORMATS, OUTPUT_KINDS, Writer, check_existing, parse_kinds,
                             plan_outputs)
 from deploy.predictor import Predictor, display_pixels, load_engine, predict_all
-from modeling.predict import DEFAULT_TILE, TILE_PIXEL_BUDGET
+from modeling.inference_ops import DEFAULT_TILE, TILE_PIXEL_BUDGET
 from utils.distributed import DistributedContext, cleanup, decided_by_main, init_distributed
 from utils.errors import UserError
 from utils.fileio import remove_stale_temporaries_of

@@ -35,7 +35,7 @@ from dataloader.utils import IGNORE_INDEX, DatasetError
 from modeling.backbone import (BACKBONE_ALIASES, BACKBONES, PretrainedWeightsUnavailable,
                                canonical_backbone_name)
 from modeling.deeplab import DeepLab
-from modeling.predict import predict_labels
+from modeling.inference_ops import predict_labels
 from modeling.pretrained import (coco_deeplabv3_state_dict, coco_deeplabv3_weights,
                                  init_from_torchvision_deeplabv3)
 from utils.distributed import (DEFAULT_TIMEOUT_MINUTES, DistributedContext, any_true,

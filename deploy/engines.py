@@ -1,7 +1,7 @@
 """The runtimes inference can run a model with: PyTorch, onnxruntime and OpenVINO.
 
 Each engine is a callable with the model's contract, ``engine(image) -> {"out": logits}`` on
-torch tensors, so :mod:`modeling.predict` (scales, flips, windows) drives them all alike. The
+torch tensors, so :mod:`modeling.inference_ops` (scales, flips, windows) drives them all alike. The
 ONNX runtimes take a file written by export.py, or a checkpoint exported in memory on the fly.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@
     labels = predictor.predict(image)                          # uint8 (3, H, W) -> uint8 (H, W)
 
 :class:`Predictor` normalises, batches same-size images, predicts large images window by window
-in bounded memory, and averages scales and flips through :mod:`modeling.predict`, whichever
+in bounded memory, and averages scales and flips through :mod:`modeling.inference_ops`, whichever
 runtime (:mod:`deploy.engines`) runs the model.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataloader.custom_transforms import Normalize
 from deploy.cache import cached_graph, compiled_models_dir, graph_key, graph_path, prune_graphs
 from deploy.engines import Engine, engine_from_model, engine_from_onnx, resolve_engine
 from deploy.onnx_model import export_onnx
-from modeling.predict import (DEFAULT_TILE, TILE_PIXEL_BUDGET, predict_labels,
+from modeling.inference_ops import (DEFAULT_TILE, TILE_PIXEL_BUDGET, predict_labels,
                               predict_labels_tiled, resize_labels)
 from utils.distributed import DistributedContext
 from utils.errors import UserError

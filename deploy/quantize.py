@@ -25,7 +25,7 @@ import numpy as np
 from dataloader.custom_transforms import Normalize
 from dataloader.images import ImageFiles, list_inputs
 from dataloader.utils import DatasetError, verify_image
-from modeling.predict import DEFAULT_TILE, TILE_PIXEL_BUDGET
+from modeling.inference_ops import DEFAULT_TILE, TILE_PIXEL_BUDGET
 from utils.errors import UserError
 from deploy.onnx_model import INPUT_NAME
 

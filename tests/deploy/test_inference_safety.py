@@ -13,13 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import deploy.outputs
 import deploy.predictor
 import export
 import inference
-import modeling.predict
 from dataloader.images import list_inputs
 from dataloader.utils import DatasetError
 from inference_testing import FAST, make_checkpoint, one_error_line, read_mask, run, write_image
@@ -252,52 +250,6 @@ def test_torchrun_shares_do_not_depend_on_when_a_rank_lists(ckpt, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["0.png", "1.png", "2.png", "3.png"]
     assert "4 inputs segmented" in result.stdout
-
-
-# 8. Upsampling and argmax in bounded pieces.
-
-class LargestTensor(TorchDispatchMode):
-    """Records the most elements any floating-point tensor an operation returns has."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        for value in result if isinstance(result, (tuple, list)) else [result]:
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                self.largest = max(self.largest, value.numel())
-        return result
-
-
-class Pointwise(torch.nn.Module):
-    def __init__(self, classes: int = 6) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, classes, 1)
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"out": self.conv(x)}
-
-
-@pytest.mark.parametrize("scales,flip", [((1.0,), False), ((0.5, 1.0), True), ((1.5,), False)])
-def test_labels_of_a_small_input_at_a_large_size_never_build_the_full_size_map(
-        monkeypatch, scales, flip):
-    model = Pointwise()
-    image = torch.randn(2, 3, 20, 30, generator=torch.Generator().manual_seed(1))
-    out_size = (200, 330)  # 2 x 6 classes x 66,000 pixels at full size
-    with torch.no_grad():
-        expected = modeling.predict.predict_probabilities(model, image, out_size, scales,
-                                                          flip).argmax(1)
-    monkeypatch.setattr(modeling.predict, "STRIP_ELEMENTS", 2**14)
-    with torch.no_grad(), LargestTensor() as largest:
-        labels = modeling.predict.predict_labels(model, image, out_size, scales, flip,
-                                                 dtype=torch.uint8)
-    assert labels.dtype == torch.uint8 and tuple(labels.shape) == (2, *out_size)
-    assert (labels.long() == expected).float().mean().item() > 0.9999
-    views = 2 * 6 * round(20 * max(scales)) * round(30 * max(scales))
-    assert largest.largest <= max(4 * 2**14, views)  # a strip or a view, never 792,000
 
 
 # 9. The overlay is blended in pieces.
