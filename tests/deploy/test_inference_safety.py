@@ -268,14 +268,34 @@ def test_an_overlay_takes_little_more_than_its_photo_and_blends_exactly():
     assert np.abs(overlay.astype(np.int64) - expected).max() <= 1
 
 
-# 10. --tile-overlap is checked against the automatic windows too.
+# 10. Windows the model cannot predict well are refused: too small for its widest ASPP branch
+# (one call per pixel at --tile 1), or overlapping by more than half, automatic windows too.
 
-def test_tile_overlap_beyond_half_the_automatic_window_is_refused(garbage_ckpt, tmp_path,
-                                                                  capsys):
+@pytest.mark.parametrize("extra, flag", [
+    (["--tile", "1"], "--tile"), (["--tile", "16", "--tile-overlap", "8"], "--tile"),
+    (["--tile", "591", "--tile-overlap", "0"], "--tile"),
+    (["--tile-overlap", "5000"], "--tile-overlap"),
+    (["--tile", "600", "--tile-overlap", "301"], "--tile-overlap"),
+    (["--tile", "600", "--tile-overlap", "600"], "--tile-overlap"),
+])
+def test_windows_too_small_or_overlapping_too_much_are_refused(garbage_ckpt, tmp_path, capsys,
+                                                              extra, flag):
     image = write_image(tmp_path / "a.png", 8, 8)
-    for extra in (["--tile-overlap", "5000"], ["--tile", "512", "--tile-overlap", "300"]):
-        assert run(garbage_ckpt, image, tmp_path / "out", *extra) == 2
-        assert "--tile-overlap" in one_error_line(capsys)
+    assert run(garbage_ckpt, image, tmp_path / "out", *extra) == 2
+    assert one_error_line(capsys).startswith(f"error: {flag} ")
+
+
+def test_the_smallest_window_spans_the_widest_aspp_branch():
+    from modeling.backbone import atrous_settings
+
+    # A 3x3 kernel dilated by the widest rate spans 2 * rate + 1 feature pixels: 73 x 8 = 584
+    # at output stride 8, 37 x 16 = 592 at 16; the larger is the smallest window.
+    spans = [(2 * max(atrous_settings(stride).aspp_rates) + 1) * stride for stride in (8, 16)]
+    assert spans == [584, 592] and deploy.predictor.MIN_TILE == 592
+    with pytest.raises(ValueError, match="tile must be at least 592"):
+        deploy.predictor.Predictor(engine=None, hardware=None, normalize=None, tile=64)
+    assert inference.check_flags(inference.get_args_parser().parse_args(
+        ["--in-path", "x", "--tile", "592", "--tile-overlap", "296"])) == ["mask"]
 
 
 # 11. Interrupts.
