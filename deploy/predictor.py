@@ -213,10 +213,10 @@ def as_pixels(image: Any) -> torch.Tensor:
         ValueError: anything else, naming what it got and what is expected.
     """
     if isinstance(image, Image.Image):
-        return torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
     if isinstance(image, np.ndarray):
         channels_last = image.ndim == 3
-        tensor = torch.from_numpy(np.ascontiguousarray(image))
+        tensor = torch.from_numpy(np.array(image))  # a copy: the caller's may be read-only
         image = tensor.permute(2, 0, 1) if channels_last else tensor
         layout = "numpy (H, W, 3)"
     elif isinstance(image, torch.Tensor):

@@ -4,9 +4,11 @@ says every bad input in one line before the model runs (CPU, ResNet-18, random w
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -153,6 +155,17 @@ def test_folders_behind_links_are_walked_once_and_loops_end(tmp_path):
     assert found == ["a.png", "linked/b.png"]
 
 
+def test_a_folder_inside_the_input_is_named_by_its_own_path_not_a_link(tmp_path):
+    root = tmp_path / "in"
+    write_image(root / "z-real" / "a.png", 8, 8)
+    write_image(root / "m" / "b.png", 8, 8)
+    (root / "a-link").symlink_to(root / "z-real")     # sorts before the folder it names
+    (root / "m" / "b-link").symlink_to(root / "m")    # inside the folder it names
+    (root / "0-up").symlink_to(root)                   # the input folder itself
+    found = [str(item.relative) for item in list_inputs(root)]
+    assert found == ["m/b.png", "z-real/a.png"]
+
+
 # 4. A folder without a recognised image is an error; more formats are recognised.
 
 def test_gif_jfif_tiff_bmp_and_webp_are_read(ckpt, tmp_path):
@@ -194,6 +207,21 @@ def test_skip_existing_redoes_empty_and_cut_off_outputs(ckpt, tmp_path, capsys):
     for name, mask in expected.items():
         assert np.array_equal(read_mask(out / name), mask)
     assert (out / "c.png").stat().st_mtime_ns == 0
+
+
+def test_skip_existing_redoes_an_input_missing_any_of_its_outputs(ckpt, tmp_path, capsys):
+    for seed, name in enumerate(("a.png", "b.png")):
+        write_image(tmp_path / "in" / name, 40, 30, seed=seed)
+    out = tmp_path / "out"
+    assert run(ckpt, tmp_path / "in", out, "--save", "mask,overlay") == 0
+    overlay = (out / "a_overlay.png").read_bytes()
+    (out / "a_overlay.png").unlink()  # its mask is still there
+    os.utime(out / "b.png", ns=(0, 0))
+    capsys.readouterr()
+    assert run(ckpt, tmp_path / "in", out, "--save", "mask,overlay", "--skip-existing") == 0
+    assert "1 inputs segmented" in capsys.readouterr().out
+    assert (out / "a_overlay.png").read_bytes() == overlay
+    assert (out / "b.png").stat().st_mtime_ns == 0
 
 
 # 6. Names are compared case-folded.
@@ -375,6 +403,26 @@ def test_sigterm_exits_143_without_a_traceback_and_a_rerun_clears_stale_temporar
     assert sorted(p.name for p in out.iterdir()) == [".notes.0123456789ab.tmp"]
 
 
+def test_an_error_in_a_loader_worker_ends_the_run_within_seconds(ckpt, tmp_path):
+    """The worker's MemoryError (a 2 x 2000 image at --size 8192 asks for about 200 GB, under
+    a 10 GB address-space limit) is raised in the main process, which stops the workers and
+    exits non-zero. The workers ignore SIGTERM: left to Python's exit, it waited for ever."""
+    write_image(tmp_path / "in" / "thin.png", 2000, 2)
+
+    def limit_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (10 * 2**30, 10 * 2**30))
+
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "inference.py", "--in-path", str(tmp_path / "in"), "--out-path",
+         str(tmp_path / "out"), "--ckpt", str(ckpt), "--engine", "torch", "--workers", "1",
+         "--size", "8192"],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
+        preexec_fn=limit_memory, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "MemoryError" in result.stderr, result.stderr[-3000:]
+    assert time.monotonic() - start < 120
+
+
 def test_an_interrupted_export_writes_nothing_and_leaves_no_temporary(
         ckpt, tmp_path, capsys, monkeypatch):
     pytest.importorskip("onnx")
@@ -454,6 +502,12 @@ def test_paths_of_the_wrong_kind_are_one_line(ckpt, garbage_ckpt, tmp_path, caps
     existing.write_bytes(b"x")
     assert run(garbage_ckpt, image, existing) == 2
     assert "--out-path" in one_error_line(capsys)
+    dangling = tmp_path / "linked-results"
+    dangling.symlink_to(tmp_path / "missing" / "folder")
+    assert run(garbage_ckpt, image, dangling) == 2
+    assert one_error_line(capsys) == (
+        f"error: --out-path {dangling} is a link to {tmp_path / 'missing' / 'folder'}, which "
+        f"does not exist: create that folder, or name another --out-path")
 
 
 @pytest.mark.parametrize("scale", ["nan", "inf"])
