@@ -418,7 +418,7 @@ def test_an_error_in_a_loader_worker_ends_the_run_within_seconds(ckpt, tmp_path)
          str(tmp_path / "out"), "--ckpt", str(ckpt), "--engine", "torch", "--workers", "1",
          "--size", "8192"],
         cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
-        preexec_fn=limit_memory, capture_output=True, text=True, timeout=300)
+        preexec_fn=limit_memory, capture_output=True, text=True, timeout=150)
     assert result.returncode != 0 and "MemoryError" in result.stderr, result.stderr[-3000:]
     assert time.monotonic() - start < 120
 
