@@ -18,30 +18,28 @@ SIGINT / SIGTERM finish the writes in flight, say how to resume and exit with 13
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from dataloader.custom_transforms import Normalize
-from dataloader.images import ImageFiles, InputImage, list_inputs, loader_for
+from dataloader.images import ImageFiles, InputImage, decoded_samples, list_inputs
 from dataloader.utils import DatasetError, default_cache_dir
 from deploy.engines import ENGINE_CHOICES
 from deploy.outputs import (IMAGE_FORMATS, OUTPUT_KINDS, Writer, check_existing, parse_kinds,
                             plan_outputs)
-from deploy.predictor import Predictor, display_pixels, load_engine, predict_all
-from modeling.predict import DEFAULT_TILE, TILE_PIXEL_BUDGET
+from deploy.predictor import Predictor, window_problem
+from modeling.inference_ops import DEFAULT_TILE, TILE_PIXEL_BUDGET
 from utils.distributed import DistributedContext, cleanup, decided_by_main, init_distributed
 from utils.errors import UserError
 from utils.fileio import remove_stale_temporaries_of
-from utils.hardware import (Hardware, add_hardware_args, cpu_bf16_note, cudnn_benchmark,
-                            resolve_hardware)
+from utils.hardware import add_hardware_args, cpu_bf16_note
 from utils.signals import Interrupted, raise_on_stop_signals
 
 DEFAULT_CKPT = "modeling/deeplab-resnet.pth.tar"
@@ -104,6 +102,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The largest --size: a short side of 8192 pixels is a 50-megapixel 4:3 photo already (and
+#: larger ones are predicted at their own size, window by window); a typo like 51200 would ask
+#: for tens of GB.
+MAX_SIZE = 8192
+
+
 def check_flags(args: argparse.Namespace) -> list[str]:
     """Refuse flag values that cannot work, before anything is read; returns the output kinds."""
     kinds = parse_kinds(args.save)
@@ -112,23 +116,32 @@ def check_flags(args: argparse.Namespace) -> list[str]:
                              ("--tile-overlap", args.tile_overlap, 0)):
         if value is not None and value < low:
             raise UserError(f"{flag} must be at least {low}, got {value}")
+    if args.size is not None and args.size > MAX_SIZE:
+        raise UserError(f"--size must be at most {MAX_SIZE} (pixels of the short side), got "
+                        f"{args.size}; larger photos need no --size: they are predicted window "
+                        f"by window")
     if not all(math.isfinite(scale) and scale > 0 for scale in args.scales):
         raise UserError(f"--scales must be positive numbers, got "
                         f"{' '.join(map(str, args.scales))}")
     if not 0.0 <= args.alpha <= 1.0:
         raise UserError(f"--alpha must be in [0, 1], got {args.alpha}")
-    # At most half a window: more would multiply the windows (at tile - 1, one per pixel).
-    tile = DEFAULT_TILE if args.tile is None else args.tile
-    if tile and 2 * args.tile_overlap > tile:
-        raise UserError(f"--tile-overlap {args.tile_overlap} must be at most half the window "
-                        f"({tile // 2} for " + (f"--tile {tile}" if args.tile else
-                                                f"the automatic {tile}-pixel windows") + ")")
+    problem = window_problem(args.tile, args.tile_overlap, names=("--tile", "--tile-overlap"))
+    if problem:
+        raise UserError(problem)
     if args.skip_existing and args.overwrite:
         raise UserError("--skip-existing keeps complete outputs and --overwrite replaces them: "
                         "choose one")
-    if os.path.lexists(args.out_path) and not os.path.isdir(args.out_path):
-        raise UserError(f"--out-path {args.out_path} is a file: name a folder for the outputs")
+    check_out_path(args.out_path)
     return kinds
+
+
+def check_out_path(out_path: str) -> None:
+    """Raises UserError for an ``--out-path`` that is a file or a link to nothing."""
+    if os.path.islink(out_path) and not os.path.exists(out_path):
+        raise UserError(f"--out-path {out_path} is a link to {os.readlink(out_path)}, which does "
+                        f"not exist: create that folder, or name another --out-path")
+    if os.path.lexists(out_path) and not os.path.isdir(out_path):
+        raise UserError(f"--out-path {out_path} is a file: name a folder for the outputs")
 
 
 def this_process_share(items: list, context: DistributedContext) -> list:
@@ -161,6 +174,20 @@ def plan_jobs(*, in_path: str, out_path: str, kinds: list[str], image_format: st
                 skipped=len(done) - len(todo))
 
 
+def share_of_jobs(args: argparse.Namespace, kinds: list[str],
+                  context: DistributedContext) -> Jobs:
+    """This process's share of the jobs (``skipped`` counts the whole run's)."""
+    # Rank 0 decides for all: a rank listing the done outputs after another one's first
+    # write would get a different share (inputs done twice or never).
+    planned = decided_by_main(functools.partial(
+        plan_jobs, in_path=args.in_path, out_path=args.out_path, kinds=kinds,
+        image_format=args.format, skip_existing=args.skip_existing, overwrite=args.overwrite),
+        context)
+    share = this_process_share(list(range(len(planned.inputs))), context)
+    return Jobs(inputs=[planned.inputs[i] for i in share],
+                plans=[planned.plans[i] for i in share], skipped=planned.skipped)
+
+
 @dataclass
 class Tally:
     """How far a run got, for the line an interrupted run prints."""
@@ -173,87 +200,85 @@ def main(args: argparse.Namespace, tally: Tally | None = None) -> int:
     """Segment every input; returns the number of inputs that failed (in all processes)."""
     kinds = check_flags(args)
     tally = tally if tally is not None else Tally()
-    context = init_distributed(use_cuda=torch.cuda.is_available() and not args.no_cuda)
+    use_cuda = torch.cuda.is_available() and not args.no_cuda
+    context = init_distributed(use_cuda=use_cuda)
     try:
-        hardware = resolve_hardware(no_cuda=args.no_cuda, gpu_ids=None, amp=args.amp,
-                                    channels_last=args.channels_last, context=context)
-        # Rank 0 decides for all: a rank listing the done outputs after another one's first
-        # write would get a different share (inputs done twice or never).
-        planned = decided_by_main(lambda: plan_jobs(
-            in_path=args.in_path, out_path=args.out_path, kinds=kinds, image_format=args.format,
-            skip_existing=args.skip_existing, overwrite=args.overwrite), context)
-        jobs = this_process_share(list(range(len(planned.inputs))), context)
-        inputs = [planned.inputs[i] for i in jobs]
-        tally.jobs = len(jobs)
-        dataset = ImageFiles([item.path for item in inputs], exif_transpose=args.exif_transpose,
-                             short_side=args.size, keep_original="overlay" in kinds)
-        # Workers start decoding now, while the model is loaded.
-        samples = iter(loader_for(dataset, args.workers)) if jobs else iter(())
-        failures = run(args, samples, hardware, inputs=inputs,
-                       plans=[planned.plans[i] for i in jobs], needs_image="overlay" in kinds,
-                       show_progress=context.is_main, tally=tally) if jobs else 0
-        written, skipped = len(jobs) - failures, planned.skipped
-        if context.enabled:
-            counts = torch.tensor([written, failures])
-            dist.all_reduce(counts)
-            written, failures = (int(value) for value in counts)
-        if context.is_main:
-            print(f"{written} inputs segmented into {args.out_path}"
-                  + (f"; {skipped} skipped, their outputs exist" if skipped else "")
-                  + (f"; {failures} failed" if failures else ""))
-        return failures
+        jobs = share_of_jobs(args, kinds, context)
+        tally.jobs, failures = len(jobs.inputs), 0
+        dataset = ImageFiles([item.path for item in jobs.inputs],
+                             exif_transpose=args.exif_transpose, short_side=args.size,
+                             keep_original="overlay" in kinds)
+        # Workers start decoding now, while the model is loaded; stopped however this ends.
+        with decoded_samples(dataset, args.workers if jobs.inputs else 0) as samples:
+            if jobs.inputs:
+                predictor, settings = load_predictor(
+                    args, device=f"cuda:{context.local_rank}" if use_cuda else "cpu",
+                    show_notes=context.is_main)
+                writer = Writer(plans=jobs.plans, names=[item.path for item in jobs.inputs],
+                                palette=settings["palette"], alpha=args.alpha,
+                                threads=max(1, min(2, os.cpu_count() or 1)),
+                                on_error=report_error)
+                progress = tqdm(samples, total=len(jobs.plans), dynamic_ncols=True,
+                                desc=f"inference ({predictor.engine_name})",
+                                disable=not context.is_main)
+                try:
+                    failures = predictor.predict_all(progress, writer.add,
+                                                     on_error=report_skipped)
+                    del predictor  # the last outputs are written in the model's memory
+                finally:
+                    progress.close()
+                    try:
+                        writer.close()  # also when interrupted: the writes in flight finish
+                    finally:
+                        tally.written = writer.written
+                failures += writer.failures
+        return report_counts(len(jobs.inputs) - failures, failures, jobs.skipped,
+                             args.out_path, context)
     finally:
         cleanup(context)
 
 
-def run(args: argparse.Namespace, samples: Iterable[dict[str, Any]], hardware: Hardware, *,
-        inputs: list, plans: list[dict[str, Path]], needs_image: bool,
-        show_progress: bool, tally: Tally) -> int:
-    """Load the model, predict every sample and write its outputs; returns the failures.
-
-    Interrupted (:class:`utils.signals.Interrupted`), it lets the writes in flight finish,
-    counts them in ``tally`` and re-raises."""
-    engine, settings, engine_name = load_engine(
-        args.ckpt, hardware, engine=args.engine, amp_explicit=args.amp not in ("auto", "off"),
-        compile_model=args.compile, cache_dir=default_cache_dir() if args.cache else None)
-    if args.engine == "auto" and engine_name == "torch" and hardware.device.type == "cpu":
+def load_predictor(args: argparse.Namespace, *, device: str,
+                   show_notes: bool) -> tuple[Predictor, dict]:
+    """The predictor the flags describe (:meth:`Predictor.load`), and the model's settings;
+    notes on faster choices go to stderr."""
+    predictor, settings = Predictor.load(
+        args.ckpt, engine=args.engine, device=device, amp=args.amp,
+        channels_last=args.channels_last, cache_dir=default_cache_dir() if args.cache else None,
+        scales=args.scales, flip=args.flip, tile=args.tile, tile_overlap=args.tile_overlap,
+        batch_size=args.batch_size)
+    if args.compile:
+        predictor.compile()
+    if (args.engine == "auto" and predictor.engine_name == "torch"
+            and predictor.hardware.device.type == "cpu"):
         tqdm.write("note: running PyTorch; on CPUs OpenVINO or onnxruntime are faster "
                    "(python -m bench.inference), and OpenVINO runs export.py --int8 files: "
                    "pip install -r requirements-deploy.txt", file=sys.stderr)
-    note = cpu_bf16_note(args.amp, hardware.device, measure_with=(
+    note = cpu_bf16_note(args.amp, predictor.hardware.device, measure_with=(
         "python -m bench.inference --ckpt CKPT --images SOME --configs auto torch:bf16 "
         "openvino:bf16 --no-whole"))
-    if note and show_progress:
+    if note and show_notes:
         tqdm.write(note, file=sys.stderr)
-    if engine_name != "torch":
-        hardware.channels_last = False  # the ONNX runtimes take plain NCHW arrays
-    predictor = Predictor(engine=engine, hardware=hardware,
-                          normalize=Normalize(settings["mean"], settings["std"]),
-                          scales=args.scales, flip=args.flip, tile=args.tile,
-                          tile_overlap=args.tile_overlap, batch_size=args.batch_size)
-    writer = Writer(plans=plans, names=[item.path for item in inputs],
-                    palette=settings["palette"], alpha=args.alpha,
-                    threads=max(1, min(2, os.cpu_count() or 1)), on_error=report_error)
+    return predictor, settings
 
-    def emit(sample: dict[str, Any], labels: torch.Tensor) -> None:
-        image = display_pixels(sample).permute(1, 2, 0).numpy() if needs_image else None
-        writer.submit(sample["index"], labels.numpy(), image)
 
-    progress = tqdm(samples, total=len(plans), desc=f"inference ({engine_name})",
-                    disable=not show_progress, dynamic_ncols=True)
-    try:
-        # No cuDNN autotuning: nearly every photo has its own size, and would be tuned anew.
-        with torch.inference_mode(), cudnn_benchmark(False):
-            bad = predict_all(progress, predictor, emit,
-                              on_error=lambda message: report_error(f"{message}; skipped"))
-        del predictor, engine  # the last outputs are written in the model's memory, not beside
-    finally:
-        progress.close()
-        try:
-            writer.close()  # also when interrupted: the writes in flight finish
-        finally:
-            tally.written = writer.written
-    return bad + writer.failures
+def report_counts(written: int, failures: int, skipped: int, out_path: str,
+                  context: DistributedContext) -> int:
+    """Print the run's totals (all processes'); returns the failures of all processes."""
+    if context.enabled:
+        counts = torch.tensor([written, failures])
+        dist.all_reduce(counts)
+        written, failures = (int(value) for value in counts)
+    if context.is_main:
+        print(f"{written} inputs segmented into {out_path}"
+              + (f"; {skipped} skipped, their outputs exist" if skipped else "")
+              + (f"; {failures} failed" if failures else ""))
+    return failures
+
+
+def report_skipped(message: str) -> None:
+    """One input could not be read: say so above the progress bar; the others go on."""
+    report_error(f"{message}; skipped")
 
 
 def report_error(message: str) -> None:

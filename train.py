@@ -36,7 +36,7 @@ from modeling.backbone import (BACKBONE_ALIASES, BACKBONES, PretrainedWeightsUna
                                canonical_backbone_name)
 from modeling.checkpoint import load_model
 from modeling.deeplab import DeepLab
-from modeling.predict import predict_labels
+from modeling.inference_ops import predict_labels
 from modeling.pretrained import (coco_deeplabv3_state_dict, coco_deeplabv3_weights,
                                  init_from_torchvision_deeplabv3)
 from utils.checkpoint import CheckpointError, load_checkpoint

@@ -116,8 +116,8 @@ def whole_process(config: str, args: argparse.Namespace, out_dir: Path) -> tuple
 def load_runner(name: str, ckpt: str):
     """The prediction function of a configuration: the Predictor inference.py builds."""
     config = config_of(name)
-    predictor, _ = Predictor.load(ckpt, engine=config.engine, amp=config.amp)
-    predictor.hardware.channels_last = predictor.hardware.channels_last and config.channels_last
+    predictor, _ = Predictor.load(ckpt, engine=config.engine, amp=config.amp,
+                                  channels_last=config.channels_last)
     return predictor.predict
 
 

@@ -6,11 +6,12 @@ could not be read.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch.utils.data import Dataset
@@ -39,9 +40,12 @@ def list_inputs(in_path: str | os.PathLike) -> list[InputImage]:
     - an image file: itself;
     - a folder: every file with an image suffix below it (hidden files and folders skipped),
       also through symbolic links to folders (each folder once, so a link loop ends) and inside
-      folders whose names end like images (``trip.2024.png/``);
-    - a ``.txt`` / ``.lst`` file (UTF-8, with or without a byte-order mark): one path per line
-      (blank lines and ``#`` comments skipped), relative paths taken from the list's folder and
+      folders whose names end like images (``trip.2024.png/``); a folder inside ``in_path``
+      reached also through a link is named by its own path, a folder outside it by the first
+      link to it in sorted order (outputs mirror that name);
+    - a ``.txt`` / ``.lst`` file (UTF-8, with or without a byte-order mark): one path per line,
+      taken as written but for the line end (spaces are part of the name; blank lines and
+      lines starting with ``#`` skipped), relative paths taken from the list's folder and
       resolved as the file system resolves them (``link/../a.jpg`` is the ``a.jpg`` beside the
       link's target); outputs mirror the paths below the deepest folder they share. Listed
       paths are not checked here: a missing one fails when read.
@@ -67,20 +71,30 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
+def _identity(folder: str) -> object:
+    try:
+        status = os.stat(folder)
+    except OSError:
+        return folder
+    return status.st_dev, status.st_ino
+
+
 def _walk(root: Path) -> list[InputImage]:
+    # A folder inside root is named by its own path, never by a link to it (whatever sorts
+    # first); a folder outside root, by the first link to it in sorted order.
+    own = {_identity(folder) for folder, _, _ in os.walk(root)}
     found = []
     walked = set()
     for folder, subfolders, files in os.walk(root, followlinks=True):
-        try:
-            status = os.stat(folder)
-        except OSError:
-            status = None
-        identity = (status.st_dev, status.st_ino) if status else folder
+        identity = _identity(folder)
         if identity in walked:  # a link back up (a loop) or a second way into one folder
             subfolders[:] = []
             continue
         walked.add(identity)
-        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        subfolders[:] = sorted(
+            name for name in subfolders if not name.startswith(".")
+            and not (os.path.islink(os.path.join(folder, name))
+                     and _identity(os.path.join(folder, name)) in own))
         found += [Path(folder) / name for name in files if _is_image_name(name)]
     if not found:
         raise DatasetError(f"--in-path {root} holds no image: looked for {', '.join(IMAGE_SUFFIXES)}"
@@ -111,9 +125,10 @@ def _as_opened(path: Path) -> Path:
 
 
 def _read_list(list_file: Path) -> list[InputImage]:
-    entries = [(number, line.strip())
+    # Only the line end is taken off: " lead space.jpg" is a legal file name.
+    entries = [(number, line)
                for number, line in enumerate(_read_text(list_file).splitlines(), start=1)
-               if line.strip() and not line.strip().startswith("#")]
+               if line.strip() and not line.lstrip().startswith("#")]
     if not entries:
         raise DatasetError(f"--in-path {list_file} lists no image paths (one per line)")
     paths, first_line = [], {}
@@ -187,3 +202,28 @@ def loader_for(dataset: ImageFiles, workers: int) -> torch.utils.data.DataLoader
         dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=keep_sample,
         prefetch_factor=4 if workers else None, persistent_workers=False,
         worker_init_fn=_leave_stop_signals_to_the_main_process if workers else None)
+
+
+@contextlib.contextmanager
+def decoded_samples(dataset: ImageFiles, workers: int) -> Iterator[Iterator[dict[str, Any]]]:
+    """The samples of :func:`loader_for`, its worker processes stopped when the block ends,
+    however it ends.
+
+    The workers ignore SIGTERM (see :func:`_leave_stop_signals_to_the_main_process`), so after
+    an error (a worker's MemoryError re-raised here) neither the DataLoader's own shutdown nor
+    Python's exit could end one still busy: they would wait for it for ever. Those still alive
+    after the DataLoader's shutdown are killed.
+    """
+    samples = iter(loader_for(dataset, workers))
+    try:
+        yield samples
+    finally:
+        # The DataLoader iterator has no public shutdown; a reference in a traceback keeps it
+        # alive, so its own __del__ would come too late.
+        shutdown = getattr(samples, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        for process in getattr(samples, "_workers", []):
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=5)

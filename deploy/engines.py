@@ -1,13 +1,16 @@
 """The runtimes inference can run a model with: PyTorch, onnxruntime and OpenVINO.
 
 Each engine is a callable with the model's contract, ``engine(image) -> {"out": logits}`` on
-torch tensors, so :mod:`modeling.predict` (scales, flips, windows) drives them all alike. The
+torch tensors, so :mod:`modeling.inference_ops` (scales, flips, windows) drives them all alike. The
 ONNX runtimes take a file written by export.py, or a checkpoint exported in memory on the fly.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import threading
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -15,6 +18,7 @@ from torch import nn
 
 from utils.errors import UserError
 from utils.hardware import Hardware
+from deploy.cache import checked_compiled_models, model_identity
 from deploy.onnx_model import INPUT_NAME, OUTPUT_NAME, export_onnx, settings_from_metadata
 
 ENGINES = ("torch", "onnxruntime", "openvino")
@@ -109,7 +113,11 @@ class OnnxRuntimeEngine:
 
 
 class OpenVinoEngine:
-    """An ONNX model compiled by OpenVINO for the CPU."""
+    """An ONNX model compiled by OpenVINO for the CPU.
+
+    Callable from several threads at once: each thread runs its own infer request (one
+    request serves one call at a time; a shared one answers "Infer Request is busy").
+    """
 
     name = "openvino"
 
@@ -118,25 +126,34 @@ class OpenVinoEngine:
         import openvino
 
         core = openvino.Core()
-        if cache_dir is not None:  # the compiled model is kept there and read back next time
-            core.set_property({"CACHE_DIR": str(cache_dir)})
-        self.model = core.read_model(model)
+        graph = core.read_model(model)
         precision = {None: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[amp_dtype]
-        self.compiled = core.compile_model(self.model, "CPU", {
-            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
-            "INFERENCE_PRECISION_HINT": precision})
-        self.request = self.compiled.create_infer_request()
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
+                  "INFERENCE_PRECISION_HINT": precision}
+        if cache_dir is None:
+            self.compiled = core.compile_model(graph, "CPU", config)
+        else:  # the compiled model is kept there, checked, and read back next time
+            key = hashlib.sha256(f"{openvino.__version__}|{sorted(config.items())}|"
+                                 f"{model_identity(model)}".encode()).hexdigest()[:32]
+            with checked_compiled_models(Path(cache_dir), key) as usable:
+                if usable:
+                    core.set_property({"CACHE_DIR": str(cache_dir)})
+                self.compiled = core.compile_model(graph, "CPU", config)
+        self._requests = threading.local()
         # The graph holds a copy of every weight beside the compiled model's: keep only its
         # metadata.
-        self._metadata = _framework_metadata(self.model)
-        del self.model
+        self._metadata = _framework_metadata(graph)
+        del graph
 
     def metadata(self) -> dict[str, str]:
         return dict(self._metadata)
 
     def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        request = getattr(self._requests, "request", None)
+        if request is None:
+            request = self._requests.request = self.compiled.create_infer_request()
         array = image.detach().to("cpu", torch.float32).contiguous().numpy()
-        result = self.request.infer({INPUT_NAME: array}, share_inputs=True)
+        result = request.infer({INPUT_NAME: array}, share_inputs=True)
         return {"out": torch.from_numpy(result[self.compiled.output(0)])}
 
 

@@ -20,7 +20,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -287,6 +287,15 @@ class Writer:
         while len(self.pending) > self.limit or (len(self.pending) > 1
                                                  and self.pending_bytes > PENDING_BYTES):
             self._collect()
+
+    def add(self, sample: dict[str, Any], labels: Any) -> None:
+        """:meth:`submit` one predicted sample (``labels``: ``(H, W)`` uint8 tensor), with the
+        pixels an overlay is drawn on when one is planned: the decoded image before ``--size``
+        resized it. The ``emit`` of :meth:`deploy.predictor.Predictor.predict_all`."""
+        image = None
+        if "overlay" in self.plans[sample["index"]]:
+            image = sample.get("original", sample["image"]).permute(1, 2, 0).numpy()
+        self.submit(sample["index"], labels.numpy(), image)
 
     def _write(self, index: int, labels: np.ndarray, image: np.ndarray | None) -> None:
         write_outputs(self.plans[index], labels, self.palette, image, self.alpha)

@@ -1,11 +1,12 @@
 """Load a trained model (checkpoint or ONNX file) and predict class ids for decoded images.
 
     from deploy.predictor import Predictor
-    predictor = Predictor.load("model_best.pth.tar")          # or "model.onnx"
-    labels = predictor.predict(image)                          # uint8 (3, H, W) -> uint8 (H, W)
+    predictor, settings = Predictor.load("model_best.pth.tar")  # or "model.onnx"
+    labels = predictor.predict(image)    # uint8 (3, H, W) tensor, (H, W, 3) array or PIL image
+                                         # -> uint8 (H, W) class ids; names: settings["class_names"]
 
 :class:`Predictor` normalises, batches same-size images, predicts large images window by window
-in bounded memory, and averages scales and flips through :mod:`modeling.predict`, whichever
+in bounded memory, and averages scales and flips through :mod:`modeling.inference_ops`, whichever
 runtime (:mod:`deploy.engines`) runs the model.
 """
 from __future__ import annotations
@@ -17,21 +18,24 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 
 from dataloader.custom_transforms import Normalize
-from deploy.cache import cached_graph, compiled_models_dir, graph_key, graph_path, prune_graphs
-from deploy.engines import Engine, engine_from_model, engine_from_onnx, resolve_engine
+from deploy.cache import (cached_graph, compiled_models_dir, graph_key, graph_path,
+                          prune_graphs, record_digest)
+from deploy.engines import (Engine, TorchEngine, engine_from_model, engine_from_onnx,
+                            resolve_engine)
 from deploy.onnx_model import export_onnx
 from modeling.checkpoint import check_settings, load_model
-from modeling.predict import (DEFAULT_TILE, TILE_PIXEL_BUDGET, predict_labels,
-                              predict_labels_tiled, resize_labels)
-from utils.distributed import DistributedContext
+from modeling.inference_ops import (DEFAULT_TILE, MIN_TILE, TILE_PIXEL_BUDGET, predict_labels,
+                                    predict_labels_tiled, resize_labels)
 from utils.errors import UserError
 from utils.fileio import atomic_write, remove_stale_temporaries
-from utils.hardware import Hardware, cudnn_benchmark, resolve_hardware
+from utils.hardware import Hardware, cudnn_benchmark, resolve_amp
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +102,7 @@ def _engine_from_cache(ckpt: str, cache_dir: Path, engine_name: str, hardware: H
     graph = graph_path(cache_dir, key)
     if not export_in_child(ckpt, graph):
         return None
+    record_digest(graph)  # checked before every later use (deploy.cache.verified)
     prune_graphs(cache_dir)
     runtime, settings = engine_from_onnx(engine_name, str(graph), hardware,
                                          amp_explicit=amp_explicit, cache_dir=compiled)
@@ -146,9 +151,97 @@ def _export_child(ckpt: str, graph: str) -> int:
     return 0
 
 
+def as_pixels(image: Any) -> torch.Tensor:
+    """One RGB image as uint8 ``(3, H, W)`` pixels, for :meth:`Predictor.predict`.
+
+    Accepted: a torch tensor ``(3, H, W)`` (torchvision's layout), ``(1, 3, H, W)``, grey
+    ``(H, W)`` or ``(1, H, W)`` (repeated to RGB) or RGBA ``(4, H, W)`` (alpha dropped); a
+    numpy array in the same shapes but channels last, ``(H, W, 3)`` (PIL's, imageio's layout;
+    RGB, not OpenCV's BGR), ``(H, W)``, ``(H, W, 1)``, ``(H, W, 4)``; a PIL image of any mode
+    (converted to RGB, alpha dropped). Pixels must be uint8 0-255: float images (torchvision's
+    0-1 convention, or 0-255 floats) are refused, not guessed.
+
+    Raises:
+        ValueError: anything else, naming what it got and what is expected.
+    """
+    if isinstance(image, Image.Image):
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+    if isinstance(image, np.ndarray):
+        channels_last = image.ndim == 3
+        tensor = torch.from_numpy(np.array(image))  # a copy: the caller's may be read-only
+        image = tensor.permute(2, 0, 1) if channels_last else tensor
+        layout = "numpy (H, W, 3)"
+    elif isinstance(image, torch.Tensor):
+        layout = "torch (3, H, W)"
+        if image.ndim == 4 and image.shape[0] == 1:
+            image = image[0]
+    else:
+        raise ValueError(f"Predictor.predict takes a uint8 torch tensor (3, H, W), a numpy array "
+                         f"(H, W, 3) or a PIL image; got {type(image).__name__}")
+    shape = tuple(image.shape)
+    if image.dtype != torch.uint8:
+        raise ValueError(f"Predictor.predict takes uint8 pixels 0-255, got {image.dtype} of "
+                         f"shape {shape}; a 0-1 float image x: (x * 255).round().to(torch.uint8)")
+    if image.ndim == 2:
+        image = image[None]
+    if image.ndim != 3 or image.shape[0] not in (1, 3, 4) or 0 in image.shape:
+        raise ValueError(f"Predictor.predict takes one RGB image, {layout} (grey or RGBA too); "
+                         f"got shape {shape}")
+    return image[:3] if image.shape[0] != 1 else image.expand(3, -1, -1)
+
+
+class SameSizeBatches:
+    """Groups decoded samples into what one model call predicts: a batch of whole images of one
+    size (at most ``batch_size``; a batched mask equals the one-image mask, nothing is padded),
+    or one image predicted window by window. At most twice ``batch_size`` samples wait.
+
+    Iterating yields ``(samples, window)`` pairs, ``window`` None for whole images; samples
+    that could not be read are reported through ``on_error`` and counted in ``errors``.
+    """
+
+    def __init__(self, samples: Iterable[dict[str, Any]], *,
+                 window: Callable[[torch.Tensor], int | None], batch_size: int,
+                 on_error: Callable[[str], None]) -> None:
+        self.samples, self.window, self.batch_size = samples, window, batch_size
+        self.on_error = on_error
+        self.errors = 0
+        self.waiting: dict[tuple, list[dict[str, Any]]] = {}
+
+    def __iter__(self) -> Iterator[tuple[list[dict[str, Any]], int | None]]:
+        for sample in self.samples:
+            if "error" in sample:
+                self.on_error(sample["error"])
+                self.errors += 1
+                continue
+            window = self.window(sample["image"])
+            if window is not None:
+                yield [sample], window
+                continue
+            # The model input's size and the output's (with --size, two sizes give one input).
+            key = (tuple(sample["image"].shape[-2:]), tuple(sample["size"]))
+            self.waiting.setdefault(key, []).append(sample)
+            if len(self.waiting[key]) >= self.batch_size:
+                yield self.waiting.pop(key), None
+            elif sum(map(len, self.waiting.values())) > 2 * self.batch_size:
+                yield self.waiting.pop(self.fullest()), None
+        while self.waiting:
+            yield self.waiting.pop(next(iter(self.waiting))), None
+
+    def fullest(self) -> tuple:
+        return max(self.waiting.items(), key=_batch_length)[0]
+
+
+def _batch_length(item: tuple[tuple, list]) -> int:
+    return len(item[1])
+
+
 @dataclass
 class Predictor:
-    """Class ids for decoded samples: normalisation, batching, windows, scales and flips."""
+    """Class ids for decoded samples: normalisation, batching, windows, scales and flips.
+
+    Its calls may come from several threads at once (a web server's): every engine runs
+    concurrent calls correctly.
+    """
 
     engine: Engine
     hardware: Hardware
@@ -159,27 +252,54 @@ class Predictor:
     tile_overlap: int = 256
     batch_size: int = 1
 
+    def __post_init__(self) -> None:
+        problem = window_problem(self.tile, self.tile_overlap)
+        if problem or self.batch_size < 1:
+            raise ValueError(problem or f"batch_size must be at least 1, got {self.batch_size}")
+
     @classmethod
-    def load(cls, ckpt: str, *, engine: str = "auto", device: str | None = None,
-             amp: str = "auto", **options: Any) -> tuple["Predictor", dict]:
+    def load(cls, ckpt: str, *, engine: str = "auto", device: str | torch.device | None = None,
+             amp: str = "auto", channels_last: bool = True,
+             cache_dir: str | os.PathLike | None = None,
+             **options: Any) -> tuple["Predictor", dict]:
         """A predictor for ``ckpt`` (checkpoint or ONNX file) and the model's settings (class
         names, palette, ...), without a command line.
 
         Args:
-            device: ``"cpu"`` or ``"cuda"``; None picks a GPU when there is one.
+            engine: ``auto`` or one of :data:`deploy.engines.ENGINES`, as inference.py's
+                ``--engine``.
+            device: ``"cpu"``, ``"cuda"`` or ``"cuda:<i>"``; None picks a GPU when there is one
+                (without one, the CPU, whatever was asked).
             amp: ``auto``, ``off``, ``bf16`` or ``fp16``, as inference.py's ``--amp`` (see
                 :func:`utils.hardware.resolve_amp`).
+            channels_last: the PyTorch engine's memory format.
+            cache_dir: where the ONNX runtimes keep what a later run reuses (:mod:`deploy.cache`;
+                inference.py passes ``$DEEPLAB_CACHE_DIR``); None: nothing is kept.
             options: the other fields (``scales``, ``flip``, ``tile``, ``tile_overlap``,
                 ``batch_size``).
+
+        Raises:
+            UserError: a missing or unreadable file, or an engine that cannot run it.
+            ValueError: options that cannot work (a window below :data:`MIN_TILE`).
         """
-        hardware = resolve_hardware(no_cuda=device == "cpu", gpu_ids=None, amp=amp,
-                                    channels_last=True, context=DistributedContext())
+        hardware = hardware_for(device, amp=amp, channels_last=channels_last)
         runtime, settings, engine_name = load_engine(
-            ckpt, hardware, engine=engine, amp_explicit=amp not in ("auto", "off"))
+            ckpt, hardware, engine=engine, amp_explicit=amp not in ("auto", "off"),
+            cache_dir=cache_dir)
         if engine_name != "torch":
             hardware.channels_last = False  # the ONNX runtimes take plain NCHW arrays
         return cls(engine=runtime, hardware=hardware,
                    normalize=Normalize(settings["mean"], settings["std"]), **options), settings
+
+    @property
+    def engine_name(self) -> str:
+        """``torch``, ``onnxruntime`` or ``openvino`` (another callable: its type's name)."""
+        return getattr(self.engine, "name", type(self.engine).__name__)
+
+    def compile(self) -> None:
+        """``torch.compile`` the PyTorch engine's model (the ONNX runtimes compile their own)."""
+        if isinstance(self.engine, TorchEngine):
+            self.engine.model = torch.compile(self.engine.model)
 
     def prepare(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 ``(N, 3, H, W)`` -> the normalised model input on the device."""
@@ -198,60 +318,89 @@ class Predictor:
                                 self.flip, dtype=torch.uint8)
         return list(labels.cpu())
 
-    def windowed(self, sample: dict[str, Any], tile: int) -> torch.Tensor:
-        """``(H, W)`` uint8 labels of one large sample, window by window."""
-        labels = predict_labels_tiled(self.engine, sample["image"], self.prepare, tile=tile,
-                                      overlap=self.tile_overlap, batch_size=self.batch_size,
-                                      scales=list(self.scales), flip=self.flip)
-        return resize_labels(labels, sample["size"])  # --size: back to the input's size
+    def predict(self, image: Any) -> torch.Tensor:
+        """``(H, W)`` uint8 class ids of one RGB image: uint8 pixels as a torch ``(3, H, W)``
+        tensor, a numpy ``(H, W, 3)`` array or a PIL image (grey and RGBA too; see
+        :func:`as_pixels`).
 
-    def predict(self, image: torch.Tensor) -> torch.Tensor:
-        """``(H, W)`` uint8 class ids of one uint8 ``(3, H, W)`` RGB image."""
-        sample = {"image": image, "size": tuple(image.shape[-2:])}
-        tile = self.window(image)
+        Raises:
+            ValueError: an input of another kind, shape or dtype (float pixels among them).
+        """
+        pixels = as_pixels(image)
+        found: list[torch.Tensor] = []
+        self.predict_all([{"image": pixels, "size": tuple(pixels.shape[-2:])}],
+                         _Collect(found), on_error=_raise)
+        return found[0]
+
+    def predict_all(self, samples: Iterable[dict[str, Any]],
+                    emit: Callable[[dict[str, Any], torch.Tensor], None],
+                    on_error: Callable[[str], None]) -> int:
+        """Predict every decoded sample (``{"image": uint8 (3, h, w), "size": (H, W)}``, the
+        output's size, or ``{"error": message}``) and hand ``(sample, (H, W) uint8 labels)`` to
+        ``emit``, in the order the batches finish; returns how many samples could not be read
+        (each reported through ``on_error``; the others go on). Batches as
+        :class:`SameSizeBatches` forms them.
+        """
+        batches = SameSizeBatches(samples, window=self.window, batch_size=self.batch_size,
+                                  on_error=on_error)
         # No cuDNN autotuning: nearly every photo has its own size, and would be tuned anew.
         with torch.inference_mode(), cudnn_benchmark(False):
-            return self.windowed(sample, tile) if tile is not None else self.whole([sample])[0]
+            for batch, tile in batches:
+                if tile is None:
+                    labels = self.whole(batch)
+                else:  # one large image: windows of it, then back to its size (--size)
+                    labels = [resize_labels(predict_labels_tiled(
+                        self.engine, batch[0]["image"], self.prepare, tile=tile,
+                        overlap=self.tile_overlap, batch_size=self.batch_size,
+                        scales=list(self.scales), flip=self.flip), batch[0]["size"])]
+                for sample, mask in zip(batch, labels):
+                    emit(sample, mask)
+        return batches.errors
 
 
-def display_pixels(sample: dict[str, Any]) -> torch.Tensor:
-    """The pixels an overlay is drawn on: the decoded image before ``--size`` resized it."""
-    return sample.get("original", sample["image"])
+class _Collect:
+    """An ``emit`` for :meth:`Predictor.predict_all` that keeps the labels in a list."""
+
+    def __init__(self, found: list[torch.Tensor]) -> None:
+        self.found = found
+
+    def __call__(self, sample: dict[str, Any], labels: torch.Tensor) -> None:
+        self.found.append(labels)
 
 
-def predict_all(samples: Iterable[dict[str, Any]], predictor: Predictor,
-                emit: Callable[[dict[str, Any], torch.Tensor], None],
-                on_error: Callable[[str], None]) -> int:
-    """Predict every sample and hand ``(sample, labels)`` to ``emit``; returns how many samples
-    could not be read (each reported through ``on_error``; the others go on).
+def _raise(message: str) -> None:
+    raise ValueError(message)
 
-    Whole images are grouped by size into batches of ``predictor.batch_size`` (a batched mask
-    equals the one-image mask: nothing is padded); at most twice that many wait at once.
-    """
-    bad = 0
-    waiting: dict[tuple, list[dict[str, Any]]] = {}
 
-    def flush(key: tuple) -> None:
-        batch = waiting.pop(key)
-        for sample, labels in zip(batch, predictor.whole(batch)):
-            emit(sample, labels)
+def window_problem(tile: int | None, overlap: int, *,
+                   names: tuple[str, str] = ("tile", "tile_overlap")) -> str | None:
+    """Why windows of ``tile`` pixels overlapping by ``overlap`` cannot work, in one line that
+    calls the two by ``names``; None when they can. ``tile`` None is the automatic
+    :data:`DEFAULT_TILE` for large inputs, 0 never windows."""
+    if tile is not None and tile != 0 and tile < MIN_TILE:
+        return (f"{names[0]} must be at least {MIN_TILE} pixels, the span of the model's widest "
+                f"ASPP branch (smaller windows see mostly padding), got {tile}; {names[0]} 0 "
+                f"predicts whole images")
+    window = DEFAULT_TILE if tile is None else tile
+    # At most half a window: more would multiply the windows (at tile - 1, one per pixel).
+    if overlap < 0 or (window and 2 * overlap > window):
+        return (f"{names[1]} {overlap} must be at most half the window ({window // 2} for "
+                + (f"{names[0]} {tile}" if tile else f"the automatic {window}-pixel windows")
+                + ")")
+    return None
 
-    for sample in samples:
-        if "error" in sample:
-            on_error(sample["error"])
-            bad += 1
-            continue
-        tile = predictor.window(sample["image"])
-        if tile is not None:
-            emit(sample, predictor.windowed(sample, tile))
-            continue
-        # The model input's size and the output's (with --size, two sizes can give one input).
-        key = (tuple(sample["image"].shape[-2:]), tuple(sample["size"]))
-        waiting.setdefault(key, []).append(sample)
-        if len(waiting[key]) >= predictor.batch_size:
-            flush(key)
-        elif sum(map(len, waiting.values())) > 2 * predictor.batch_size:
-            flush(max(waiting, key=lambda k: len(waiting[k])))
-    for key in list(waiting):
-        flush(key)
-    return bad
+
+def hardware_for(device: str | torch.device | None, *, amp: str,
+                 channels_last: bool) -> Hardware:
+    """Where and how a :class:`Predictor` computes: ``device`` (None: a GPU when there is one;
+    a GPU asked for on a machine without one: the CPU), the autocast dtype ``amp`` resolves
+    to there, and the memory format."""
+    use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+    if not use_cuda:
+        device = torch.device("cpu")
+    else:
+        device = torch.device(device if device is not None else "cuda")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return Hardware(device=device, gpu_ids=[device.index] if use_cuda else [],
+                    amp_dtype=resolve_amp(amp, device), channels_last=channels_last)

@@ -25,11 +25,14 @@ import numpy as np
 from dataloader.custom_transforms import Normalize
 from dataloader.images import ImageFiles, list_inputs
 from dataloader.utils import DatasetError, verify_image
-from modeling.predict import DEFAULT_TILE, TILE_PIXEL_BUDGET
+from modeling.inference_ops import DEFAULT_TILE, TILE_PIXEL_BUDGET
 from utils.errors import UserError
 from deploy.onnx_model import INPUT_NAME
 
 INSTALL = "pip install -r requirements-deploy.txt -c constraints.txt"
+#: Fewer calibration images give activation ranges of a few pictures: one 1x1 image was taken
+#: without a word and its masks agreed with fp32 on 78-84 % of pixels.
+MIN_CALIBRATION_IMAGES = 16
 
 
 def require_packages() -> None:
@@ -45,8 +48,12 @@ def calibration_images(in_path: str, count: int) -> list[str]:
     unreadable one is named on stderr and passed over.
 
     Raises:
-        UserError: ``in_path`` is missing or holds no readable image.
+        UserError: ``count`` is below :data:`MIN_CALIBRATION_IMAGES`, or ``in_path`` is missing
+            or holds fewer readable images.
     """
+    if count < MIN_CALIBRATION_IMAGES:
+        raise UserError(f"--calibration-count must be at least {MIN_CALIBRATION_IMAGES}, got "
+                        f"{count}: fewer images calibrate int8 on the ranges of a few pictures")
     try:
         inputs = list_inputs(in_path)
     except DatasetError as error:
@@ -64,6 +71,10 @@ def calibration_images(in_path: str, count: int) -> list[str]:
     if not chosen:
         raise UserError(f"--calibration {in_path} has no readable image: name a folder of "
                         f"images like the ones you will segment")
+    if len(chosen) < MIN_CALIBRATION_IMAGES:
+        raise UserError(f"--calibration {in_path} has {len(chosen)} readable image(s); int8 "
+                        f"calibration needs at least {MIN_CALIBRATION_IMAGES}: add images like "
+                        f"the ones you will segment")
     return chosen
 
 

@@ -43,29 +43,3 @@ def test_tool_runs_as_a_module_and_prints_its_usage(module):
     # The usage line names the command that runs the tool.
     assert result.stdout.startswith(f"usage: python -m {module} "), result.stdout[:200]
     assert "Traceback" not in result.stderr
-
-
-@pytest.mark.parametrize("name, engine, amp, channels_last", [
-    ("baseline", "torch", "off", False),
-    ("auto", "auto", "auto", True),
-    ("torch:bf16", "torch", "bf16", True),
-    ("onnxruntime:off", "onnxruntime", "off", True),
-    ("openvino:int8", "openvino", "auto", True),  # an int8 file: no --amp asked for
-])
-def test_bench_inference_configs_run_what_inference_py_flags_run(name, engine, amp,
-                                                                  channels_last):
-    # bench.inference times each configuration twice: inference.py in a subprocess with
-    # flags_of(name), and in-process through Predictor.load with config_of(name). Both must be
-    # the same configuration, and "auto" inference.py's defaults.
-    import inference
-    from bench.inference import config_of, flags_of
-
-    config = config_of(name)
-    assert (config.engine, config.amp, config.channels_last) == (engine, amp, channels_last)
-    parser = inference.get_args_parser()
-    parsed = parser.parse_args(["--in-path", "in", "--ckpt", "x.pth", *flags_of(name)])
-    assert (parsed.engine, parsed.amp, parsed.channels_last) == (engine, amp, channels_last)
-    defaults = parser.parse_args(["--in-path", "in", "--ckpt", "x.pth"])
-    auto = config_of("auto")
-    assert (defaults.engine, defaults.amp, defaults.channels_last) == (
-        auto.engine, auto.amp, auto.channels_last)

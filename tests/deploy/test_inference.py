@@ -175,6 +175,7 @@ def test_color_and_overlay_outputs(ckpt, tmp_path):
 
 
 def test_large_inputs_go_window_by_window(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(deploy.predictor, "MIN_TILE", 32)  # small windows, a fast test
     write_image(tmp_path / "in" / "big.png", 150, 120, seed=5)
     assert run(ckpt, tmp_path / "in", tmp_path / "explicit", "--tile", "64",
                "--tile-overlap", "16") == 0

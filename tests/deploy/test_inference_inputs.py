@@ -42,12 +42,21 @@ def test_a_list_file_takes_paths_relative_to_itself_and_mirrors_below_their_comm
     lists = tmp_path / "lists"
     lists.mkdir()
     (lists / "job.txt").write_text(
-        f"# my job\n../photos/x/a.jpg\n\n  ../photos/y/a.jpg  \n{elsewhere}\n../photos/gone.jpg\n")
+        f"# my job\n../photos/x/a.jpg\n\n \t\n  # indented comment\n../photos/y/a.jpg\r\n{elsewhere}\n"
+        f"../photos/gone.jpg\n")
     items = list_inputs(lists / "job.txt")
     assert [item.path for item in items] == [
         tmp_path / "photos" / "x" / "a.jpg", tmp_path / "photos" / "y" / "a.jpg", elsewhere,
         tmp_path / "photos" / "gone.jpg"]
     assert relatives(items) == ["x/a.jpg", "y/a.jpg", "b.png", "gone.jpg"]
+
+
+def test_list_lines_keep_their_spaces(tmp_path):
+    """Spaces are part of a file name: only the line end comes off a listed path."""
+    lead = touch(tmp_path / " lead space.jpg")
+    trail = touch(tmp_path / "trail space.jpg ")
+    (tmp_path / "job.txt").write_text(" lead space.jpg\ntrail space.jpg \n")
+    assert [item.path for item in list_inputs(tmp_path / "job.txt")] == [lead, trail]
 
 
 def test_single_file_and_bad_in_paths(tmp_path):

@@ -4,22 +4,22 @@ says every bad input in one line before the model runs (CPU, ResNet-18, random w
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
+import time
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import deploy.outputs
 import deploy.predictor
 import export
 import inference
-import modeling.predict
 from dataloader.images import list_inputs
 from dataloader.utils import DatasetError
 from inference_testing import FAST, make_checkpoint, one_error_line, read_mask, run, write_image
@@ -155,6 +155,17 @@ def test_folders_behind_links_are_walked_once_and_loops_end(tmp_path):
     assert found == ["a.png", "linked/b.png"]
 
 
+def test_a_folder_inside_the_input_is_named_by_its_own_path_not_a_link(tmp_path):
+    root = tmp_path / "in"
+    write_image(root / "z-real" / "a.png", 8, 8)
+    write_image(root / "m" / "b.png", 8, 8)
+    (root / "a-link").symlink_to(root / "z-real")     # sorts before the folder it names
+    (root / "m" / "b-link").symlink_to(root / "m")    # inside the folder it names
+    (root / "0-up").symlink_to(root)                   # the input folder itself
+    found = [str(item.relative) for item in list_inputs(root)]
+    assert found == ["m/b.png", "z-real/a.png"]
+
+
 # 4. A folder without a recognised image is an error; more formats are recognised.
 
 def test_gif_jfif_tiff_bmp_and_webp_are_read(ckpt, tmp_path):
@@ -196,6 +207,21 @@ def test_skip_existing_redoes_empty_and_cut_off_outputs(ckpt, tmp_path, capsys):
     for name, mask in expected.items():
         assert np.array_equal(read_mask(out / name), mask)
     assert (out / "c.png").stat().st_mtime_ns == 0
+
+
+def test_skip_existing_redoes_an_input_missing_any_of_its_outputs(ckpt, tmp_path, capsys):
+    for seed, name in enumerate(("a.png", "b.png")):
+        write_image(tmp_path / "in" / name, 40, 30, seed=seed)
+    out = tmp_path / "out"
+    assert run(ckpt, tmp_path / "in", out, "--save", "mask,overlay") == 0
+    overlay = (out / "a_overlay.png").read_bytes()
+    (out / "a_overlay.png").unlink()  # its mask is still there
+    os.utime(out / "b.png", ns=(0, 0))
+    capsys.readouterr()
+    assert run(ckpt, tmp_path / "in", out, "--save", "mask,overlay", "--skip-existing") == 0
+    assert "1 inputs segmented" in capsys.readouterr().out
+    assert (out / "a_overlay.png").read_bytes() == overlay
+    assert (out / "b.png").stat().st_mtime_ns == 0
 
 
 # 6. Names are compared case-folded.
@@ -254,52 +280,6 @@ def test_torchrun_shares_do_not_depend_on_when_a_rank_lists(ckpt, tmp_path):
     assert "4 inputs segmented" in result.stdout
 
 
-# 8. Upsampling and argmax in bounded pieces.
-
-class LargestTensor(TorchDispatchMode):
-    """Records the most elements any floating-point tensor an operation returns has."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        for value in result if isinstance(result, (tuple, list)) else [result]:
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                self.largest = max(self.largest, value.numel())
-        return result
-
-
-class Pointwise(torch.nn.Module):
-    def __init__(self, classes: int = 6) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, classes, 1)
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"out": self.conv(x)}
-
-
-@pytest.mark.parametrize("scales,flip", [((1.0,), False), ((0.5, 1.0), True), ((1.5,), False)])
-def test_labels_of_a_small_input_at_a_large_size_never_build_the_full_size_map(
-        monkeypatch, scales, flip):
-    model = Pointwise()
-    image = torch.randn(2, 3, 20, 30, generator=torch.Generator().manual_seed(1))
-    out_size = (200, 330)  # 2 x 6 classes x 66,000 pixels at full size
-    with torch.no_grad():
-        expected = modeling.predict.predict_probabilities(model, image, out_size, scales,
-                                                          flip).argmax(1)
-    monkeypatch.setattr(modeling.predict, "STRIP_ELEMENTS", 2**14)
-    with torch.no_grad(), LargestTensor() as largest:
-        labels = modeling.predict.predict_labels(model, image, out_size, scales, flip,
-                                                 dtype=torch.uint8)
-    assert labels.dtype == torch.uint8 and tuple(labels.shape) == (2, *out_size)
-    assert (labels.long() == expected).float().mean().item() > 0.9999
-    views = 2 * 6 * round(20 * max(scales)) * round(30 * max(scales))
-    assert largest.largest <= max(4 * 2**14, views)  # a strip or a view, never 792,000
-
-
 # 9. The overlay is blended in pieces.
 
 def test_an_overlay_takes_little_more_than_its_photo_and_blends_exactly():
@@ -317,14 +297,34 @@ def test_an_overlay_takes_little_more_than_its_photo_and_blends_exactly():
     assert np.abs(overlay.astype(np.int64) - expected).max() <= 1
 
 
-# 10. --tile-overlap is checked against the automatic windows too.
+# 10. Windows the model cannot predict well are refused: too small for its widest ASPP branch
+# (one call per pixel at --tile 1), or overlapping by more than half, automatic windows too.
 
-def test_tile_overlap_beyond_half_the_automatic_window_is_refused(garbage_ckpt, tmp_path,
-                                                                  capsys):
+@pytest.mark.parametrize("extra, flag", [
+    (["--tile", "1"], "--tile"), (["--tile", "16", "--tile-overlap", "8"], "--tile"),
+    (["--tile", "591", "--tile-overlap", "0"], "--tile"),
+    (["--tile-overlap", "5000"], "--tile-overlap"),
+    (["--tile", "600", "--tile-overlap", "301"], "--tile-overlap"),
+    (["--tile", "600", "--tile-overlap", "600"], "--tile-overlap"),
+])
+def test_windows_too_small_or_overlapping_too_much_are_refused(garbage_ckpt, tmp_path, capsys,
+                                                              extra, flag):
     image = write_image(tmp_path / "a.png", 8, 8)
-    for extra in (["--tile-overlap", "5000"], ["--tile", "512", "--tile-overlap", "300"]):
-        assert run(garbage_ckpt, image, tmp_path / "out", *extra) == 2
-        assert "--tile-overlap" in one_error_line(capsys)
+    assert run(garbage_ckpt, image, tmp_path / "out", *extra) == 2
+    assert one_error_line(capsys).startswith(f"error: {flag} ")
+
+
+def test_the_smallest_window_spans_the_widest_aspp_branch():
+    from modeling.backbone import atrous_settings
+
+    # A 3x3 kernel dilated by the widest rate spans 2 * rate + 1 feature pixels: 73 x 8 = 584
+    # at output stride 8, 37 x 16 = 592 at 16; the larger is the smallest window.
+    spans = [(2 * max(atrous_settings(stride).aspp_rates) + 1) * stride for stride in (8, 16)]
+    assert spans == [584, 592] and deploy.predictor.MIN_TILE == 592
+    with pytest.raises(ValueError, match="tile must be at least 592"):
+        deploy.predictor.Predictor(engine=None, hardware=None, normalize=None, tile=64)
+    assert inference.check_flags(inference.get_args_parser().parse_args(
+        ["--in-path", "x", "--tile", "592", "--tile-overlap", "296"])) == ["mask"]
 
 
 # 11. Interrupts.
@@ -402,6 +402,26 @@ def test_sigterm_exits_143_without_a_traceback_and_a_rerun_clears_stale_temporar
     assert "0 of 3 inputs written" in result.stderr and "--skip-existing" in result.stderr
     assert not stale.exists() and others.exists()
     assert sorted(p.name for p in out.iterdir()) == [".notes.0123456789ab.tmp"]
+
+
+def test_an_error_in_a_loader_worker_ends_the_run_within_seconds(ckpt, tmp_path):
+    """The worker's MemoryError (a 2 x 2000 image at --size 8192 asks for about 200 GB, under
+    a 10 GB address-space limit) is raised in the main process, which stops the workers and
+    exits non-zero. The workers ignore SIGTERM: left to Python's exit, it waited for ever."""
+    write_image(tmp_path / "in" / "thin.png", 2000, 2)
+
+    def limit_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (10 * 2**30, 10 * 2**30))
+
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "inference.py", "--in-path", str(tmp_path / "in"), "--out-path",
+         str(tmp_path / "out"), "--ckpt", str(ckpt), "--engine", "torch", "--workers", "1",
+         "--size", "8192"],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
+        preexec_fn=limit_memory, capture_output=True, text=True, timeout=150)
+    assert result.returncode != 0 and "MemoryError" in result.stderr, result.stderr[-3000:]
+    assert time.monotonic() - start < 120
 
 
 def test_an_interrupted_export_writes_nothing_and_leaves_no_temporary(
@@ -483,6 +503,12 @@ def test_paths_of_the_wrong_kind_are_one_line(ckpt, garbage_ckpt, tmp_path, caps
     existing.write_bytes(b"x")
     assert run(garbage_ckpt, image, existing) == 2
     assert "--out-path" in one_error_line(capsys)
+    dangling = tmp_path / "linked-results"
+    dangling.symlink_to(tmp_path / "missing" / "folder")
+    assert run(garbage_ckpt, image, dangling) == 2
+    assert one_error_line(capsys) == (
+        f"error: --out-path {dangling} is a link to {tmp_path / 'missing' / 'folder'}, which "
+        f"does not exist: create that folder, or name another --out-path")
 
 
 @pytest.mark.parametrize("scale", ["nan", "inf"])

@@ -30,14 +30,15 @@ from deploy import quantize  # noqa: E402  (needs nothing optional itself, teste
 
 @pytest.fixture(scope="module")
 def int8(tmp_path_factory) -> dict:
-    """A ResNet-18 checkpoint exported in fp32 and in int8 (calibrated on 3 smooth images and
+    """A ResNet-18 checkpoint exported in fp32 and in int8 (calibrated on 16 smooth images and
     one truncated JPEG, which must be named and passed over)."""
     folder = tmp_path_factory.mktemp("int8")
     ckpt = make_checkpoint(folder / "r18.pth.tar")
-    for seed in range(3):
-        write_image(folder / "calibration" / f"{seed}.png", 96, 72, seed=seed)
+    for seed in range(16):
+        write_image(folder / "calibration" / f"{seed:02d}.png", 96, 72, seed=seed)
     good = write_image(folder / "good.jpg", 96, 72, seed=9)
-    (folder / "calibration" / "broken.jpg").write_bytes(good.read_bytes()[:300])
+    # Sorts first: read, named and passed over before the 16 good ones.
+    (folder / "calibration" / "0-broken.jpg").write_bytes(good.read_bytes()[:300])
     assert export.cli(["--ckpt", str(ckpt), "--out", str(folder / "fp32.onnx"),
                        "--no-check"]) == 0
     err = io.StringIO()
@@ -53,7 +54,7 @@ def test_int8_export_skips_bad_calibration_files_and_describes_itself(int8):
     assert int8["err"].count("broken.jpg") == 1, int8["err"]
     proto = onnx.load(str(int8["int8"]))
     metadata = {prop.key: prop.value for prop in proto.metadata_props}
-    assert metadata["precision"].startswith("int8, calibrated on 3 images")
+    assert metadata["precision"].startswith("int8, calibrated on 16 images")
     fp32 = {p.key: p.value for p in onnx.load(str(int8["fp32"])).metadata_props}
     assert fp32["precision"] == "fp32"
     assert json.loads(metadata["deeplab_settings"]) == json.loads(fp32["deeplab_settings"])
@@ -134,6 +135,21 @@ def test_int8_refuses_missing_or_unreadable_calibration(tmp_path, capsys):
                        str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--calibration" in err and "missing" in err
+    assert not out.exists()
+
+
+def test_int8_refuses_fewer_than_16_calibration_images(tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path / "r18.pth.tar")
+    out = tmp_path / "int8.onnx"
+    write_image(tmp_path / "one" / "tiny.png", 1, 1)
+    for seed in range(16):
+        write_image(tmp_path / "many" / f"{seed:02d}.png", 32, 32, seed=seed)
+    for extra, words in [(["--calibration", str(tmp_path / "one")], "has 1 readable image"),
+                         (["--calibration", str(tmp_path / "many"), "--calibration-count", "15"],
+                          "--calibration-count must be at least 16, got 15")]:
+        assert export.cli(["--ckpt", str(ckpt), "--out", str(out), "--int8", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, err
     assert not out.exists()
 
 

@@ -18,7 +18,7 @@ from utils.hardware import resolve_amp
 from utils.metrics import Evaluator
 from dataloader.utils import palette_for
 from modeling.deeplab import DeepLab
-from modeling.predict import predict_probabilities
+from modeling.inference_ops import predict_probabilities
 
 # --no-cuda: on a GPU host the runs would otherwise take every GPU (DataParallel).
 TINY = ["--backbone", "resnet18", "--no-pretrained", "--workers", "0", "--crop-size", "48",

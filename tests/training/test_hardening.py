@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
+import deploy.predictor
 import inference
 import train
 from modeling.deeplab import DeepLab
@@ -242,7 +243,7 @@ def test_inference_turns_cudnn_benchmark_off_and_restores_it(monkeypatch, tmp_pa
         return {"out": logits}
 
     settings = {"mean": [0.5] * 3, "std": [0.25] * 3, "palette": [[0, 0, 0], [255, 0, 0]]}
-    monkeypatch.setattr(inference, "load_engine", lambda ckpt, hardware, **options: (
+    monkeypatch.setattr(deploy.predictor, "load_engine", lambda ckpt, hardware, **options: (
         engine, settings, "torch"))
     (tmp_path / "in").mkdir()
     for index, size in enumerate([(9, 7), (8, 6)]):  # two sizes: tuning would run twice

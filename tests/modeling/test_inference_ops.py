@@ -1,14 +1,15 @@
-"""Prediction shared by evaluation and inference: class ids, windows, normalisation."""
+"""Prediction shared by evaluation and inference (:mod:`modeling.inference_ops`): class ids,
+scales and flips, windows, and the bounded memory of large outputs."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from dataloader.custom_transforms import Normalize, ToTensorNormalize
-from modeling.predict import (predict_labels, predict_labels_tiled, predict_probabilities,
-                              tile_starts)
+import modeling.inference_ops
+from dataloader.custom_transforms import Normalize
+from modeling.inference_ops import (predict_labels, predict_labels_tiled,
+                                    predict_probabilities, tile_starts)
 
 
 class Pointwise(torch.nn.Module):
@@ -84,15 +85,35 @@ def test_labels_equal_the_argmax_of_averaged_probabilities():
             assert torch.equal(predict_labels(model, image, out_size, scales, flip), expected)
 
 
-def test_normalize_is_the_eval_transform_arithmetic_and_leaves_its_input_alone():
-    pixels = np.random.default_rng(0).integers(0, 256, (9, 11, 3), dtype=np.uint8)
-    sample = {"image": Image.fromarray(pixels), "label": Image.fromarray(pixels[..., 0])}
-    expected = ToTensorNormalize()(sample)["image"]
-    uint8 = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
-    assert torch.equal(Normalize()(uint8), expected)
-    # By hand: (x / 255 - mean) / std for one pixel.
-    by_hand = (pixels[3, 4, 0] / 255 - 0.485) / 0.229
-    assert expected[0, 3, 4].item() == pytest.approx(by_hand, abs=1e-5)
-    floats = expected.clone()
-    Normalize()(floats)
-    assert torch.equal(floats, expected)
+class LargestTensor(TorchDispatchMode):
+    """Records the most elements any floating-point tensor an operation returns has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for value in result if isinstance(result, (tuple, list)) else [result]:
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                self.largest = max(self.largest, value.numel())
+        return result
+
+
+@pytest.mark.parametrize("scales,flip", [((1.0,), False), ((0.5, 1.0), True), ((1.5,), False)])
+def test_labels_of_a_small_input_at_a_large_size_never_build_the_full_size_map(
+        monkeypatch, scales, flip):
+    model = Pointwise(classes=6)
+    image = torch.randn(2, 3, 20, 30, generator=torch.Generator().manual_seed(1))
+    out_size = (200, 330)  # 2 x 6 classes x 66,000 pixels at full size
+    with torch.no_grad():
+        expected = modeling.inference_ops.predict_probabilities(model, image, out_size, scales,
+                                                                flip).argmax(1)
+    monkeypatch.setattr(modeling.inference_ops, "STRIP_ELEMENTS", 2**14)
+    with torch.no_grad(), LargestTensor() as largest:
+        labels = modeling.inference_ops.predict_labels(model, image, out_size, scales, flip,
+                                                       dtype=torch.uint8)
+    assert labels.dtype == torch.uint8 and tuple(labels.shape) == (2, *out_size)
+    assert (labels.long() == expected).float().mean().item() > 0.9999
+    views = 2 * 6 * round(20 * max(scales)) * round(30 * max(scales))
+    assert largest.largest <= max(4 * 2**14, views)  # a strip or a view, never 792,000

@@ -14,6 +14,12 @@ from torch import nn
 #: ResNet-101 stays under about 3 GB at this size, and a 24-megapixel photo too, in windows.
 TILE_PIXEL_BUDGET = 2048 * 2048
 DEFAULT_TILE = 1024
+#: The smallest window: the widest 3x3 ASPP branch (rate 18 at output stride 16, 36 at 8;
+#: :func:`modeling.backbone.atrous_settings`) spans ``(2 * 18 + 1) * 16 = 592`` input pixels
+#: (``(2 * 36 + 1) * 8 = 584`` at 8).
+#: In a smaller window that branch sees mostly zero padding, and the masks follow the window
+#: grid instead of the image.
+MIN_TILE = 592
 
 
 #: A full-size float map (classes x output pixels) of more elements than this is never built:
@@ -174,17 +180,18 @@ def predict_labels(
         ``(N, out_height, out_width)`` class ids.
     """
     out_size = (int(out_size[0]), int(out_size[1]))
+    if tuple(scales) == (1.0,) and not flip:  # one view: the model is called here
+        logits = model(image)["out"].float()
+        if tuple(logits.shape[-2:]) == out_size:
+            return logits.argmax(dim=1).to(dtype)
+        if logits.shape[0] * logits.shape[1] * out_size[0] * out_size[1] <= STRIP_ELEMENTS:
+            return F.interpolate(logits, size=out_size, mode="bilinear",
+                                 align_corners=False).argmax(dim=1).to(dtype)
+        return _labels_in_strips([logits], out_size, average=False, dtype=dtype)
     views = _view_logits(model, image, scales, flip)
     first = next(views)
     batch, classes = first.shape[:2]
     full_size = batch * classes * out_size[0] * out_size[1]
-    if tuple(scales) == (1.0,) and not flip:
-        if tuple(first.shape[-2:]) == out_size:
-            return first.argmax(dim=1).to(dtype)
-        if full_size <= STRIP_ELEMENTS:
-            return F.interpolate(first, size=out_size, mode="bilinear",
-                                 align_corners=False).argmax(dim=1).to(dtype)
-        return _labels_in_strips([first], out_size, average=False, dtype=dtype)
     if full_size <= STRIP_ELEMENTS:
         return _averaged_probabilities(itertools.chain([first], views), out_size
                                        ).argmax(dim=1).to(dtype)

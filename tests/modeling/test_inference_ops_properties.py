@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import modeling.predict as predict
-from modeling.predict import (_windows, predict_labels, predict_labels_tiled,
+import modeling.inference_ops as predict
+from modeling.inference_ops import (_windows, predict_labels, predict_labels_tiled,
                               predict_probabilities, resize_rows)
 
 
