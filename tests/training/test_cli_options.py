@@ -14,7 +14,7 @@ from PIL import Image
 import train
 from utils.distributed import DistributedContext
 from utils.errors import UserError
-from utils.hardware import resolve_amp
+from utils.hardware import Placement, resolve_amp
 from utils.metrics import Evaluator
 from dataloader.utils import palette_for
 from modeling.deeplab import DeepLab
@@ -256,7 +256,7 @@ def parse(flags: list[str]):
 
 
 def cpu(devices: int = 1) -> SimpleNamespace:
-    """The Hardware fields plan_schedule and build_optimisation read."""
+    """The Hardware fields build_plan and build_optimisation read."""
     return SimpleNamespace(device=torch.device("cpu"), devices_per_process=devices,
                            gpu_ids=list(range(devices)) if devices > 1 else [], amp_dtype=None)
 
@@ -271,8 +271,8 @@ def cpu(devices: int = 1) -> SimpleNamespace:
 ])
 def test_default_lr_is_0_01_per_16_images_of_total_batch(flags, devices, world_size,
                                                           total_batch, lr):
-    schedule = train.plan_run(parse(flags + ["--epochs", "3"]), 200, cpu(devices),
-                                   DistributedContext(rank=0, world_size=world_size))
+    schedule = train.build_plan(parse(flags + ["--epochs", "3"]), 200, Placement(
+        cpu(devices), DistributedContext(rank=0, world_size=world_size)))
     assert (schedule.total_batch, schedule.lr) == (total_batch, pytest.approx(lr))
     assert schedule.iters_per_epoch == 200 // total_batch
     assert schedule.total_iters == 3 * (200 // total_batch)
@@ -280,10 +280,10 @@ def test_default_lr_is_0_01_per_16_images_of_total_batch(flags, devices, world_s
 
 def learning_rates(flags: list[str], train_size: int):
     args = parse(flags)
-    context = DistributedContext()
     model = DeepLab(backbone="resnet18", num_classes=3, aux_loss=True)
-    schedule = train.plan_run(args, train_size, cpu(), context)
-    optimisation = train.build_optimisation(args, model, schedule, None, cpu(), context)
+    placement = Placement(cpu(), DistributedContext())
+    schedule = train.build_plan(args, train_size, placement)
+    optimisation = train.build_optimisation(args, model, schedule, None, placement)
     return model, schedule, optimisation
 
 
