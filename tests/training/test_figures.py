@@ -108,9 +108,9 @@ def test_worst_images_figure_height_is_bounded():
     entry = ScoredImage(0.25, 3, "a.jpg", np.full((8, 8, 3), 128, np.uint8),
                         np.ones((8, 8), np.uint8), np.zeros((8, 8), np.uint8))
     rgb = worst_images_figure([entry] * 40, [[0, 0, 0], [255, 0, 0]])
-    header_and_caption = 0.35 + 0.3  # inches
-    assert rgb.shape[0] <= round((figures.MAX_ROWS_HEIGHT + header_and_caption) * DPI)
-    assert figures.MAX_ROWS_HEIGHT == 64
+    rows, header_and_caption = 64, 0.35 + 0.3  # inches; 40 rows of 2.2 would be 88
+    assert rgb.shape[0] <= round((rows + header_and_caption) * DPI)
+    assert figures.MAX_ROWS_HEIGHT == rows
 
 
 def drawn_texts(monkeypatch, draw) -> list:
