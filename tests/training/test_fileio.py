@@ -62,7 +62,8 @@ def test_a_resumed_run_folder_loses_the_temporaries_of_killed_writes(tmp_path):
              run / ".model_best.pth.tar.a1b2c3d4e5f6.tmp", run / ".metrics.json.00112233aabb.tmp",
              run / ".settings.json.ffeeddccbbaa.tmp",
              run / ".confusion_matrix.png.0123456789ab.tmp",
-             run / ".per_class_iou.png.a1b2c3d4e5f6.tmp", run / ".worst_images.png.00112233aabb.tmp"]
+             run / ".per_class_iou.png.a1b2c3d4e5f6.tmp",
+             run / ".worst_images.png.00112233aabb.tmp"]
     kept = [run / "checkpoint.pth.tar", run / ".notes.0123456789ab.tmp", run / "events.out"]
     for path in stale + kept:
         path.write_bytes(b"x" * 10)
