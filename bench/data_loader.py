@@ -328,58 +328,70 @@ def main(args: argparse.Namespace) -> int:
           f"Python {platform.python_version()}")
     targets_met = True
     if not args.skip_synthetic:
-        work = (Path(args.work_dir) if args.work_dir
-                else Path(tempfile.mkdtemp(prefix="coco-bench-")))
-        try:
-            root = work / "synthetic"
-            annotation_file = root / "annotations" / "instances_train2017.json"
-            if not annotation_file.is_file():
-                start = time.perf_counter()
-                write_synthetic_coco(root, args.num_images, args.num_instances, args.seed)
-                print(f"wrote the synthetic file in {time.perf_counter() - start:.1f} s "
-                      "(not part of any target)")
-            print(f"synthetic file: {args.num_images} images, {args.num_instances} instances, "
-                  f"{annotation_file.stat().st_size / 2**20:.0f} MiB")
-            cache_dir = work / "cache"
-            shutil.rmtree(cache_dir, ignore_errors=True)
-            cold = _run_child(["--child", "index", str(root), str(cache_dir)])
-            warm = _run_child(["--child", "index", str(root), str(cache_dir)])
-            print(f"[1] index, cold (JSON parse + index + cache write): {cold['seconds']:.1f} s, "
-                  f"peak RSS {cold['peak_rss_mib']:.0f} MiB; {cold['images']} train images kept, "
-                  f"index arrays {cold['index_mib']:.0f} MiB")
-            print(f"    index, warm (from the cache): {warm['seconds']:.2f} s, "
-                  f"peak RSS {warm['peak_rss_mib']:.0f} MiB   target < 30 s: "
-                  f"{'met' if cold['seconds'] < 30 else 'MISSED'}")
-            targets_met &= cold["seconds"] < 30
-            runs = [_run_child(["--child", "workers", str(root), str(cache_dir), str(workers),
-                                str(args.label_samples), str(args.seed)])
-                    for workers in (1, args.workers)]
-            for run in runs:
-                print(f"[2] {run['workers']} worker(s): peak total PSS {run['peak_pss_mib']:.0f} "
-                      f"MiB (RSS sum {run['peak_rss_mib']:.0f} MiB, {run['processes']} "
-                      f"processes; main before the loader {run['main_pss_before_mib']:.0f} MiB); "
-                      f"{run['samples'] / run['seconds']:.0f} labels/s")
-            ratio = runs[1]["peak_pss_mib"] / runs[0]["peak_pss_mib"]
-            print(f"    PSS {args.workers} workers / 1 worker = {ratio:.2f}   target < 2: "
-                  f"{'met' if ratio < 2 else 'MISSED'}")
-            targets_met &= ratio < 2
-        finally:
-            if not args.work_dir:
-                shutil.rmtree(work, ignore_errors=True)
-
+        targets_met &= report_synthetic(args.work_dir, num_images=args.num_images,
+                                        num_instances=args.num_instances, seed=args.seed,
+                                        workers=args.workers, label_samples=args.label_samples)
     if args.data_root:
-        result = measure_throughput(args.data_root, args.base_size, args.crop_size,
-                                    args.throughput_images)
-        print(f"[3] throughput on {args.data_root} ({result['images_in_split']} train images, "
-              f"{args.throughput_images} loads, crop {args.crop_size}, 1 torch thread):")
-        print(f"    decode {result['decode_per_s']:.0f}/s, label {result['label_per_s']:.0f}/s, "
-              f"decode+label {result['decode_label_per_s']:.0f}/s, full train pipeline "
-              f"{result['full_train_per_s']:.0f} images/s per worker   target >= 100: "
-              f"{'met' if result['full_train_per_s'] >= 100 else 'MISSED'}")
-        targets_met &= result["full_train_per_s"] >= 100
+        targets_met &= report_throughput(args.data_root, base_size=args.base_size,
+                                         crop_size=args.crop_size,
+                                         images=args.throughput_images)
     else:
         print("[3] skipped: pass --data-root or set DEEPLAB_COCO_ROOT for the throughput part")
     return 0 if targets_met else 1
+
+
+def report_synthetic(work_dir: str | None, *, num_images: int, num_instances: int, seed: int,
+                     workers: int, label_samples: int) -> bool:
+    """Parts [1] and [2] on the synthetic file (written into ``work_dir``, or a temporary
+    folder); whether their targets were met."""
+    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="coco-bench-"))
+    try:
+        root = work / "synthetic"
+        annotation_file = root / "annotations" / "instances_train2017.json"
+        if not annotation_file.is_file():
+            start = time.perf_counter()
+            write_synthetic_coco(root, num_images, num_instances, seed)
+            print(f"wrote the synthetic file in {time.perf_counter() - start:.1f} s "
+                  "(not part of any target)")
+        print(f"synthetic file: {num_images} images, {num_instances} instances, "
+              f"{annotation_file.stat().st_size / 2**20:.0f} MiB")
+        cache_dir = work / "cache"
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        cold = _run_child(["--child", "index", str(root), str(cache_dir)])
+        warm = _run_child(["--child", "index", str(root), str(cache_dir)])
+        print(f"[1] index, cold (JSON parse + index + cache write): {cold['seconds']:.1f} s, "
+              f"peak RSS {cold['peak_rss_mib']:.0f} MiB; {cold['images']} train images kept, "
+              f"index arrays {cold['index_mib']:.0f} MiB")
+        print(f"    index, warm (from the cache): {warm['seconds']:.2f} s, "
+              f"peak RSS {warm['peak_rss_mib']:.0f} MiB   target < 30 s: "
+              f"{'met' if cold['seconds'] < 30 else 'MISSED'}")
+        runs = [_run_child(["--child", "workers", str(root), str(cache_dir), str(count),
+                            str(label_samples), str(seed)])
+                for count in (1, workers)]
+        for run in runs:
+            print(f"[2] {run['workers']} worker(s): peak total PSS {run['peak_pss_mib']:.0f} "
+                  f"MiB (RSS sum {run['peak_rss_mib']:.0f} MiB, {run['processes']} "
+                  f"processes; main before the loader {run['main_pss_before_mib']:.0f} MiB); "
+                  f"{run['samples'] / run['seconds']:.0f} labels/s")
+        ratio = runs[1]["peak_pss_mib"] / runs[0]["peak_pss_mib"]
+        print(f"    PSS {workers} workers / 1 worker = {ratio:.2f}   target < 2: "
+              f"{'met' if ratio < 2 else 'MISSED'}")
+        return cold["seconds"] < 30 and ratio < 2
+    finally:
+        if not work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def report_throughput(data_root: str, *, base_size: int, crop_size: int, images: int) -> bool:
+    """Part [3] on real data; whether its target was met."""
+    result = measure_throughput(data_root, base_size, crop_size, images)
+    print(f"[3] throughput on {data_root} ({result['images_in_split']} train images, "
+          f"{images} loads, crop {crop_size}, 1 torch thread):")
+    print(f"    decode {result['decode_per_s']:.0f}/s, label {result['label_per_s']:.0f}/s, "
+          f"decode+label {result['decode_label_per_s']:.0f}/s, full train pipeline "
+          f"{result['full_train_per_s']:.0f} images/s per worker   target >= 100: "
+          f"{'met' if result['full_train_per_s'] >= 100 else 'MISSED'}")
+    return result["full_train_per_s"] >= 100
 
 
 if __name__ == "__main__":

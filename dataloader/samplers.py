@@ -125,13 +125,15 @@ def resumable_loader(
     world_size: int = 1,
     workers: int = 0,
     pin_memory: bool = False,
-    drop_last: bool = False,
 ) -> tuple[torch.utils.data.DataLoader, ResumableSampler]:
     """A DataLoader whose batches depend only on ``(seed, epoch, position)``: resumes are exact.
 
-    Bad samples (``--skip-bad-images``) are dropped by the collate function and counted in the
-    batch's ``"skipped"`` entry. Call ``sampler.set_epoch`` before each epoch.
+    A shuffling (training) loader drops the uneven tail of the epoch and the last partial
+    batch; one that does not shuffle (validation) reads every sample. Bad samples
+    (``--skip-bad-images``) are dropped by the collate function and counted in the batch's
+    ``"skipped"`` entry. Call ``sampler.set_epoch`` before each epoch.
     """
+    drop_last = shuffle
     sampler = ResumableSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank,
                                world_size=world_size, drop_uneven=drop_last)
     loader = torch.utils.data.DataLoader(

@@ -44,7 +44,8 @@ def colour_scheme(class_names: Sequence[str], palette: Sequence[Sequence[int]],
     for index, (name, colour) in enumerate(zip(class_names, palette)):
         column, row = divmod(index, rows)
         axes.add_patch(_swatch(column + 0.05, row + 0.15, [c / 255 for c in colour]))
-        axes.text(column + 0.2, row + 0.5, f"{index} {name}", va="center", fontsize=10)
+        axes.text(column + 0.2, row + 0.5, f"{index} {name}", va="center", fontsize=10,
+                  parse_math=False)
     return to_rgb(figure)
 
 

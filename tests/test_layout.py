@@ -55,7 +55,7 @@ def test_training_never_imports_deployment():
 #: The training modules of utils/: deployment (deploy/, export.py) imports none of them, directly
 #: or through another module of ours.
 TRAINING_MODULES = {
-    "utils.saver", "utils.summaries", "utils.metrics", "utils.losses", "utils.lr_scheduler",
+    "utils.random_state", "utils.summaries", "utils.metrics", "utils.losses", "utils.lr_scheduler",
     "utils.optim", "utils.plan", "utils.figures", "utils.run_folder", "utils.stopping",
     "utils.evaluation_report",
 }
@@ -97,7 +97,7 @@ def reachable_modules(paths: list[Path]) -> dict[str, Path]:
 
 def test_the_import_reader_follows_imports_through_our_modules():
     reached = reachable_modules([REPO / "train.py"])
-    assert "utils.saver" in reached and "utils.fileio" in reached  # the latter through saver
+    assert "utils.run_folder" in reached and "utils.fileio" in reached  # the latter through run_folder
 
 
 @pytest.mark.parametrize("entry", ["deploy", "export.py"])
@@ -160,3 +160,61 @@ def test_one_function_builds_a_model_from_a_checkpoint():
         "modeling/deeplab.py:from_state_dict", "modeling/checkpoint.py:load_model"}
     by_hand = project_functions_calling(loads_checkpoint_weights)
     assert not by_hand, "load a checkpoint's weights with modeling.checkpoint.load_model"
+
+
+# ------------------------------------------------------------------ pieces a reader can hold
+
+#: Every Python file outside tests/: the scripts at the top, the packages and the tools.
+SOURCES = sorted([*REPO.glob("*.py"), *(path for folder in (*PACKAGES, "bench", "scripts")
+                                        for path in (REPO / folder).rglob("*.py"))])
+#: A function past this many lines (its docstring included) or parameters is a piece waiting
+#: for a name (STYLE.md); ``self`` and ``cls`` are not counted.
+MAX_FUNCTION_LINES, MAX_PARAMETERS = 60, 8
+#: train.py keeps the parser, the builders, main with its epoch loop, one epoch, one step,
+#: evaluate and cli; the run folder, the stop policy and the reports live in utils/.
+TRAIN_PY_MAX_LINES = 570
+
+
+def oversized_functions(path: Path) -> list[str]:
+    """``<name> (<lines> lines, <parameters> parameters)`` for each function of ``path`` past
+    :data:`MAX_FUNCTION_LINES` or :data:`MAX_PARAMETERS` (positional and keyword-only)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        arguments = node.args
+        parameters = [argument.arg for argument in (*arguments.posonlyargs, *arguments.args,
+                                                    *arguments.kwonlyargs)
+                      if argument.arg not in ("self", "cls")]
+        lines = node.end_lineno - node.lineno + 1
+        if lines > MAX_FUNCTION_LINES or len(parameters) > MAX_PARAMETERS:
+            found.append(f"{node.name} ({lines} lines, {len(parameters)} parameters)")
+    return found
+
+
+def test_reader_counts_lines_and_parameters(tmp_path):
+    source = tmp_path / "m.py"
+    body = "".join(f"    x{i} = {i}\n" for i in range(59))
+    source.write_text(
+        f"def fits(a, /, b, *, c):\n{body}"                       # 60 lines: fits
+        f"def too_long():\n{body}    return x0\n"                   # 61 lines
+        "def nine(a, b, c, d, e, f, g, h, *, i):\n    pass\n"
+        "class C:\n"
+        "    def method(self, a, b, c, d, e, f, g, h):\n        pass\n"  # self not counted
+        "    @classmethod\n"
+        "    def build(cls, a, b, c, d, e, f, g, h, i=0):\n        pass\n")
+    assert oversized_functions(source) == ["too_long (61 lines, 0 parameters)",
+                                           "nine (2 lines, 9 parameters)",
+                                           "build (2 lines, 9 parameters)"]
+
+
+def test_no_function_is_longer_than_60_lines_or_takes_more_than_8_parameters():
+    assert len(SOURCES) > 30  # the scan sees the packages, scripts and tools
+    offenders = [f"{path.relative_to(REPO)}: {function}" for path in SOURCES
+                 for function in oversized_functions(path)]
+    assert not offenders, "split these into pieces with names"
+
+
+def test_train_py_reads_in_one_sitting():
+    lines = len((REPO / "train.py").read_text().splitlines())
+    assert lines <= TRAIN_PY_MAX_LINES, f"train.py has {lines} lines"

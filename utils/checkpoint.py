@@ -1,7 +1,7 @@
 """Checkpoint files: written atomically, read safely, checked for the entries a caller needs.
 
 Infrastructure, not training: the predictor, export.py and the tools read checkpoints through
-this module without importing the training code (:mod:`utils.saver` writes a run's checkpoints
+this module without importing the training code (:mod:`utils.run_folder` writes a run's checkpoints
 through it too).
 
 Every file is written with :func:`utils.fileio.atomic_write`, so a crash or a full disk leaves

@@ -172,3 +172,19 @@ def ranks_in_sync(model: torch.nn.Module, context: DistributedContext) -> bool:
     gathered = [torch.empty_like(local) for _ in range(context.world_size)]
     dist.all_gather(gathered, local)
     return all(torch.equal(gathered[0], g) for g in gathered[1:])
+
+
+def check_ranks_in_sync(model: torch.nn.Module, context: DistributedContext) -> None:
+    """After training under DDP every rank must hold the same weights: rank 0 says so (stdout),
+    every rank fails when they differ.
+
+    Raises:
+        RuntimeError: the weights differ across ranks (a bug, not a user's error).
+    """
+    if not context.enabled:
+        return
+    same = ranks_in_sync(model, context)
+    if context.is_main:
+        print(f"weights identical across {context.world_size} ranks: {'yes' if same else 'NO'}")
+    if not same:
+        raise RuntimeError("model weights differ across ranks after training")

@@ -7,7 +7,12 @@ nothing global changes in the process that imports this module.
 Every evaluation figure is returned as an ``(H, W, 3)`` uint8 RGB array, so that the same pixels
 go to TensorBoard (:meth:`utils.summaries.TensorboardSummary.add_figures`) and into a PNG
 (:func:`save_png`). Their size is bounded whatever the class count: the confusion matrix shows at
-most ``max_classes`` classes, the bar chart at most ``max_bars`` bars.
+most ``max_classes`` classes, the bar chart at most ``max_bars`` bars, a figure of image rows is
+at most :data:`MAX_ROWS_HEIGHT` inches tall.
+
+Names from the data (class names, file names) are drawn as they are written: matplotlib's
+mathtext is off for them (``parse_math=False``), so ``price $5 and $10`` keeps its dollars and
+``$\\frac{x$`` is no error.
 """
 from __future__ import annotations
 
@@ -32,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install -r requirements-plot.txt"
 DPI = 100
+#: Tallest figure of image rows, in inches (at :data:`DPI`): more rows get shorter ones.
+MAX_ROWS_HEIGHT = 64.0
 #: The evaluation figures by name; the name is also the PNG's and the TensorBoard tag's.
 EVALUATION_FIGURES = ("confusion_matrix", "per_class_iou", "worst_images")
 
@@ -138,8 +145,8 @@ def confusion_matrix_figure(matrix: np.ndarray | Sequence[Sequence[int]],
     image = axes.imshow(np.ma.masked_invalid(rates), cmap=cmap, vmin=0.0, vmax=1.0,
                         interpolation="nearest")
     font = 8 if n <= 25 else 7
-    axes.set_xticks(range(n), names, rotation=90, fontsize=font)
-    axes.set_yticks(range(n), names, fontsize=font)
+    axes.set_xticks(range(n), names, rotation=90, fontsize=font, parse_math=False)
+    axes.set_yticks(range(n), names, fontsize=font, parse_math=False)
     axes.set_xlabel("predicted class")
     axes.set_ylabel("true class")
     if n <= 25:  # room for the percentages themselves
@@ -191,7 +198,7 @@ def per_class_iou_figure(matrix: np.ndarray | Sequence[Sequence[int]],
         iou_axes.text(value + 1, row, f"{value:.1f}", va="center", fontsize=font - 1)
     for row, value in zip(rows, share_percent):
         share_axes.text(value, row, f" {value:.2g}", va="center", fontsize=font - 1)
-    iou_axes.set_yticks(rows, [class_names[i] for i in order], fontsize=font)
+    iou_axes.set_yticks(rows, [class_names[i] for i in order], fontsize=font, parse_math=False)
     iou_axes.set_ylim(len(order) - 0.5, -0.5)
     iou_axes.set_xlim(0, 110)
     iou_axes.set_xlabel("IoU (%)")
@@ -222,8 +229,10 @@ def image_rows_figure(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarr
             ``palette`` black).
         palette: RGB triple (0-255) per class id.
         caption: written under the figure.
-        row_height: inches per row (the widest image sets the column width).
+        row_height: inches per row (the widest image sets the column width), less when the
+            rows would pass :data:`MAX_ROWS_HEIGHT` together.
     """
+    row_height = min(row_height, MAX_ROWS_HEIGHT / max(len(rows), 1))
     aspect = max((image.shape[1] / image.shape[0] for _, image, _, _ in rows), default=1.0)
     column_width = row_height * min(aspect, 2.0)
     header, footer = 0.35, 0.3 * bool(caption)  # inches
@@ -234,7 +243,7 @@ def image_rows_figure(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarr
         for axes, picture in zip(axes_row, (image, colorize(truth, palette),
                                             colorize(prediction, palette))):
             axes.imshow(picture, interpolation="nearest")
-        axes_row[0].set_title(title, loc="left", fontsize=8)
+        axes_row[0].set_title(title, loc="left", fontsize=8, parse_math=False)
     for axes in grid.ravel():
         axes.set_axis_off()
     figure.tight_layout(rect=(0, footer / height, 1, 1 - header / height))
@@ -243,7 +252,8 @@ def image_rows_figure(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarr
         figure.text((box.x0 + box.x1) / 2, 1 - 0.5 * header / height, heading, fontsize=10,
                     fontweight="bold", ha="center", va="center")
     if caption:
-        figure.text(0.01, 0.5 * footer / height, caption, fontsize=8, va="center")
+        figure.text(0.01, 0.5 * footer / height, caption, fontsize=8, va="center",
+                    parse_math=False)
     return to_rgb(figure)
 
 

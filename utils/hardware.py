@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from utils.distributed import DistributedContext
+from utils.distributed import DistributedContext, any_true
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,16 @@ class Hardware:
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.amp_dtype,
                               enabled=self.amp_dtype is not None)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this process computes: its device and precision (``hardware``) and its rank among
+    the processes training together (``context``). The two travel together to every part of the
+    loop that needs both."""
+
+    hardware: Hardware
+    context: DistributedContext
 
 
 def cpu_has_amx() -> bool:
@@ -163,6 +173,26 @@ def usable_batch_size(batch_size: int, devices: int) -> int:
         if min(dataparallel_chunks(size, devices)) >= 2:
             return size
     return 0
+
+
+def step_batch(batch: dict[str, Any], placement: Placement,
+               agree: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The part of a loaded training batch one step trains on (on the device), or None to skip
+    the step.
+
+    BatchNorm in ASPP's image pooling needs 2 images per device: a batch that
+    ``--skip-bad-images`` shrank is cut to the largest size DataParallel splits into chunks of
+    at least 2, or skipped. With ``agree`` (DDP with skipping), the ranks skip together: a rank
+    that sat out would leave the others waiting in SyncBatchNorm and the gradient all-reduce.
+    """
+    hardware = placement.hardware
+    size = len(batch["image"]) if "image" in batch else 0
+    usable = usable_batch_size(size, hardware.devices_per_process)
+    if agree and any_true(usable == 0, placement.context, hardware.device):
+        return None
+    if usable == 0:
+        return None
+    return hardware.inputs({"image": batch["image"][:usable], "label": batch["label"][:usable]})
 
 def _gpu_ids(spec: str | None, available: int) -> list[int]:
     try:

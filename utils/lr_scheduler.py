@@ -83,7 +83,6 @@ class WarmupLRScheduler(LRScheduler):
         power: float = 0.9,
         step_size: int = 0,
         gamma: float = 0.1,
-        last_epoch: int = -1,
     ):
         self.name = name
         self.total_iters = int(total_iters)
@@ -92,7 +91,7 @@ class WarmupLRScheduler(LRScheduler):
         self.power = float(power)
         self.step_size = int(step_size)
         self.gamma = float(gamma)
-        super().__init__(optimizer, last_epoch)
+        super().__init__(optimizer)  # at iteration 0: a resume loads its state_dict
 
     def _factor(self, iteration: int) -> float:
         return _lr_factor(iteration, **{key: getattr(self, key) for key in _SCHEDULE_KEYS})

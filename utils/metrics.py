@@ -60,7 +60,8 @@ class Evaluator:
         )
 
     def reset(self) -> None:
-        """Forget every counted pixel (call before each evaluation pass)."""
+        """Forget every counted pixel, to count another pass with the same evaluator (a new
+        one starts at zero, as each of train.py's evaluations does)."""
         self.confusion_matrix.zero_()
 
     @torch.no_grad()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from utils.errors import UserError
-from utils.hardware import dataparallel_chunks, usable_batch_size
+from utils.hardware import Placement, dataparallel_chunks, usable_batch_size
 
 #: Images per device when the batch size is not given.
 DEFAULT_BATCH_PER_DEVICE = 4
@@ -56,21 +56,22 @@ class TrainPlan:
                 f"images, lr {self.lr:g} (head {10 * self.lr:g})")
 
 
-def plan_training(*, train_size: int, batch_size: int | None, devices: int, world_size: int,
-                  epochs: int, lr: float | None, print_freq: int = 20, save_interval: int = 0,
-                  eval_interval: int = 1) -> TrainPlan:
+def resolve_plan(*, train_size: int, batch_size: int | None, epochs: int, lr: float | None,
+                 placement: Placement, print_freq: int = 20, save_interval: int = 0,
+                 eval_interval: int = 1) -> TrainPlan:
     """Resolve the batch size (default 4 per device), the learning rate (default: the linear
     scaling rule on the total batch) and the iterations per epoch.
 
     Args:
         train_size: images in the train split.
-        devices: DataParallel devices in this process (1 on a CPU or under torchrun).
-        world_size: processes training together.
+        placement: this process's DataParallel devices (1 on a CPU or under torchrun) and the
+            number of processes training together.
 
     Raises:
         UserError: a batch DataParallel would split into a chunk of 1 (the ASPP image-pooling
             BatchNorm needs 2 per device), or fewer training images than one batch.
     """
+    devices, world_size = placement.hardware.devices_per_process, placement.context.world_size
     batch_size = DEFAULT_BATCH_PER_DEVICE * devices if batch_size is None else batch_size
     if usable_batch_size(batch_size, devices) != batch_size:
         good = max(2, -(-batch_size // devices)) * devices  # chunks of equal size, >= 2

@@ -189,16 +189,13 @@ def _join(chunks: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     return offsets, buffer
 
 
-def build_index(annotation_file: str | os.PathLike, split: str) -> dict[str, np.ndarray]:
-    """Read a COCO instances file into the flat arrays :class:`COCOSegmentation` keeps.
-
-    Nothing is rasterised. Images are sorted by id; per image, the kept annotations are stored as
-    a compact JSON list of ``[class index, segmentation]``.
+def _read_annotation_file(path: Path) -> tuple[dict[str, Any], list[Any]]:
+    """The parsed COCO instances file and its annotations list.
 
     Raises:
-        DatasetError: the file is not valid JSON or lacks the COCO fields, naming the file.
+        DatasetError: the file cannot be read, is not valid JSON, or its ``images`` or
+            ``annotations`` entry is not a list, naming the file.
     """
-    path = Path(annotation_file)
     try:
         with open(path, "rb") as file:
             data = json.load(file)
@@ -213,7 +210,20 @@ def build_index(annotation_file: str | os.PathLike, split: str) -> dict[str, np.
         raise DatasetError(
             f"COCO annotation file {path} has an 'annotations' entry that is not a list"
         )
+    return data, annotations
 
+
+def build_index(annotation_file: str | os.PathLike, split: str) -> dict[str, np.ndarray]:
+    """Read a COCO instances file into the flat arrays :class:`COCOSegmentation` keeps.
+
+    Nothing is rasterised. Images are sorted by id; per image, the kept annotations are stored as
+    a compact JSON list of ``[class index, segmentation]``.
+
+    Raises:
+        DatasetError: the file is not valid JSON or lacks the COCO fields, naming the file.
+    """
+    path = Path(annotation_file)
+    data, annotations = _read_annotation_file(path)
     try:
         images = {image["id"]: image for image in data["images"]}
         kept: dict[int, list[Any]] = {}

@@ -103,57 +103,75 @@ def _crowd_mask(rng: np.random.Generator, width: int, height: int) -> np.ndarray
 def _make_image(rng: np.random.Generator, number: int, width: int, height: int,
                 is_train: bool) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Paint one image and return it with its annotations (without ids)."""
-    # Objects: (category entry, polygon parts or None, crowd mask or None).
     while True:
-        objects: list[tuple[tuple, list[list[float]] | None, np.ndarray | None]] = []
-        if number % 7 == 0:
-            objects.append((_PERSON, None, _crowd_mask(rng, width, height)))
-        if number % 4 == 2:
-            center = (rng.uniform(0.15, 0.85) * width, rng.uniform(0.2, 0.8) * height)
-            objects.append((_GIRAFFE, [_random_polygon(rng, center, rng.uniform(12, 22))], None))
-        centers = []
-        for k in range(1 + int(rng.integers(0, 3))):
-            entry = _VOC_CATEGORIES[(number + k) % len(_VOC_CATEGORIES)] if k == 0 else \
-                _VOC_CATEGORIES[int(rng.integers(len(_VOC_CATEGORIES)))]
-            radius = rng.uniform(14, 28)
-            if k == 1 and number % 3 == 1:
-                # Overlap the first object on purpose: shared pixels become "ignore".
-                first = centers[0]
-                center = (first[0] + rng.uniform(-0.8, 0.8) * radius,
-                          first[1] + rng.uniform(-0.6, 0.6) * radius)
-            else:
-                center = (rng.uniform(0.15, 0.85) * width, rng.uniform(0.2, 0.8) * height)
-            centers.append(center)
-            parts = [_random_polygon(rng, center, radius)]
-            if k == 0 and number % 5 == 3:
-                # A second, separate part of the same instance (an occluded object).
-                offset = (radius * 1.8 if center[0] < width / 2 else -radius * 1.8)
-                parts.append(_random_polygon(rng, (center[0] + offset, center[1]), radius * 0.5))
-            objects.append((entry, parts, None))
-        annotations = []
-        masks = []
-        for entry, parts, crowd in objects:
-            if crowd is not None:
-                segmentation: Any = _uncompressed_rle(crowd)
-                rle = mask_utils.frPyObjects(segmentation, height, width)
-            else:
-                segmentation = parts
-                rle = mask_utils.merge(mask_utils.frPyObjects(parts, height, width))
-            mask = mask_utils.decode(rle).astype(bool)
-            masks.append((entry, mask))
-            annotations.append({
-                "category_id": entry[0],
-                "segmentation": segmentation,
-                "area": float(mask_utils.area(rle)),
-                "bbox": [round(float(v), 2) for v in mask_utils.toBbox(rle)],
-                "iscrowd": int(crowd is not None),
-            })
+        annotations, masks = _annotate(_place_objects(rng, number, width, height), width, height)
         kept_area = sum(a["area"] for a in annotations if a["category_id"] != NON_VOC_CATEGORY_ID)
         # Train keeps only images with more than 1000 annotated pixels: make every one count.
         if not is_train or kept_area > 1000:
             break
+    return _paint(rng, masks, width, height), annotations
 
-    # Background: a grey, blotchy texture unlike any object's.
+
+def _place_objects(rng: np.random.Generator, number: int, width: int, height: int
+                   ) -> list[tuple[tuple, list[list[float]] | None, np.ndarray | None]]:
+    """The objects of image ``number``: (category entry, polygon parts or None, crowd mask or
+    None)."""
+    objects: list[tuple[tuple, list[list[float]] | None, np.ndarray | None]] = []
+    if number % 7 == 0:
+        objects.append((_PERSON, None, _crowd_mask(rng, width, height)))
+    if number % 4 == 2:
+        center = (rng.uniform(0.15, 0.85) * width, rng.uniform(0.2, 0.8) * height)
+        objects.append((_GIRAFFE, [_random_polygon(rng, center, rng.uniform(12, 22))], None))
+    centers = []
+    for k in range(1 + int(rng.integers(0, 3))):
+        entry = _VOC_CATEGORIES[(number + k) % len(_VOC_CATEGORIES)] if k == 0 else \
+            _VOC_CATEGORIES[int(rng.integers(len(_VOC_CATEGORIES)))]
+        radius = rng.uniform(14, 28)
+        if k == 1 and number % 3 == 1:
+            # Overlap the first object on purpose: shared pixels become "ignore".
+            first = centers[0]
+            center = (first[0] + rng.uniform(-0.8, 0.8) * radius,
+                      first[1] + rng.uniform(-0.6, 0.6) * radius)
+        else:
+            center = (rng.uniform(0.15, 0.85) * width, rng.uniform(0.2, 0.8) * height)
+        centers.append(center)
+        parts = [_random_polygon(rng, center, radius)]
+        if k == 0 and number % 5 == 3:
+            # A second, separate part of the same instance (an occluded object).
+            offset = (radius * 1.8 if center[0] < width / 2 else -radius * 1.8)
+            parts.append(_random_polygon(rng, (center[0] + offset, center[1]), radius * 0.5))
+        objects.append((entry, parts, None))
+    return objects
+
+
+def _annotate(objects: list, width: int, height: int
+              ) -> tuple[list[dict[str, Any]], list[tuple[tuple, np.ndarray]]]:
+    """COCO annotations of ``objects`` and each one's (category entry, boolean mask)."""
+    annotations = []
+    masks = []
+    for entry, parts, crowd in objects:
+        if crowd is not None:
+            segmentation: Any = _uncompressed_rle(crowd)
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        else:
+            segmentation = parts
+            rle = mask_utils.merge(mask_utils.frPyObjects(parts, height, width))
+        mask = mask_utils.decode(rle).astype(bool)
+        masks.append((entry, mask))
+        annotations.append({
+            "category_id": entry[0],
+            "segmentation": segmentation,
+            "area": float(mask_utils.area(rle)),
+            "bbox": [round(float(v), 2) for v in mask_utils.toBbox(rle)],
+            "iscrowd": int(crowd is not None),
+        })
+    return annotations, masks
+
+
+def _paint(rng: np.random.Generator, masks: list[tuple[tuple, np.ndarray]], width: int,
+           height: int) -> np.ndarray:
+    """The image: a grey, blotchy background unlike any object's, each object in its colour
+    and texture, and noise."""
     y, x = np.mgrid[0:height, 0:width]
     phase = rng.uniform(0, 2 * np.pi, 2)
     blotches = np.sin(x / 9.0 + phase[0]) * np.cos(y / 7.0 + phase[1])
@@ -167,7 +185,7 @@ def _make_image(rng: np.random.Generator, number: int, width: int, height: int,
         painted = colour * (1.0 - 0.3 * pattern)
         image[mask] = painted[mask]
     image += rng.normal(0, 5, image.shape)
-    return np.clip(image + 0.5, 0, 255).astype(np.uint8), annotations
+    return np.clip(image + 0.5, 0, 255).astype(np.uint8)
 
 
 def _write_split(root: Path, split: str, seed: int, count: int,

@@ -73,8 +73,7 @@ class RandomAugmentation(torch.utils.data.Dataset):
 
 def batches(workers: int, rank: int = 0, world_size: int = 1, epoch: int = 1) -> list[dict]:
     loader, sampler = resumable_loader(RandomAugmentation(), batch_size=2, shuffle=True, seed=7,
-                                       rank=rank, world_size=world_size, workers=workers,
-                                       drop_last=True)
+                                       rank=rank, world_size=world_size, workers=workers)
     sampler.set_epoch(epoch)
     return list(loader)
 
@@ -101,8 +100,7 @@ def test_ranks_of_a_loader_read_disjoint_samples():
 
 
 def test_batches_say_which_dataset_items_they_hold():
-    loader, sampler = resumable_loader(RandomAugmentation(), batch_size=2, shuffle=True, seed=7,
-                                       drop_last=True)
+    loader, sampler = resumable_loader(RandomAugmentation(), batch_size=2, shuffle=True, seed=7)
     sampler.set_epoch(1)
     order = [index for index, _ in sampler]
     for number, batch in enumerate(loader):

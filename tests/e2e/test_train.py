@@ -150,6 +150,46 @@ def test_eval_only_matches_training_metrics(trained, demo_root, tmp_path):
                                               for name in FIGURES}
 
 
+def eval_only(demo_root: Path, checkpoint: Path) -> dict:
+    return train.main(train.get_args_parser().parse_args(
+        TINY + ["--dataset", "demo", "--data-root", str(demo_root), "--eval-only", "--resume",
+                str(checkpoint), "--eval-worst", "2"]))
+
+
+def test_eval_only_names_its_files_after_the_checkpoint(trained, demo_root, tmp_path):
+    # Evaluations of model_best and of checkpoint in one folder overwrote each other's JSON,
+    # figures and TensorBoard folder (all named eval_metrics).
+    for name in ("checkpoint.pth.tar", "model_best.pth.tar"):
+        (tmp_path / name).write_bytes((trained["run_dir"] / name).read_bytes())
+    best = eval_only(demo_root, tmp_path / "model_best.pth.tar")
+    latest = eval_only(demo_root, tmp_path / "checkpoint.pth.tar")
+    for stem, result in (("eval_model_best", best), ("eval_checkpoint", latest)):
+        assert json.loads((tmp_path / f"{stem}.json").read_text()) == result["metrics"]
+        for figure in FIGURES:
+            assert (tmp_path / f"{stem}_{figure}.png").is_file()
+        step = torch.load(tmp_path / f"{stem.removeprefix('eval_')}.pth.tar",
+                          weights_only=True)["iteration"]
+        assert image_steps(tmp_path / stem) == {f"val/{name}": [step] for name in FIGURES}
+
+
+def test_eval_only_again_replaces_its_files_and_leaves_no_temporaries(trained, demo_root,
+                                                                      tmp_path):
+    checkpoint = tmp_path / "checkpoint.pth.tar"
+    checkpoint.write_bytes((trained["run_dir"] / "checkpoint.pth.tar").read_bytes())
+    eval_only(demo_root, checkpoint)
+    # What a kill during the JSON's and a figure's atomic writes leaves.
+    killed = [tmp_path / ".eval_checkpoint.json.0123456789ab.tmp",
+              tmp_path / ".eval_checkpoint_confusion_matrix.png.a1b2c3d4e5f6.tmp"]
+    for path in killed:
+        path.write_bytes(b"half")
+    eval_only(demo_root, checkpoint)
+    assert not any(path.exists() for path in killed)
+    # One event file: two at the same step would show the figures twice in TensorBoard.
+    assert len(list((tmp_path / "eval_checkpoint").glob("events.out.tfevents.*"))) == 1
+    assert image_steps(tmp_path / "eval_checkpoint") == {
+        f"val/{name}": [trained["iteration"]] for name in FIGURES}
+
+
 def test_finetune_reinitialises_a_classifier_of_another_size(trained, tmp_path, capsys):
     from modeling.deeplab import DeepLab
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,7 +15,7 @@ from PIL import Image
 import train
 from utils.distributed import DistributedContext
 from utils.errors import UserError
-from utils.hardware import resolve_amp
+from utils.hardware import Placement, resolve_amp
 from utils.metrics import Evaluator
 from dataloader.utils import palette_for
 from modeling.deeplab import DeepLab
@@ -38,9 +39,10 @@ def draw_pair(seed: int, class_ids: list[int], size=(48, 40)) -> tuple[Image.Ima
     return Image.fromarray(image), mask
 
 
-def make_folder_dataset(root: Path, bad_train_image: bool = False) -> Path:
+def make_folder_dataset(root: Path, bad_train_image: bool = False,
+                        class_names: tuple[str, ...] = ("background", "square", "disc")) -> Path:
     root.mkdir(parents=True)
-    (root / "classes.txt").write_text("background\nsquare\ndisc\n")
+    (root / "classes.txt").write_text("".join(f"{name}\n" for name in class_names))
     for split, count in (("train", 9), ("val", 2)):
         (root / "images" / split).mkdir(parents=True)
         (root / "masks" / split).mkdir(parents=True)
@@ -256,7 +258,7 @@ def parse(flags: list[str]):
 
 
 def cpu(devices: int = 1) -> SimpleNamespace:
-    """The Hardware fields plan_schedule and build_optimisation read."""
+    """The Hardware fields build_plan and build_optimisation read."""
     return SimpleNamespace(device=torch.device("cpu"), devices_per_process=devices,
                            gpu_ids=list(range(devices)) if devices > 1 else [], amp_dtype=None)
 
@@ -271,8 +273,8 @@ def cpu(devices: int = 1) -> SimpleNamespace:
 ])
 def test_default_lr_is_0_01_per_16_images_of_total_batch(flags, devices, world_size,
                                                           total_batch, lr):
-    schedule = train.plan_run(parse(flags + ["--epochs", "3"]), 200, cpu(devices),
-                                   DistributedContext(rank=0, world_size=world_size))
+    schedule = train.build_plan(parse(flags + ["--epochs", "3"]), 200, Placement(
+        cpu(devices), DistributedContext(rank=0, world_size=world_size)))
     assert (schedule.total_batch, schedule.lr) == (total_batch, pytest.approx(lr))
     assert schedule.iters_per_epoch == 200 // total_batch
     assert schedule.total_iters == 3 * (200 // total_batch)
@@ -280,10 +282,10 @@ def test_default_lr_is_0_01_per_16_images_of_total_batch(flags, devices, world_s
 
 def learning_rates(flags: list[str], train_size: int):
     args = parse(flags)
-    context = DistributedContext()
     model = DeepLab(backbone="resnet18", num_classes=3, aux_loss=True)
-    schedule = train.plan_run(args, train_size, cpu(), context)
-    optimisation = train.build_optimisation(args, model, schedule, None, cpu(), context)
+    placement = Placement(cpu(), DistributedContext())
+    schedule = train.build_plan(args, train_size, placement)
+    optimisation = train.build_optimisation(args, model, schedule, None, placement)
     return model, schedule, optimisation
 
 
@@ -353,3 +355,55 @@ def test_negative_eval_worst_is_refused():
     args = train.get_args_parser().parse_args(["--eval-worst", "-1"])
     with pytest.raises(UserError, match="--eval-worst"):
         train.check_flags(args)
+
+
+def test_eval_worst_above_64_is_refused_in_one_line(capsys):
+    # 320 worst images drew a 910 x 70,465-pixel PNG at every evaluation.
+    train.check_flags(train.get_args_parser().parse_args(["--eval-worst", "64"]))
+    assert train.cli(["--eval-worst", "65", "--dataset", "folder", "--data-root",
+                      "/nonexistent/data"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --eval-worst must be 0 (off) or a number of images up to 64, got 65"
+
+
+# ------------------------------------------------------- reports run after the checkpoint
+
+
+def folder_run(root: Path, run_dir: Path, *extra: str) -> int:
+    """The issue's command: ``python train.py --dataset folder ... --epochs 1 --run-dir R``."""
+    return train.cli(["--dataset", "folder", "--data-root", str(root), "--backbone", "resnet18",
+                      "--no-pretrained", "--crop-size", "64", "--base-size", "64", "--workers",
+                      "0", "--no-cuda", "--batch-size", "4", "--epochs", "1", "--amp", "off",
+                      "--run-dir", str(run_dir), *extra])
+
+
+def test_class_names_are_drawn_as_written_not_as_mathtext(tmp_path):
+    # matplotlib's mathtext failed on this name: ParseSyntaxException, exit 1, no checkpoint.
+    root = make_folder_dataset(tmp_path / "mine",
+                               class_names=("background", "$\\frac{x$", "price $5 and $10"))
+    assert folder_run(root, tmp_path / "R") == 0
+    checkpoint = torch.load(tmp_path / "R" / "checkpoint.pth.tar", weights_only=True)
+    assert checkpoint["iteration"] == 2  # 9 images, batches of 4: the epoch's 2 steps
+    assert checkpoint["settings"]["class_names"][1] == "$\\frac{x$"
+    for name in ("confusion_matrix", "per_class_iou", "worst_images"):
+        assert (tmp_path / "R" / f"{name}.png").is_file()
+
+
+def test_a_figure_error_is_one_warning_and_the_epoch_is_saved(tmp_path, monkeypatch, caplog):
+    root = make_folder_dataset(tmp_path / "mine")
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("cannot allocate 2.9 GB for the figure")
+
+    monkeypatch.setattr("utils.figures.confusion_matrix_figure", out_of_memory)
+    with caplog.at_level(logging.WARNING):
+        assert folder_run(root, tmp_path / "R") == 0
+    checkpoint = torch.load(tmp_path / "R" / "checkpoint.pth.tar", weights_only=True)
+    assert checkpoint["iteration"] == 2 and checkpoint["eval_pending"] is False
+    assert (tmp_path / "R" / "model_best.pth.tar").is_file()
+    assert json.loads((tmp_path / "R" / "metrics.json").read_text())["iteration"] == 2
+    warnings = [record.getMessage() for record in caplog.records
+                if record.levelno >= logging.WARNING]
+    assert warnings == ["the evaluation figures skipped: MemoryError: cannot allocate 2.9 GB "
+                        "for the figure"]
+    assert not list((tmp_path / "R").glob("*.png"))

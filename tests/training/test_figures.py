@@ -102,6 +102,50 @@ def test_worst_images_figure_has_a_row_per_image():
     assert ((three == [255, 0, 0]).all(axis=2)).sum() > 100
 
 
+@needs_matplotlib
+def test_worst_images_figure_height_is_bounded():
+    # 320 rows of 2.2 inches drew a 70,465-pixel-tall PNG; rows get shorter past 64 inches.
+    entry = ScoredImage(0.25, 3, "a.jpg", np.full((8, 8, 3), 128, np.uint8),
+                        np.ones((8, 8), np.uint8), np.zeros((8, 8), np.uint8))
+    rgb = worst_images_figure([entry] * 40, [[0, 0, 0], [255, 0, 0]])
+    rows, header_and_caption = 64, 0.35 + 0.3  # inches; 40 rows of 2.2 would be 88
+    assert rgb.shape[0] <= round((rows + header_and_caption) * DPI)
+    assert figures.MAX_ROWS_HEIGHT == rows
+
+
+def drawn_texts(monkeypatch, draw) -> list:
+    """The text artists of the figures ``draw()`` renders (hidden ones included)."""
+    seen = []
+    real_to_rgb = figures.to_rgb
+
+    def keep(figure):
+        seen.append(figure)
+        return real_to_rgb(figure)
+
+    monkeypatch.setattr(figures, "to_rgb", keep)
+    draw()
+    from matplotlib.text import Text
+
+    return [text for figure in seen for text in figure.findobj(Text)]
+
+
+@needs_matplotlib
+@pytest.mark.parametrize("name", ["price $5 and $10", "$\\frac{x$", "$x$"])
+def test_names_from_the_data_are_drawn_as_written(monkeypatch, name):
+    # mathtext drew "price $5 and $10" as "price 5and10" and failed on "$\\frac{x$".
+    matrix = [[5, 1], [2, 7]]
+    entry = ScoredImage(0.25, 3, name, np.full((8, 8, 3), 128, np.uint8),
+                        np.ones((8, 8), np.uint8), np.zeros((8, 8), np.uint8))
+    texts = drawn_texts(monkeypatch, lambda: evaluation_figures(
+        confusion_matrix=matrix, class_names=["background", name], palette=[[0, 0, 0]] * 2,
+        worst=[entry]))
+    named = [text for text in texts if name in text.get_text() and text.get_visible()]
+    assert len(named) >= 4  # both axes of the matrix, a bar, the worst image's title
+    for text in named:
+        # What matplotlib typesets: the string as it is, not as math.
+        assert text._preprocess_math(text.get_text()) == (text.get_text(), False)
+
+
 def test_without_matplotlib_training_figures_warn_once(monkeypatch, caplog):
     for name in [n for n in sys.modules if n == "matplotlib" or n.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, name)

@@ -9,7 +9,7 @@ import torch
 
 from utils.checkpoint import save_checkpoint
 from utils.fileio import atomic_write, atomic_write_text, remove_stale_temporaries
-from utils.saver import Saver
+from utils.run_folder import RunFolder
 
 
 @pytest.fixture
@@ -33,9 +33,10 @@ def test_written_files_follow_the_umask(umask, tmp_path, mask, expected):
     atomic_write(tmp_path / "mask.png", lambda handle: handle.write(b"\x89PNG"))
     atomic_write_text(tmp_path / "metrics.json", "{}")
     save_checkpoint({"model": {"w": torch.zeros(2)}}, tmp_path / "checkpoint.pth.tar")
-    saver = Saver(dataset="demo", checkname="x", experiment_dir=tmp_path / "run")
-    saver.save_settings({"lr": 0.01})
-    saver.save({"model": {"w": torch.ones(2)}}, is_best=True)  # model_best is a copy
+    run_folder = RunFolder(dataset="demo", checkname="x", experiment_dir=tmp_path / "run")
+    run_folder.write_settings({"lr": 0.01})
+    # model_best is written, checkpoint.pth.tar is a copy of it
+    run_folder.write_checkpoint({"model": {"w": torch.ones(2)}}, is_best=True)
     written = ["mask.png", "metrics.json", "checkpoint.pth.tar", "run/settings.json",
                "run/checkpoint.pth.tar", "run/model_best.pth.tar"]
     assert {name: oct(mode(tmp_path / name)) for name in written} == {
@@ -59,11 +60,14 @@ def test_a_resumed_run_folder_loses_the_temporaries_of_killed_writes(tmp_path):
     run.mkdir()
     stale = [run / ".checkpoint.pth.tar.0123456789ab.tmp",
              run / ".model_best.pth.tar.a1b2c3d4e5f6.tmp", run / ".metrics.json.00112233aabb.tmp",
-             run / ".settings.json.ffeeddccbbaa.tmp"]
+             run / ".settings.json.ffeeddccbbaa.tmp",
+             run / ".confusion_matrix.png.0123456789ab.tmp",
+             run / ".per_class_iou.png.a1b2c3d4e5f6.tmp",
+             run / ".worst_images.png.00112233aabb.tmp"]
     kept = [run / "checkpoint.pth.tar", run / ".notes.0123456789ab.tmp", run / "events.out"]
     for path in stale + kept:
         path.write_bytes(b"x" * 10)
-    Saver(dataset="demo", checkname="c", experiment_dir=run).close()
+    RunFolder(dataset="demo", checkname="c", experiment_dir=run).close()
     assert not any(path.exists() for path in stale)
     assert all(path.exists() for path in kept)
     assert remove_stale_temporaries(run / "checkpoint.pth.tar") == []

@@ -21,13 +21,19 @@ import train
 from modeling.deeplab import DeepLab
 from utils import distributed, hardware
 from utils.distributed import DistributedContext
-from train import evaluate, step_batch
+from train import evaluate
 from utils.errors import UserError
-from utils.hardware import (AutocastReplica, Hardware, auto_amp_dtype, cpu_bf16_note,
+from utils.evaluation_report import EvaluationOptions
+from utils.hardware import (AutocastReplica, Hardware, Placement, auto_amp_dtype, cpu_bf16_note,
                             dataparallel_chunks, prepare_model, resolve_amp, resolve_hardware,
-                            usable_batch_size)
+                            step_batch, usable_batch_size)
 
 CPU = Hardware(device=torch.device("cpu"), gpu_ids=[], amp_dtype=None, channels_last=False)
+
+
+def alone(hardware: Hardware) -> Placement:
+    """``hardware`` in a process that trains alone (no torchrun)."""
+    return Placement(hardware, DistributedContext())
 
 
 def gpus(count: int) -> Hardware:
@@ -61,21 +67,21 @@ def test_dataparallel_splits_like_torch_chunk():
 def test_a_batch_that_leaves_a_gpu_one_image_is_refused(batch, devices, suggestion):
     args = train.get_args_parser().parse_args(["--dataset", "demo", "--batch-size", str(batch)])
     with pytest.raises(UserError, match=f"use --batch-size {suggestion}$"):
-        train.plan_run(args, 1000, gpus(devices), DistributedContext())
+        train.build_plan(args, 1000, alone(gpus(devices)))
     suggested = train.get_args_parser().parse_args(
         ["--dataset", "demo", "--batch-size", str(suggestion)])
-    schedule = train.plan_run(suggested, 1000, gpus(devices), DistributedContext())
+    schedule = train.build_plan(suggested, 1000, alone(gpus(devices)))
     assert min(dataparallel_chunks(schedule.batch_size, devices)) >= 2
 
 
 def test_a_batch_shrunk_by_skipped_images_is_cut_to_chunks_of_two():
     # 10 images on 4 GPUs would give the last one a single image: train on 9 (3, 3, 3).
-    images, targets = step_batch(batch_of(10), gpus(4), DistributedContext(), agree=False)
+    images, targets = step_batch(batch_of(10), alone(gpus(4)), agree=False)
     assert len(images) == len(targets) == 9
     assert images[:, 0, 0, 0].tolist() == list(range(9))
-    assert step_batch(batch_of(3), gpus(2), DistributedContext(), agree=False) is None
-    assert step_batch(batch_of(0, skipped=4), CPU, DistributedContext(), agree=False) is None
-    assert len(step_batch(batch_of(3), CPU, DistributedContext(), agree=False)[0]) == 3
+    assert step_batch(batch_of(3), alone(gpus(2)), agree=False) is None
+    assert step_batch(batch_of(0, skipped=4), alone(CPU), agree=False) is None
+    assert len(step_batch(batch_of(3), alone(CPU), agree=False)[0]) == 3
 
 
 # ------------------------------------------------------------------ 2. DDP ranks skip together
@@ -86,8 +92,8 @@ def _step_on_rank(rank: int, port: int, sizes: list[int], results) -> None:
                             world_size=len(sizes), timeout=datetime.timedelta(seconds=60))
     try:
         context = DistributedContext(rank=rank, world_size=len(sizes))
-        inputs = step_batch(batch_of(sizes[rank], skipped=4 - sizes[rank]), CPU, context,
-                            agree=True)
+        inputs = step_batch(batch_of(sizes[rank], skipped=4 - sizes[rank]),
+                            Placement(CPU, context), agree=True)
         results[rank] = 0 if inputs is None else len(inputs[0])
     finally:
         dist.destroy_process_group()
@@ -225,11 +231,11 @@ def test_evaluation_turns_cudnn_benchmark_off_and_restores_it(monkeypatch):
     data = [{"image": torch.zeros(3, 5 + i, 7), "label": torch.zeros(5 + i, 7, dtype=torch.long)}
             for i in range(3)]
     loader = torch.utils.data.DataLoader(data, batch_size=1)
-    evaluator, _ = evaluate(model, loader, num_classes=2, hardware=CPU,
-                            context=DistributedContext(), scales=[1.0], flip=False)
+    evaluation = evaluate(model, loader, settings={"class_names": ["a", "b"]},
+                          placement=alone(CPU), options=EvaluationOptions())
     assert model.seen == [False, False, False]
     assert torch.backends.cudnn.benchmark is True
-    assert evaluator.confusion_matrix.sum().item() == 5 * 7 + 6 * 7 + 7 * 7
+    assert evaluation.results["pixels"] == 5 * 7 + 6 * 7 + 7 * 7
 
 
 def test_inference_turns_cudnn_benchmark_off_and_restores_it(monkeypatch, tmp_path):
@@ -312,8 +318,8 @@ def test_training_ranks_read_disjoint_halves_of_each_epoch():
     halves = []
     for rank in (0, 1):
         _, sampler = train.build_loader(dataset, args, batch_size=2, shuffle=True,
-                                        context=DistributedContext(rank=rank, world_size=2),
-                                        hardware=CPU)
+                                        placement=Placement(CPU, DistributedContext(
+                                            rank=rank, world_size=2)))
         sampler.set_epoch(1)
         halves.append([index for index, _ in sampler])
     assert len(halves[0]) == len(halves[1]) == 6

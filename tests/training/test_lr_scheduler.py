@@ -200,7 +200,7 @@ def test_resume_with_the_same_schedule_is_silent(caplog):
 def test_resume_with_another_lr_momentum_and_weight_decay_applies_them_and_says_so(caplog):
     # Trained 40 of 100 poly iterations at 0.01 (head 0.1), momentum 0.9; resumed with
     # --lr 0.005 --momentum 0.8 --weight-decay 0.001 --nesterov, restored as
-    # utils.saver.restore_training_state does: the new values run from iteration 40 on.
+    # utils.run_folder.resume_training does: the new values run from iteration 40 on.
     from utils.optim import load_optimizer_state
 
     def sgd(lr: float, **kwargs) -> torch.optim.SGD:

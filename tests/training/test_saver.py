@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import utils.checkpoint as checkpoint_module
-import utils.saver as saver_module
+import utils.run_folder as run_folder_module
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.errors import UserError
-from utils.saver import Saver, get_rng_state, set_rng_state
+from utils.random_state import get_rng_state, set_rng_state
+from utils.run_folder import RunFolder
 
 
 def make_state(value: float) -> dict:
@@ -151,15 +152,15 @@ def test_rng_state_round_trip_through_weights_only_checkpoint(tmp_path):
 
 
 def test_experiment_folders_are_numbered(tmp_path):
-    first = Saver(dataset="coco", checkname="deeplab-resnet", run_root=tmp_path)
-    second = Saver(dataset="coco", checkname="deeplab-resnet", run_root=tmp_path)
+    first = RunFolder(dataset="coco", checkname="deeplab-resnet", run_root=tmp_path)
+    second = RunFolder(dataset="coco", checkname="deeplab-resnet", run_root=tmp_path)
     parent = tmp_path / "coco" / "deeplab-resnet"
     assert first.experiment_dir == parent / "experiment_0"
     assert second.experiment_dir == parent / "experiment_1"
     (parent / "experiment_7").mkdir()
     (parent / "notes").mkdir()
     (parent / "experiment_x").mkdir()
-    third = Saver(dataset="coco", checkname="deeplab-resnet", run_root=tmp_path)
+    third = RunFolder(dataset="coco", checkname="deeplab-resnet", run_root=tmp_path)
     assert third.experiment_dir == parent / "experiment_8"
 
 
@@ -168,32 +169,33 @@ def test_experiment_created_concurrently_is_skipped(tmp_path, monkeypatch):
     (parent / "experiment_0").mkdir(parents=True)
     # Another run creates experiment_0 between our listing and our mkdir: the listing is stale.
     monkeypatch.setattr(Path, "iterdir", lambda self: iter(()))
-    saver = Saver(dataset="voc", checkname="net", run_root=tmp_path)
-    assert saver.experiment_dir == parent / "experiment_1"
+    run_folder = RunFolder(dataset="voc", checkname="net", run_root=tmp_path)
+    assert run_folder.experiment_dir == parent / "experiment_1"
 
 
 def test_resume_reuses_the_given_folder(tmp_path):
     folder = tmp_path / "somewhere" / "experiment_3"
-    saver = Saver(dataset="coco", checkname="net", run_root=tmp_path, experiment_dir=folder)
-    assert saver.experiment_dir == folder and folder.is_dir()
-    saver.save(make_state(1.0), is_best=False)
-    assert saver.checkpoint_path == folder / "checkpoint.pth.tar"
-    # A second Saver on the same folder (resuming twice) is fine too, once the first is done.
-    saver.close()
-    again = Saver(dataset="coco", checkname="net", run_root=tmp_path, experiment_dir=folder)
+    run_folder = RunFolder(dataset="coco", checkname="net", run_root=tmp_path,
+                           experiment_dir=folder)
+    assert run_folder.experiment_dir == folder and folder.is_dir()
+    run_folder.write_checkpoint(make_state(1.0), is_best=False)
+    assert run_folder.checkpoint_path == folder / "checkpoint.pth.tar"
+    # A second RunFolder on the same folder (resuming twice) is fine too, once the first is done.
+    run_folder.close()
+    again = RunFolder(dataset="coco", checkname="net", run_root=tmp_path, experiment_dir=folder)
     assert_state_equal(load_checkpoint(again.checkpoint_path), make_state(1.0))
 
 
 def test_save_writes_best_only_when_best(tmp_path):
-    saver = Saver(dataset="coco", checkname="net", run_root=tmp_path)
-    saver.save(make_state(1.0), is_best=True)
-    saver.save(make_state(2.0), is_best=False)
-    assert saver.best_path == saver.experiment_dir / "model_best.pth.tar"
-    assert_state_equal(load_checkpoint(saver.checkpoint_path), make_state(2.0))
-    assert_state_equal(load_checkpoint(saver.best_path), make_state(1.0))
-    saver.save(make_state(3.0), is_best=True)
-    assert_state_equal(load_checkpoint(saver.best_path), make_state(3.0))
-    assert sorted(os.listdir(saver.experiment_dir)) == [".lock", "checkpoint.pth.tar",
+    run_folder = RunFolder(dataset="coco", checkname="net", run_root=tmp_path)
+    run_folder.write_checkpoint(make_state(1.0), is_best=True)
+    run_folder.write_checkpoint(make_state(2.0), is_best=False)
+    assert run_folder.best_path == run_folder.experiment_dir / "model_best.pth.tar"
+    assert_state_equal(load_checkpoint(run_folder.checkpoint_path), make_state(2.0))
+    assert_state_equal(load_checkpoint(run_folder.best_path), make_state(1.0))
+    run_folder.write_checkpoint(make_state(3.0), is_best=True)
+    assert_state_equal(load_checkpoint(run_folder.best_path), make_state(3.0))
+    assert sorted(os.listdir(run_folder.experiment_dir)) == [".lock", "checkpoint.pth.tar",
                                                          "model_best.pth.tar"]
 
 
@@ -202,34 +204,34 @@ def test_model_best_is_written_before_the_checkpoint_that_carries_its_score(tmp_
     # The disk fills up (or a kill lands) between the two writes of a new best: the resumed run
     # must find the older checkpoint (it evaluates again and rewrites the best), never a
     # checkpoint with the new score beside a model_best that still holds the old one.
-    saver = Saver(dataset="coco", checkname="net", run_root=tmp_path)
-    saver.save(make_state(1.0), is_best=True)
-    real_atomic_write = saver_module.atomic_write
+    run_folder = RunFolder(dataset="coco", checkname="net", run_root=tmp_path)
+    run_folder.write_checkpoint(make_state(1.0), is_best=True)
+    real_atomic_write = run_folder_module.atomic_write
 
     def full_disk_for_the_checkpoint(path, write):
         if Path(path).name == "checkpoint.pth.tar":
             raise OSError(28, "No space left on device")
         real_atomic_write(path, write)
 
-    for module in (saver_module, checkpoint_module):  # the copy's write and torch.save's
+    for module in (run_folder_module, checkpoint_module):  # the copy's write and torch.save's
         monkeypatch.setattr(module, "atomic_write", full_disk_for_the_checkpoint)
     with pytest.raises(OSError):
-        saver.save(make_state(2.0), is_best=True)
-    assert_state_equal(load_checkpoint(saver.best_path), make_state(2.0))
-    assert_state_equal(load_checkpoint(saver.checkpoint_path), make_state(1.0))
+        run_folder.write_checkpoint(make_state(2.0), is_best=True)
+    assert_state_equal(load_checkpoint(run_folder.best_path), make_state(2.0))
+    assert_state_equal(load_checkpoint(run_folder.checkpoint_path), make_state(1.0))
 
 
 def test_one_live_run_per_folder_and_a_killed_one_leaves_it_free(tmp_path):
     folder = tmp_path / "experiment_0"
     stale = folder / ".checkpoint.pth.tar.0123456789ab.tmp"  # the live run is writing it
-    first = Saver(dataset="coco", checkname="net", experiment_dir=folder)
+    first = RunFolder(dataset="coco", checkname="net", experiment_dir=folder)
     stale.write_bytes(b"x")
     with pytest.raises(UserError, match=f"{folder} is in use by another process \\(pid "
                                         f"{os.getpid()} on "):
-        Saver(dataset="coco", checkname="net", experiment_dir=folder)
+        RunFolder(dataset="coco", checkname="net", experiment_dir=folder)
     assert stale.exists()  # the refused run deleted nothing of the live one's
     first.close()
-    Saver(dataset="coco", checkname="net", experiment_dir=folder).close()
+    RunFolder(dataset="coco", checkname="net", experiment_dir=folder).close()
 
     # A holder killed with SIGKILL (no clean-up runs) leaves the lock file but not the lock.
     holder = subprocess.Popen(
@@ -239,23 +241,23 @@ def test_one_live_run_per_folder_and_a_killed_one_leaves_it_free(tmp_path):
         text=True)
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(UserError, match=f"pid {holder.pid} "):
-        Saver(dataset="coco", checkname="net", experiment_dir=folder)
+        RunFolder(dataset="coco", checkname="net", experiment_dir=folder)
     holder.kill()
     holder.wait()
-    Saver(dataset="coco", checkname="net", experiment_dir=folder).close()
+    RunFolder(dataset="coco", checkname="net", experiment_dir=folder).close()
 
 
 def test_settings_json_sorted_and_atomic(tmp_path):
-    saver = Saver(dataset="coco", checkname="net", run_root=tmp_path)
+    run_folder = RunFolder(dataset="coco", checkname="net", run_root=tmp_path)
     settings = {"lr": 0.01, "backbone": "resnet101", "data_root": tmp_path / "coco", "epochs": 30}
-    saver.save_settings(settings)
-    text = saver.settings_path.read_text()
-    assert saver.settings_path == saver.experiment_dir / "settings.json"
+    run_folder.write_settings(settings)
+    text = run_folder.settings_path.read_text()
+    assert run_folder.settings_path == run_folder.experiment_dir / "settings.json"
     assert json.loads(text) == {**settings, "data_root": str(tmp_path / "coco")}
     keys = [line.split('"')[1] for line in text.splitlines() if line.startswith('  "')]
     assert keys == sorted(settings)
     with pytest.raises(TypeError, match="object"):
-        saver.save_settings({"bad": object()})
-    assert json.loads(saver.settings_path.read_text()) == json.loads(text)  # old file intact
-    assert sorted(os.listdir(saver.experiment_dir)) == [".lock", "settings.json"]
+        run_folder.write_settings({"bad": object()})
+    assert json.loads(run_folder.settings_path.read_text()) == json.loads(text)  # old file intact
+    assert sorted(os.listdir(run_folder.experiment_dir)) == [".lock", "settings.json"]
 
