@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 import mypath
 from dataloader import custom_transforms as tr
-from dataloader.check import check_datasets
+from dataloader.check import check_data
 from dataloader.class_weights import compute_class_weights
-from dataloader.datasets import DATASETS, MASK_FORMATS, build_dataset, dataset_entry
+from dataloader.datasets import DATASETS, add_data_args, build_dataset, dataset_entry
 from dataloader.samplers import ResumableSampler, resumable_loader
 from dataloader.utils import IGNORE_INDEX, DatasetError
 from modeling.backbone import (BACKBONE_ALIASES, BACKBONES, PretrainedWeightsUnavailable,
@@ -41,21 +41,20 @@ from utils.distributed import (DEFAULT_TIMEOUT_MINUTES, DistributedContext, broa
                                main_process_first)
 from utils.errors import UserError
 from utils.evaluation_report import (MAX_EVAL_WORST, Evaluation, EvaluationOptions,
+                                     add_evaluation_args,
                                      eval_json_path, grid_batch, report_checkpoint, report_epoch,
                                      worst_images_tracker)
 from utils.hardware import (Hardware, Placement, add_hardware_args, cpu_bf16_note,
                             cudnn_benchmark, prepare_model, resolve_hardware, step_batch)
-from utils.losses import (DEFAULT_TOP_K, LOSSES, NonFiniteLoss, OutputsLoss, build_loss,
-                          loss_spec, top_k_fraction)
-from utils.lr_scheduler import SCHEDULERS, build_lr_scheduler
+from utils.losses import NonFiniteLoss, OutputsLoss, build_loss
+from utils.lr_scheduler import build_lr_scheduler
 from utils.metrics import Evaluator
-from utils.optim import Optimisation, build_optimizer, grad_scaler
-from utils.plan import (DEFAULT_BATCH_PER_DEVICE, REFERENCE_BATCH, REFERENCE_LR, TrainPlan,
-                        resolve_plan)
-from utils.run_folder import (Checkpointer, RunFolderOptions, TrainProgress, check_folder_path,
+from utils.optim import Optimisation, add_optimisation_args, build_optimizer, grad_scaler
+from utils.plan import TrainPlan, resolve_plan
+from utils.run_folder import (Checkpointer, RunFolderOptions, add_run_folder_args, TrainProgress, check_folder_path,
                               locate_run, open_run)
 from utils.signals import Interrupted, StopFlag
-from utils.slurm import DEFAULT_REQUEUE_SIGNAL, parse_signal, requeue_job
+from utils.slurm import requeue_job
 from utils.stopping import StepBoundary, eval_stop_requested
 from utils.summaries import TrainLog
 
@@ -68,8 +67,13 @@ INIT_TORCHVISION_COCO = "torchvision-coco"
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train DeepLabV3+ for semantic segmentation",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for add_group in (_model_args, _data_args, _optimisation_args, _hardware_args, _run_args):
-        add_group(parser)
+    _model_args(parser)
+    add_data_args(parser)
+    add_optimisation_args(parser, default_epochs="by dataset, " + ", ".join(
+        f"{name} {entry.epochs}" for name, entry in sorted(DATASETS.items())))
+    _hardware_args(parser)
+    add_run_folder_args(parser)
+    add_evaluation_args(parser)
     return parser
 
 
@@ -91,57 +95,6 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--aux-weight", type=float, default=0.5, help="weight of the auxiliary loss")
 
 
-def _data_args(parser: argparse.ArgumentParser) -> None:
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="coco", choices=sorted(DATASETS))
-    data.add_argument("--data-root", help="dataset folder (overrides mypath.py and its variable)")
-    data.add_argument("--workers", type=int, default=4, help="data loading processes per GPU")
-    data.add_argument("--base-size", type=int, default=513, help="short side before 0.5-2x scaling")
-    data.add_argument("--crop-size", type=int, default=513, help="square training crop")
-    data.add_argument("--skip-bad-images", action=argparse.BooleanOptionalAction, default=False,
-                      help="skip unreadable images (counted per epoch) instead of stopping")
-    data.add_argument("--cache-dir", help="where index caches and class weights are kept "
-                      "(default: $DEEPLAB_CACHE_DIR or ~/.cache/deeplab)")
-    data.add_argument("--use-balanced-weights", action=argparse.BooleanOptionalAction,
-                      default=False, help="weight the loss by inverse log class frequency")
-    data.add_argument("--mask-format", choices=MASK_FORMATS, help="--dataset folder: index (a "
-                      "class id per pixel, 255 = ignore), binary (0 = background, other values = "
-                      "class 1) or color (RGB, a colour per class in classes.txt); unset: index, "
-                      "after refusing masks that look binary or colour")
-    data.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction,
-                      help="--dataset folder, index masks: 0 is unlabelled (ignored) and id k is "
-                      "class k-1, as mmsegmentation's option; unset: off, after refusing masks "
-                      "whose ids look 1-based")
-    data.add_argument("--check-data", action="store_true", help="read every train and val sample, "
-                      "list the bad ones and the class pixel histogram, exit (1: bad data)")
-
-
-def _optimisation_args(parser: argparse.ArgumentParser) -> None:
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, help="default: by dataset, " + ", ".join(
-        f"{name} {entry.epochs}" for name, entry in sorted(DATASETS.items())))
-    optim.add_argument("--batch-size", type=int, help=f"images per step in this process "
-                       f"(default {DEFAULT_BATCH_PER_DEVICE} per GPU used by it)")
-    optim.add_argument("--lr", type=float, help=f"backbone learning rate; the head gets 10x "
-                       f"(default {REFERENCE_LR} x total batch / {REFERENCE_BATCH})")
-    optim.add_argument("--lr-scheduler", default="poly", choices=SCHEDULERS)
-    optim.add_argument("--lr-step", type=int, default=10, help="epochs between step decays")
-    optim.add_argument("--lr-gamma", type=float, default=0.1, help="step decay factor")
-    optim.add_argument("--warmup-iters", type=int, default=0, help="linear warm-up iterations")
-    optim.add_argument("--momentum", type=float, default=0.9)
-    optim.add_argument("--weight-decay", type=float, default=1e-4)
-    optim.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False)
-    optim.add_argument("--loss-type", default="ce", type=loss_spec, metavar="SPEC",
-                       help=f"loss: one of {', '.join(LOSSES)}, or a weighted sum of them written "
-                       f"[WEIGHT*]NAME+[WEIGHT*]NAME, e.g. ce+dice or 0.5*ce+1.0*dice")
-    optim.add_argument("--focal-gamma", type=float, default=2.0,
-                       help="focusing exponent of the focal loss")
-    optim.add_argument("--ohem-top-k", type=top_k_fraction, default=DEFAULT_TOP_K,
-                       metavar="FRACTION",
-                       help="ohem loss: the fraction of scored pixels with the largest "
-                       "cross-entropy that it averages (detectron2's DeepLab: 0.2)")
-
-
 def _hardware_args(parser: argparse.ArgumentParser) -> None:
     hw = parser.add_argument_group("hardware")
     add_hardware_args(hw, channels_last=None)
@@ -150,41 +103,6 @@ def _hardware_args(parser: argparse.ArgumentParser) -> None:
                     help="minutes a torchrun rank may wait in a collective before failing")
     hw.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
                     help="SyncBatchNorm across processes (default: on under torchrun on GPUs)")
-
-
-def _run_args(parser: argparse.ArgumentParser) -> None:
-    run = parser.add_argument_group("run")
-    run.add_argument("--resume", metavar="CKPT", help="continue training from a checkpoint")
-    run.add_argument("--auto-resume", action="store_true", help="continue from the checkpoint of "
-                     "--run-dir (or the newest experiment) if any, else start there")
-    run.add_argument("--ft", action="store_true",
-                     help="with --resume: fine-tune from its weights only (new optimiser, epoch 0)")
-    run.add_argument("--checkname", help="run name (default deeplab-<backbone>)")
-    run.add_argument("--run-root", default="run", help="folder holding all runs")
-    run.add_argument("--run-dir", help="exact experiment folder (default: next experiment_<k>)")
-    run.add_argument("--eval-interval", type=int, default=1, help="evaluate every N epochs")
-    run.add_argument("--eval-only", action="store_true", help="evaluate --resume and exit")
-    run.add_argument("--eval-size", type=int, help="short side of val inputs (labels: full size)")
-    run.add_argument("--eval-scales", type=float, nargs="+", default=[1.0],
-                     help="multi-scale testing: input scales whose softmax is averaged")
-    run.add_argument("--eval-flip", action=argparse.BooleanOptionalAction, default=False,
-                     help="also average horizontally flipped inputs")
-    run.add_argument("--eval-json", help="where --eval-only writes its metrics (default: "
-                     "eval_<checkpoint name>.json beside the checkpoint)")
-    run.add_argument("--eval-worst", type=int, default=8, metavar="K",
-                     help=f"draw the K val images with the lowest mIoU after each evaluation, "
-                          f"beside the confusion matrix and per-class IoU figures (0: none, at "
-                          f"most {MAX_EVAL_WORST})")
-    run.add_argument("--save-interval", type=int, default=0,
-                     help="also save the latest checkpoint every N iterations (0: per epoch)")
-    run.add_argument("--print-freq", type=int, default=20,
-                     help="iterations between progress updates, TensorBoard writes and NaN "
-                          "checks (every iteration's loss is logged)")
-    run.add_argument("--seed", type=int, default=1)
-    run.add_argument("--requeue-signal", type=parse_signal, metavar="SIGNAL",
-                     default=DEFAULT_REQUEUE_SIGNAL.name, help="save at the next step, requeue "
-                     "the SLURM job (scontrol requeue) and exit on this signal (sbatch "
-                     "--signal=USR1@120); SIGTERM saves and exits without requeueing")
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -215,21 +133,6 @@ def check_flags(args: argparse.Namespace) -> None:
     for flag, folder in (("--run-dir", args.run_dir), ("--run-root", args.run_root)):
         if folder:
             check_folder_path(flag, folder)
-
-
-def run_folder_options(args: argparse.Namespace) -> RunFolderOptions:
-    """The flags :func:`utils.run_folder.open_run` and :func:`~utils.run_folder.locate_run`
-    take."""
-    return RunFolderOptions(
-        dataset=args.dataset, run_root=args.run_root, run_dir=args.run_dir,
-        checkname=args.checkname or f"deeplab-{canonical_backbone_name(args.backbone)}",
-        resume=args.resume, auto_resume=args.auto_resume, ft=args.ft, eval_only=args.eval_only,
-        seed=args.seed, flags=vars(args))
-
-
-def evaluation_options(args: argparse.Namespace) -> EvaluationOptions:
-    return EvaluationOptions(scales=tuple(args.eval_scales), flip=args.eval_flip,
-                             worst=args.eval_worst, json_path=args.eval_json)
 
 
 def read_checkpoint(path: str | None) -> dict | None:
@@ -382,10 +285,11 @@ def main(args: argparse.Namespace) -> dict:
             compile_model=args.compile)
         val_loader, _ = build_loader(val_set, args, batch_size=1,  # labels differ in size
                                      shuffle=False, placement=placement)
+        evaluation = EvaluationOptions.from_flags(vars(args))
         if args.eval_only:
-            evaluation = evaluate(plain_model, val_loader, settings=settings, placement=placement,
-                                  options=evaluation_options(args))
-            return report_checkpoint(evaluation, settings=settings, context=context,
+            scored = evaluate(plain_model, val_loader, settings=settings, placement=placement,
+                              options=evaluation)
+            return report_checkpoint(scored, settings=settings, context=context,
                                      iteration=checkpoint.get("iteration", 0),
                                      json_path=eval_json_path(args.resume, args.eval_json))
         plan = build_plan(args, len(train_set), placement)
@@ -411,7 +315,7 @@ def main(args: argparse.Namespace) -> dict:
                         broadcast_buffers(plain_model, context)  # rank 0's BatchNorm statistics
                         progress.eval_pending = plan.evaluates_after(epoch)
                     if progress.eval_pending:  # evaluate, save, then report
-                        metrics = evaluate_epoch(plain_model, val_loader, evaluation_options(args),
+                        metrics = evaluate_epoch(plain_model, val_loader, evaluation,
                                                  progress=progress, checkpointer=checkpointer,
                                                  placement=placement, stop=stop)
                     else:
@@ -422,6 +326,10 @@ def main(args: argparse.Namespace) -> dict:
         return run.done(metrics=metrics, lr=optimisation.lr, context=context)
     finally:
         cleanup(context)
+
+
+def run_folder_options(args: argparse.Namespace) -> RunFolderOptions:
+    return RunFolderOptions.from_flags(vars(args), backbone=canonical_backbone_name(args.backbone))
 
 
 def with_located_run(args: argparse.Namespace) -> argparse.Namespace:
@@ -442,15 +350,6 @@ def build_placement(args: argparse.Namespace, context: DistributedContext) -> Pl
         print(note)
     torch.manual_seed(args.seed)
     return Placement(hardware, context)
-
-
-def check_data(train_set, val_set, *, workers: int, context: DistributedContext) -> dict:
-    """``--check-data``: rank 0 reads every sample and reports (its exit status is torchrun's)."""
-    if not context.is_main:
-        return {"data_ok": True}
-    report = check_datasets({"train": train_set, "val": val_set}, workers=workers)
-    print(report.format())
-    return {"data_ok": report.ok, "data_report": report}
 
 
 def train_one_epoch(model: nn.Module, optimisation: Optimisation, loader, *,

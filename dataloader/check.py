@@ -19,6 +19,7 @@ import torch
 
 from dataloader.datasets.base import SegmentationDataset
 from dataloader.utils import IGNORE_INDEX, DatasetError
+from utils.distributed import DistributedContext
 
 logger = logging.getLogger(__name__)
 
@@ -162,3 +163,12 @@ def check_datasets(splits: Mapping[str, SegmentationDataset | None], *,
                       samples={name: len(dataset) for name, dataset in present.items()},
                       problems=problems, seconds=time.perf_counter() - start, workers=workers,
                       mask_reading=first.mask_reading())
+
+
+def check_data(train_set, val_set, *, workers: int, context: DistributedContext) -> dict:
+    """``--check-data``: rank 0 reads every sample and reports (its exit status is torchrun's)."""
+    if not context.is_main:
+        return {"data_ok": True}
+    report = check_datasets({"train": train_set, "val": val_set}, workers=workers)
+    print(report.format())
+    return {"data_ok": report.ok, "data_report": report}

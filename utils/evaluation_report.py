@@ -12,12 +12,13 @@ and an evaluation run again replaces its own files and TensorBoard events.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,26 @@ MAX_EVAL_WORST = 64
 _EVENT_FILES = "events.out.tfevents.*"
 
 
+def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
+    """train.py's flags for :class:`EvaluationOptions`, ``--eval-only`` and how often to
+    evaluate."""
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--eval-interval", type=int, default=1, help="evaluate every N epochs")
+    group.add_argument("--eval-only", action="store_true", help="evaluate --resume and exit")
+    group.add_argument("--eval-size", type=int,
+                       help="short side of val inputs (labels: full size)")
+    group.add_argument("--eval-scales", type=float, nargs="+", default=[1.0],
+                       help="multi-scale testing: input scales whose softmax is averaged")
+    group.add_argument("--eval-flip", action=argparse.BooleanOptionalAction, default=False,
+                       help="also average horizontally flipped inputs")
+    group.add_argument("--eval-json", help="where --eval-only writes its metrics (default: "
+                       "eval_<checkpoint name>.json beside the checkpoint)")
+    group.add_argument("--eval-worst", type=int, default=8, metavar="K",
+                       help=f"draw the K val images with the lowest mIoU after each evaluation, "
+                            f"beside the confusion matrix and per-class IoU figures (0: none, "
+                            f"at most {MAX_EVAL_WORST})")
+
+
 @dataclass(frozen=True)
 class EvaluationOptions:
     """How to evaluate and what to draw, as the flags say.
@@ -53,6 +74,12 @@ class EvaluationOptions:
     flip: bool = False
     worst: int = 0
     json_path: str | None = None
+
+    @classmethod
+    def from_flags(cls, flags: Mapping[str, Any]) -> "EvaluationOptions":
+        """The options train.py's flags (``vars(args)``) give."""
+        return cls(scales=tuple(flags["eval_scales"]), flip=flags["eval_flip"],
+                   worst=flags["eval_worst"], json_path=flags["eval_json"])
 
 
 @dataclass

@@ -2,11 +2,16 @@
 10x the backbone's learning rate, the per-iteration schedule, and a GradScaler for fp16."""
 from __future__ import annotations
 
+import argparse
 import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from utils.losses import DEFAULT_TOP_K, LOSSES, loss_spec, top_k_fraction
+from utils.lr_scheduler import SCHEDULERS
+from utils.plan import DEFAULT_BATCH_PER_DEVICE, REFERENCE_BATCH, REFERENCE_LR
 
 logger = logging.getLogger(__name__)
 
@@ -73,3 +78,30 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict,
         logger.warning("optimiser settings changed since the checkpoint (%s): applied from "
                        "iteration %d on", ", ".join(changed), iteration)
     return changed
+
+
+def add_optimisation_args(parser: argparse.ArgumentParser, *, default_epochs: str) -> None:
+    """train.py's flags for the loss, SGD, the schedule and the run's length (``default_epochs``
+    says what ``--epochs`` defaults to)."""
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, help=f"default: {default_epochs}")
+    optim.add_argument("--batch-size", type=int, help=f"images per step in this process "
+                       f"(default {DEFAULT_BATCH_PER_DEVICE} per GPU used by it)")
+    optim.add_argument("--lr", type=float, help=f"backbone learning rate; the head gets 10x "
+                       f"(default {REFERENCE_LR} x total batch / {REFERENCE_BATCH})")
+    optim.add_argument("--lr-scheduler", default="poly", choices=SCHEDULERS)
+    optim.add_argument("--lr-step", type=int, default=10, help="epochs between step decays")
+    optim.add_argument("--lr-gamma", type=float, default=0.1, help="step decay factor")
+    optim.add_argument("--warmup-iters", type=int, default=0, help="linear warm-up iterations")
+    optim.add_argument("--momentum", type=float, default=0.9)
+    optim.add_argument("--weight-decay", type=float, default=1e-4)
+    optim.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False)
+    optim.add_argument("--loss-type", default="ce", type=loss_spec, metavar="SPEC",
+                       help=f"loss: one of {', '.join(LOSSES)}, or a weighted sum of them written "
+                       f"[WEIGHT*]NAME+[WEIGHT*]NAME, e.g. ce+dice or 0.5*ce+1.0*dice")
+    optim.add_argument("--focal-gamma", type=float, default=2.0,
+                       help="focusing exponent of the focal loss")
+    optim.add_argument("--ohem-top-k", type=top_k_fraction, default=DEFAULT_TOP_K,
+                       metavar="FRACTION",
+                       help="ohem loss: the fraction of scored pixels with the largest "
+                       "cross-entropy that it averages (detectron2's DeepLab: 0.2)")

@@ -23,6 +23,7 @@ and :func:`resume_training` loads a checkpoint's training state back.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ from utils.optim import Optimisation, load_optimizer_state
 from utils.plan import TrainPlan
 from utils.checkpoint import save_checkpoint
 from utils.random_state import get_rng_state, set_rng_state
+from utils.slurm import DEFAULT_REQUEUE_SIGNAL, parse_signal
 
 if TYPE_CHECKING:  # TensorBoard is imported by the training run that writes it, not to read one
     from utils.summaries import TensorboardSummary
@@ -292,6 +294,30 @@ class Checkpointer:
 # --------------------------------------------------------------------------- which folder
 
 
+def add_run_folder_args(parser: argparse.ArgumentParser) -> None:
+    """train.py's flags for :class:`RunFolderOptions` and the run's pace: where its files go, what
+    it continues, how often it saves and reports, and the signal that requeues it."""
+    run = parser.add_argument_group("run")
+    run.add_argument("--resume", metavar="CKPT", help="continue training from a checkpoint")
+    run.add_argument("--auto-resume", action="store_true", help="continue from the checkpoint of "
+                     "--run-dir (or the newest experiment) if any, else start there")
+    run.add_argument("--ft", action="store_true",
+                     help="with --resume: fine-tune from its weights only (new optimiser, epoch 0)")
+    run.add_argument("--checkname", help="run name (default deeplab-<backbone>)")
+    run.add_argument("--run-root", default="run", help="folder holding all runs")
+    run.add_argument("--run-dir", help="exact experiment folder (default: next experiment_<k>)")
+    run.add_argument("--save-interval", type=int, default=0,
+                     help="also save the latest checkpoint every N iterations (0: per epoch)")
+    run.add_argument("--print-freq", type=int, default=20,
+                     help="iterations between progress updates, TensorBoard writes and NaN "
+                          "checks (every iteration's loss is logged)")
+    run.add_argument("--seed", type=int, default=1)
+    run.add_argument("--requeue-signal", type=parse_signal, metavar="SIGNAL",
+                     default=DEFAULT_REQUEUE_SIGNAL.name, help="save at the next step, requeue "
+                     "the SLURM job (scontrol requeue) and exit on this signal (sbatch "
+                     "--signal=USR1@120); SIGTERM saves and exits without requeueing")
+
+
 @dataclass(frozen=True)
 class RunFolderOptions:
     """Where a run's files go and what it continues, as the flags say.
@@ -313,6 +339,15 @@ class RunFolderOptions:
     eval_only: bool
     seed: int
     flags: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_flags(cls, flags: Mapping[str, Any], *, backbone: str) -> "RunFolderOptions":
+        """The options train.py's flags (``vars(args)``) give; ``backbone``, the canonical name,
+        names the run when ``--checkname`` does not."""
+        return cls(dataset=flags["dataset"], run_root=flags["run_root"], run_dir=flags["run_dir"],
+                   checkname=flags["checkname"] or f"deeplab-{backbone}", resume=flags["resume"],
+                   auto_resume=flags["auto_resume"], ft=flags["ft"],
+                   eval_only=flags["eval_only"], seed=flags["seed"], flags=dict(flags))
 
     @property
     def continued_folder(self) -> str | None:

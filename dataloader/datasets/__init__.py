@@ -7,6 +7,7 @@ keeps the default root folders that a user edits for their machine.
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -14,7 +15,7 @@ from dataloader.datasets.base import SegmentationDataset
 from dataloader.datasets.coco import COCOSegmentation
 from dataloader.datasets.cocostuff import COCOStuffSegmentation
 from dataloader.datasets.demo import ensure_demo_dataset
-from dataloader.datasets.folder import MASK_FORMATS, FolderSegmentation  # noqa: F401 (flags)
+from dataloader.datasets.folder import MASK_FORMATS, FolderSegmentation
 from dataloader.datasets.pascal import VOCSegmentation
 from dataloader.utils import DatasetError
 
@@ -111,3 +112,29 @@ def build_dataset(
                            f"(only by {', '.join(readers) or 'no dataset'})")
     return entry.build(root, split, transform=transform, skip_bad_images=skip_bad_images,
                        cache_dir=cache_dir, **given)
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """train.py's flags for the dataset and how it is read."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="coco", choices=sorted(DATASETS))
+    data.add_argument("--data-root", help="dataset folder (overrides mypath.py and its variable)")
+    data.add_argument("--workers", type=int, default=4, help="data loading processes per GPU")
+    data.add_argument("--base-size", type=int, default=513, help="short side before 0.5-2x scaling")
+    data.add_argument("--crop-size", type=int, default=513, help="square training crop")
+    data.add_argument("--skip-bad-images", action=argparse.BooleanOptionalAction, default=False,
+                      help="skip unreadable images (counted per epoch) instead of stopping")
+    data.add_argument("--cache-dir", help="where index caches and class weights are kept "
+                      "(default: $DEEPLAB_CACHE_DIR or ~/.cache/deeplab)")
+    data.add_argument("--use-balanced-weights", action=argparse.BooleanOptionalAction,
+                      default=False, help="weight the loss by inverse log class frequency")
+    data.add_argument("--mask-format", choices=MASK_FORMATS, help="--dataset folder: index (a "
+                      "class id per pixel, 255 = ignore), binary (0 = background, other values = "
+                      "class 1) or color (RGB, a colour per class in classes.txt); unset: index, "
+                      "after refusing masks that look binary or colour")
+    data.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction,
+                      help="--dataset folder, index masks: 0 is unlabelled (ignored) and id k is "
+                      "class k-1, as mmsegmentation's option; unset: off, after refusing masks "
+                      "whose ids look 1-based")
+    data.add_argument("--check-data", action="store_true", help="read every train and val sample, "
+                      "list the bad ones and the class pixel histogram, exit (1: bad data)")
