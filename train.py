@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,8 @@ from utils.distributed import (DEFAULT_TIMEOUT_MINUTES, DistributedContext, any_
                                launch_context, main_process_first, ranks_in_sync)
 from utils.errors import UserError
 from utils.fileio import atomic_write_text
-from utils.hardware import (Hardware, add_hardware_args, cpu_bf16_note, cudnn_benchmark,
-                            prepare_model, resolve_hardware, usable_batch_size)
+from utils.hardware import (Hardware, add_hardware_args, backward_kernels, cpu_bf16_note,
+                            cudnn_benchmark, prepare_model, resolve_hardware, usable_batch_size)
 from utils.losses import LOSSES, NonFiniteLoss, OutputsLoss, build_loss
 from utils.lr_scheduler import SCHEDULERS, build_lr_scheduler
 from utils.figures import evaluation_figures, save_figures
@@ -594,7 +595,7 @@ def train_one_epoch(model: nn.Module, optimisation: Optimisation, loader, *, sta
         if inputs is not None:
             loss = train_step(model, *inputs, optimisation, hardware)
             log.add(state.iteration + 1, loss, optimisation.lr, len(inputs[0]))
-        optimisation.scheduler.step()
+        step_schedule(optimisation.scheduler)
         state.iteration += 1
         boundary.after_step(state)
     if skipped and context.is_main:
@@ -668,19 +669,43 @@ def _finite(model: nn.Module) -> bool:
 
 def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
                optimisation: Optimisation, hardware: Hardware) -> torch.Tensor:
-    """One forward/backward/update; returns the (device) loss."""
+    """One forward/backward/update; returns the (device) loss.
+
+    In fp16 the GradScaler skips the update when a gradient is inf or NaN (the weights and the
+    momentum stay as they were) and halves its scale. The caller steps the learning-rate
+    schedule after every call all the same, as torchvision's reference does (Lightning skips
+    it): the schedule is a function of the iteration, which a resumed run restores, not of how
+    many updates the scaler let through. A non-finite *loss* is the caller's to report
+    (:class:`utils.summaries.TrainLog`); a skipped step with a finite loss is not a divergence.
+    No gradient is clipped here; clipping would need ``scaler.unscale_`` first.
+    """
     with hardware.autocast():
         loss = optimisation.criterion(model(images), targets)
     optimisation.optimizer.zero_grad(set_to_none=True)
     scaler = optimisation.scaler
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimisation.optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimisation.optimizer.step()
+    with backward_kernels(hardware):
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimisation.optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimisation.optimizer.step()
     return loss
+
+
+def step_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Advance the learning-rate schedule by one iteration, whether or not the step before
+    updated the weights (a GradScaler skip, a skipped bad batch): see :func:`train_step`.
+
+    PyTorch warns when the first ``scheduler.step()`` comes before any ``optimizer.step()``,
+    which in fp16 is the rule rather than a mistake (the first steps of a new model overflow
+    until the scale comes down): that warning is silenced, here only.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` "
+                                r"before `optimizer\.step\(\)`")
+        scheduler.step()
 
 
 def step_batch(batch: dict[str, Any], hardware: Hardware, context: DistributedContext,

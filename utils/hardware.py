@@ -30,7 +30,8 @@ def add_hardware_args(group: argparse._ArgumentGroup, *, channels_last: bool | N
     group.add_argument("--no-cuda", action="store_true", help="use the CPU even with a GPU")
     group.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                        help="precision; auto: bf16 on GPUs of compute capability 8+, fp16 on "
-                            "older GPUs, fp32 on CPUs (bf16 there is an opt-in: --amp bf16)")
+                            "older GPUs, fp32 on CPUs (bf16 there is an opt-in: --amp bf16; "
+                            "fp16 on a CPU runs, slowly, to test the GPU fp16 path)")
     group.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                        default=channels_last, help="channels_last memory format" + (
                            " (default: on for GPUs)" if channels_last is None else ""))
@@ -116,11 +117,19 @@ def auto_amp_dtype(device_type: str, *,
     return None
 
 
+#: Said once when ``--amp fp16`` runs on a CPU.
+CPU_FP16_NOTE = ("--amp fp16 on a CPU is meant for testing the GPU fp16 path (autocast with a "
+                 "GradScaler, as on GPUs older than compute capability 8.0); it is many times "
+                 "slower than fp32 here: use --amp off or bf16 for real work")
+
+
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """Map ``--amp auto|off|bf16|fp16`` to an autocast dtype (None = full precision).
 
-    Raises:
-        UserError: ``fp16`` on a CPU.
+    ``fp16`` runs on a CPU too, with a warning (:data:`CPU_FP16_NOTE`): CPUs without AVX512-FP16
+    emulate it, far slower than fp32, but it lets the suite run the GradScaler path (scaling,
+    skipped steps, the scaler's state on resume) that fp16 GPUs take. ``auto`` never picks it
+    on a CPU.
     """
     if amp == "off":
         return None
@@ -129,7 +138,8 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
             return auto_amp_dtype("cuda", cuda_capability=torch.cuda.get_device_capability(device))
         return torch.bfloat16 if amp == "bf16" else torch.float16
     if amp == "fp16":
-        raise UserError("--amp fp16 needs a GPU; use --amp bf16 or --amp off on the CPU")
+        logger.warning(CPU_FP16_NOTE)
+        return torch.float16
     if amp == "bf16":
         return torch.bfloat16
     return auto_amp_dtype("cpu")
@@ -148,6 +158,26 @@ def cudnn_benchmark(enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.benchmark = previous
+
+
+@contextlib.contextmanager
+def backward_kernels(hardware: Hardware) -> Iterator[None]:
+    """The kernels ``backward()`` runs with: the defaults, except fp16 on a CPU, where oneDNN
+    (``torch.backends.mkldnn``) is off inside the block.
+
+    oneDNN has no fp16 convolution-backward kernel for CPUs without AVX512-FP16 and falls back
+    to a reference one, several times slower than PyTorch's own (doc/gpu.md has the numbers);
+    fp16 on a CPU exists for tests, which should not wait for it. GPUs are not affected.
+    """
+    if hardware.device.type != "cpu" or hardware.amp_dtype != torch.float16:
+        yield
+        return
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
 
 
 def dataparallel_chunks(batch_size: int, devices: int) -> list[int]:
