@@ -201,9 +201,9 @@ def run_train(flags: list[str], env: dict | None = None) -> tuple[int, str]:
     return result.returncode, result.stdout + result.stderr
 
 
-def judge_training(row: Row, run_dir: Path, output: str, *, flops: float | None,
-                   rate: float) -> None:
-    """Fill ``row`` from a finished run's TensorBoard events and output."""
+def judge_training(row: Row, run_dir: Path, output: str, *, ceiling: float | None) -> None:
+    """Fill ``row`` from a finished run's TensorBoard events and output; ``ceiling`` is the
+    seconds per image at the matmul rate (FLOPs / rate), None when not counted."""
     series = tensorboard_series(run_dir)
     losses, speeds = series.get("train/loss", []), series.get("train/images_per_second", [])
     if not losses:
@@ -214,7 +214,7 @@ def judge_training(row: Row, run_dir: Path, output: str, *, flops: float | None,
     quarter = max(len(losses) // 4, 1)
     first, last = statistics.mean(losses[:quarter]), statistics.mean(losses[-quarter:])
     row.values.update(images_per_second=speed, last_loss=last)
-    share = f", {100 * speed * flops / rate:.1f}% of matmul rate" if flops else ""
+    share = f", {100 * speed * ceiling:.1f}% of matmul rate" if ceiling else ""
     memory = "GPU memory" if torch.cuda.is_available() else "RSS"
     row.detail = (f"{speed:.1f} img/s, peak {memory} {peak / 2**30:.2f} GiB, loss {first:.3f} -> "
                   f"{last:.3f} over {len(losses)} its{share}")
@@ -236,7 +236,7 @@ def compare_with_fp32(row: Row, fp32: Row | None, tolerance: float) -> None:
 
 
 def training_row(setup: Setup, name: str, backbone: str, extra: list[str], *, iters: int,
-                 workdir: Path, data_root: Path, flops: float | None, rate: float) -> Row:
+                 workdir: Path, data_root: Path, ceiling: float | None) -> Row:
     row = Row(name)
     run_dir = workdir / name.replace(" ", "_")
     data = data_for(data_root, iters, setup)
@@ -244,7 +244,7 @@ def training_row(setup: Setup, name: str, backbone: str, extra: list[str], *, it
     if status != 0:
         row.fail(f"train.py exited {status}: {output.strip().splitlines()[-1:]}")
         return row
-    judge_training(row, run_dir, output, flops=flops, rate=rate)
+    judge_training(row, run_dir, output, ceiling=ceiling)
     row.values["judged"] = iters >= MIN_ITERS_TO_COMPARE
     return row
 
@@ -258,7 +258,8 @@ def sigterm_row(setup: Setup, backbone: str, *, workdir: Path, data_root: Path
         "--amp", "off", "--no-channels-last", "--auto-resume"]
     run = Run([sys.executable, "-c", TRAIN_RUNNER, str(REPO / "train.py"), *flags])
     deadline = time.monotonic() + 600
-    while run.reached(setup.iters_per_epoch) < 2 and run.process.poll() is None and time.monotonic() < deadline:
+    while (run.reached(setup.iters_per_epoch) < 2 and run.process.poll() is None
+           and time.monotonic() < deadline):
         time.sleep(0.02)
     os.killpg(run.process.pid, signal.SIGTERM)
     status = run.wait(timeout=120)
@@ -411,10 +412,11 @@ def training_rows(setup: Setup, *, workdir: Path, data_root: Path, rate: float,
                          f"{setup.stand_in} only, for {first}") for p in PRECISIONS]
             continue
         backbone = setup.trained(model)
-        common = dict(workdir=workdir, data_root=data_root, flops=flops.get(backbone), rate=rate)
+        ceiling = flops[backbone] / rate if backbone in flops else None
+        common = dict(workdir=workdir, data_root=data_root, ceiling=ceiling)
         if model == first:  # its fp32 run is the SIGTERM + resume one
             fp32 = Row(f"train {model} fp32")
-            judge_training(fp32, fp32_dir, fp32_output, flops=flops.get(backbone), rate=rate)
+            judge_training(fp32, fp32_dir, fp32_output, ceiling=ceiling)
         else:
             fp32 = training_row(setup, f"train {model} fp32", backbone,
                                 ["--amp", "off", "--no-channels-last"], iters=setup.iters,
@@ -428,8 +430,8 @@ def training_rows(setup: Setup, *, workdir: Path, data_root: Path, rate: float,
             compare_with_fp32(row, fp32, setup.loss_tolerance)
             rows.append(row)
     backbone = setup.trained(first)
-    common = dict(workdir=workdir, data_root=data_root, flops=flops.get(backbone), rate=rate,
-                  iters=setup.iters)
+    common = dict(workdir=workdir, data_root=data_root, iters=setup.iters,
+                  ceiling=flops[backbone] / rate if backbone in flops else None)
     rows.append(training_row(setup, f"train {first} bf16 channels_last", backbone,
                              ["--amp", "bf16", "--channels-last"], **common))
     if setup.device == "cuda":

@@ -153,8 +153,8 @@ def fault_at_step(patch: pytest.MonkeyPatch, step: int, fault: str) -> list[floa
             hooks.append(parameter.register_hook(lambda grad: torch.full_like(grad, math.inf)))
         if len(scales) + 1 == step and fault == "loss":
             criterion = optimisation.criterion
-            optimisation = dataclasses.replace(
-                optimisation, criterion=lambda outputs, target: criterion(outputs, target) * math.inf)
+            optimisation = dataclasses.replace(optimisation, criterion=lambda outputs, target:
+                                               criterion(outputs, target) * math.inf)
         loss = real_step(model, images, targets, optimisation, hardware)
         for hook in hooks:
             hook.remove()
