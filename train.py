@@ -5,9 +5,8 @@
     torchrun --nproc_per_node 8 train.py --backbone resnet              # DDP on one machine
     python train.py --eval-only --resume run/coco/deeplab-resnet101/experiment_0/model_best.pth.tar
 
-``main`` shows a run: the builders, then each epoch trains (:func:`train_one_epoch`), evaluates
-when due (:func:`evaluate`), saves, then reports. Training support is in utils/: run_folder.py
-(the run folder, resuming, checkpoints), stopping.py (signals, NaN), evaluation_report.py.
+``main`` shows a run: the builders, then each epoch trains, evaluates when due, saves, reports.
+Training support is in utils/: run_folder, stopping (signals, NaN), evaluation_report, ...
 """
 from __future__ import annotations
 
@@ -33,25 +32,24 @@ from modeling.backbone import (BACKBONE_ALIASES, BACKBONES, PretrainedWeightsUna
 from modeling.checkpoint import load_model
 from modeling.deeplab import DeepLab
 from modeling.inference_ops import predict_labels
-from modeling.pretrained import (coco_deeplabv3_state_dict, coco_deeplabv3_weights,
-                                 init_from_torchvision_deeplabv3)
+from modeling.pretrained import (INIT_TORCHVISION_COCO, coco_deeplabv3_state_dict,
+                                 coco_deeplabv3_weights, init_from_torchvision_deeplabv3)
 from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.distributed import (DEFAULT_TIMEOUT_MINUTES, DistributedContext, broadcast_buffers,
+from utils.distributed import (DistributedContext, broadcast_buffers,
                                check_ranks_in_sync, cleanup, init_distributed, launch_context,
                                main_process_first)
 from utils.errors import UserError
-from utils.evaluation_report import (MAX_EVAL_WORST, Evaluation, EvaluationOptions,
-                                     add_evaluation_args,
-                                     eval_json_path, grid_batch, report_checkpoint, report_epoch,
-                                     worst_images_tracker)
-from utils.hardware import (Hardware, Placement, add_hardware_args, cpu_bf16_note,
-                            cudnn_benchmark, prepare_model, resolve_hardware, step_batch)
+from utils.evaluation_report import (Evaluation, EvaluationOptions,
+                                     add_evaluation_args, eval_json_path, grid_batch,
+                                     report_checkpoint, report_epoch, worst_images_tracker)
+from utils.hardware import (Hardware, Placement, add_training_hardware_args, backward_kernels,
+                            cudnn_benchmark, prepare_model, resolve_placement, step_batch)
 from utils.losses import NonFiniteLoss, OutputsLoss, build_loss
-from utils.lr_scheduler import build_lr_scheduler
+from utils.lr_scheduler import build_lr_scheduler, step_schedule
 from utils.metrics import Evaluator
 from utils.optim import Optimisation, add_optimisation_args, build_optimizer, grad_scaler
 from utils.plan import TrainPlan, resolve_plan
-from utils.run_folder import (Checkpointer, RunFolderOptions, add_run_folder_args, TrainProgress, check_folder_path,
+from utils.run_folder import (Checkpointer, RunFolderOptions, TrainProgress, add_run_folder_args,
                               locate_run, open_run)
 from utils.signals import Interrupted, StopFlag
 from utils.slurm import requeue_job
@@ -60,8 +58,6 @@ from utils.summaries import TrainLog
 
 logger = logging.getLogger("train")
 
-#: --init value that downloads torchvision's COCO DeepLabV3 (any other value is a local file).
-INIT_TORCHVISION_COCO = "torchvision-coco"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -71,7 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_data_args(parser)
     add_optimisation_args(parser, default_epochs="by dataset, " + ", ".join(
         f"{name} {entry.epochs}" for name, entry in sorted(DATASETS.items())))
-    _hardware_args(parser)
+    add_training_hardware_args(parser)
     add_run_folder_args(parser)
     add_evaluation_args(parser)
     return parser
@@ -95,27 +91,10 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--aux-weight", type=float, default=0.5, help="weight of the auxiliary loss")
 
 
-def _hardware_args(parser: argparse.ArgumentParser) -> None:
-    hw = parser.add_argument_group("hardware")
-    add_hardware_args(hw, channels_last=None)
-    hw.add_argument("--gpu-ids", help="GPUs for DataParallel, e.g. 0,1 (default: all)")
-    hw.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_MINUTES,
-                    help="minutes a torchrun rank may wait in a collective before failing")
-    hw.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
-                    help="SyncBatchNorm across processes (default: on under torchrun on GPUs)")
-
-
-def check_flags(args: argparse.Namespace) -> None:
-    """Flag combinations that cannot work, refused before anything is built."""
-    if args.ft and not args.resume:
-        raise UserError("--ft needs --resume CKPT: the checkpoint to fine-tune from")
-    if args.eval_only and not args.resume:
-        raise UserError("--eval-only needs --resume CKPT: the checkpoint to evaluate")
-    if not 0 <= args.eval_worst <= MAX_EVAL_WORST:
-        raise UserError(f"--eval-worst must be 0 (off) or a number of images up to "
-                        f"{MAX_EVAL_WORST}, got {args.eval_worst}")
-    if any(s <= 0 for s in args.eval_scales):
-        raise UserError(f"--eval-scales must be positive, got {args.eval_scales}")
+def check_flags(args: argparse.Namespace) -> EvaluationOptions:
+    """Flag combinations that cannot work, refused before anything is built (the run folder's
+    and evaluation's: by :class:`RunFolderOptions` and the evaluation options it returns)."""
+    run_folder_options(args)
     if args.lr_scheduler == "step" and args.lr_step <= 0:
         raise UserError(f"--lr-step must be a positive number of epochs, got {args.lr_step}")
     if args.init and args.resume:
@@ -130,9 +109,7 @@ def check_flags(args: argparse.Namespace) -> None:
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value} (leave it out for the "
                             f"default)")
-    for flag, folder in (("--run-dir", args.run_dir), ("--run-root", args.run_root)):
-        if folder:
-            check_folder_path(flag, folder)
+    return EvaluationOptions.from_flags(vars(args))
 
 
 def read_checkpoint(path: str | None) -> dict | None:
@@ -256,9 +233,10 @@ def build_optimisation(args: argparse.Namespace, model: DeepLab, plan: TrainPlan
                         scaler=grad_scaler(hardware.device, hardware.amp_dtype))
 
 
-def build_loader(dataset, args: argparse.Namespace, *, batch_size: int, shuffle: bool,
+def build_loader(dataset, args: argparse.Namespace, *, batch_size: int, shuffle: bool = False,
                  placement: Placement) -> tuple[Any, ResumableSampler]:
-    """Training loaders shuffle and drop the last partial batch; val loaders score every image."""
+    """Training loaders shuffle and drop the last partial batch; val loaders score every image
+    (in batches of 1: full-resolution labels differ in size)."""
     return resumable_loader(dataset, batch_size=batch_size, shuffle=shuffle, seed=args.seed,
                             rank=placement.context.rank, world_size=placement.context.world_size,
                             workers=args.workers,
@@ -267,12 +245,14 @@ def build_loader(dataset, args: argparse.Namespace, *, batch_size: int, shuffle:
 
 def main(args: argparse.Namespace) -> dict:
     """Train (or with ``--eval-only`` evaluate) as the flags say; returns a summary dict."""
-    check_flags(args)
+    evaluation = check_flags(args)
     args = with_located_run(args)
     context = init_distributed(use_cuda=torch.cuda.is_available() and not args.no_cuda,
                                timeout_minutes=args.dist_timeout)
     try:
-        placement = build_placement(args, context)
+        placement = resolve_placement(no_cuda=args.no_cuda, gpu_ids=args.gpu_ids, amp=args.amp,
+                                      channels_last=args.channels_last, context=context)
+        torch.manual_seed(args.seed)
         checkpoint = read_checkpoint(args.resume)
         train_set, val_set = build_datasets(args, context)
         if args.check_data:  # read every sample before any model is built
@@ -280,12 +260,9 @@ def main(args: argparse.Namespace) -> dict:
         model = build_model(args, checkpoint, len(val_set.class_names), context)
         settings = dict(model.settings(), **val_set.metadata())  # a self-describing checkpoint
         torch.manual_seed(args.seed + context.rank)  # weights built alike, dropout per rank
-        model, plain_model, sync_bn = prepare_model(
-            model, placement.hardware, context=context, sync_bn=args.sync_bn,
-            compile_model=args.compile)
-        val_loader, _ = build_loader(val_set, args, batch_size=1,  # labels differ in size
-                                     shuffle=False, placement=placement)
-        evaluation = EvaluationOptions.from_flags(vars(args))
+        model, plain_model, sync_bn = prepare_model(model, placement.hardware, sync_bn=args.sync_bn,
+                                                    context=context, compile_model=args.compile)
+        val_loader, _ = build_loader(val_set, args, batch_size=1, placement=placement)
         if args.eval_only:
             scored = evaluate(plain_model, val_loader, settings=settings, placement=placement,
                               options=evaluation)
@@ -296,9 +273,9 @@ def main(args: argparse.Namespace) -> dict:
         train_loader, train_sampler = build_loader(train_set, args, batch_size=plan.batch_size,
                                                    shuffle=True, placement=placement)
         optimisation = build_optimisation(args, plain_model, plan, train_set, placement)
-        run = open_run(run_folder_options(args), Checkpointer(plain_model, optimisation, plan,
-                                                              settings),
-                       checkpoint=checkpoint, placement=placement, sync_bn=sync_bn)
+        checkpointer = Checkpointer(plain_model, optimisation, plan, settings)
+        run = open_run(run_folder_options(args), checkpointer, checkpoint=checkpoint,
+                       placement=placement, sync_bn=sync_bn)
         if run.finished:
             return run.finished
         progress, checkpointer, metrics = run.progress, run.checkpointer, None
@@ -340,18 +317,6 @@ def with_located_run(args: argparse.Namespace) -> argparse.Namespace:
                                      run_dir=found.run_dir))
 
 
-def build_placement(args: argparse.Namespace, context: DistributedContext) -> Placement:
-    """The device and precision the flags ask for (with a note where ``--amp auto`` may be
-    slower than it could be); the RNGs seeded."""
-    hardware = resolve_hardware(no_cuda=args.no_cuda, gpu_ids=args.gpu_ids, amp=args.amp,
-                                channels_last=args.channels_last, context=context)
-    note = cpu_bf16_note(args.amp, hardware.device, measure_with="python -m bench.train_step")
-    if note and context.is_main:
-        print(note)
-    torch.manual_seed(args.seed)
-    return Placement(hardware, context)
-
-
 def train_one_epoch(model: nn.Module, optimisation: Optimisation, loader, *,
                     progress: TrainProgress, plan: TrainPlan, placement: Placement,
                     checkpointer: Checkpointer, stop: StopFlag) -> None:
@@ -375,7 +340,7 @@ def train_one_epoch(model: nn.Module, optimisation: Optimisation, loader, *,
         if inputs is not None:
             loss = train_step(model, *inputs, optimisation, placement.hardware)
             log.add(progress.iteration + 1, loss, optimisation.lr, len(inputs[0]))
-        optimisation.scheduler.step()
+        step_schedule(optimisation.scheduler)
         progress.iteration += 1
         boundary.after_step(progress)
     if skipped and context.is_main:
@@ -384,28 +349,31 @@ def train_one_epoch(model: nn.Module, optimisation: Optimisation, loader, *,
 
 def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
                optimisation: Optimisation, hardware: Hardware) -> torch.Tensor:
-    """One forward/backward/update; returns the (device) loss."""
+    """One forward/backward/update; returns the (device) loss. In fp16 the GradScaler skips the
+    update on an inf/NaN gradient and halves its scale; the schedule steps all the same
+    (:func:`utils.lr_scheduler.step_schedule`). A non-finite *loss* is TrainLog's to report; a
+    skipped step with a finite loss is no divergence. Clipping would need ``unscale_`` first."""
     with hardware.autocast():
         loss = optimisation.criterion(model(images), targets)
     optimisation.optimizer.zero_grad(set_to_none=True)
     scaler = optimisation.scaler
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimisation.optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimisation.optimizer.step()
+    with backward_kernels(hardware):
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimisation.optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimisation.optimizer.step()
     return loss
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, *, settings: dict, placement: Placement,
              options: EvaluationOptions, stop: StopFlag | None = None) -> Evaluation:
-    """Score full-resolution predictions of every val image (summed over ranks) and keep the
-    ``options.worst`` worst images of all ranks (batches carry ``"index"``). A stop signal
-    (``stop``) ends it within a few batches (Interrupted): a full COCO val takes minutes, longer
-    than a pre-emption grace period."""
+    """Score full-resolution predictions of every val image (summed over ranks), keeping the
+    ``options.worst`` worst of all ranks. ``stop`` ends it within a few batches (Interrupted): a
+    full COCO val takes minutes, longer than a pre-emption grace period."""
     model.eval()
     hardware, context, class_names = placement.hardware, placement.context, settings["class_names"]
     evaluator, first = Evaluator(len(class_names), device=hardware.device), None

@@ -31,6 +31,10 @@ from modeling.deeplab import DeepLab
 
 logger = logging.getLogger(__name__)
 
+#: train.py's ``--init`` value that downloads torchvision's COCO DeepLabV3 (any other value is a
+#: local file).
+INIT_TORCHVISION_COCO = "torchvision-coco"
+
 #: Backbone -> torchvision's DeepLabV3 weights trained on COCO with the 21 VOC classes.
 COCO_DEEPLABV3_WEIGHTS: dict[str, WeightsEnum] = {
     "resnet50": DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1,

@@ -172,7 +172,7 @@ SOURCES = sorted([*REPO.glob("*.py"), *(path for folder in (*PACKAGES, "bench", 
 MAX_FUNCTION_LINES, MAX_PARAMETERS = 60, 8
 #: train.py keeps the parser, the builders, main with its epoch loop, one epoch, one step,
 #: evaluate and cli; the run folder, the stop policy and the reports live in utils/.
-TRAIN_PY_MAX_LINES = 570
+TRAIN_PY_MAX_LINES = 450
 
 
 def oversized_functions(path: Path) -> list[str]:

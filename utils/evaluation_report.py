@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from utils.distributed import DistributedContext
 from utils.figures import EVALUATION_FIGURES, evaluation_figures, save_figures
+from utils.errors import UserError
 from utils.fileio import atomic_write_text, remove_stale_temporaries_of
 from utils.metrics import WorstImages, metrics_json
 from utils.run_folder import CHECKPOINT_NAME, SETTINGS_NAME, Checkpointer, TrainProgress
@@ -77,7 +78,16 @@ class EvaluationOptions:
 
     @classmethod
     def from_flags(cls, flags: Mapping[str, Any]) -> "EvaluationOptions":
-        """The options train.py's flags (``vars(args)``) give."""
+        """The options train.py's flags (``vars(args)``) give.
+
+        Raises:
+            UserError: ``--eval-worst`` or ``--eval-scales`` out of range.
+        """
+        if not 0 <= flags["eval_worst"] <= MAX_EVAL_WORST:
+            raise UserError(f"--eval-worst must be 0 (off) or a number of images up to "
+                            f"{MAX_EVAL_WORST}, got {flags['eval_worst']}")
+        if any(s <= 0 for s in flags["eval_scales"]):
+            raise UserError(f"--eval-scales must be positive, got {flags['eval_scales']}")
         return cls(scales=tuple(flags["eval_scales"]), flip=flags["eval_flip"],
                    worst=flags["eval_worst"], json_path=flags["eval_json"])
 

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from utils.distributed import DistributedContext, any_true
+from utils.distributed import DEFAULT_TIMEOUT_MINUTES, DistributedContext, any_true
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -30,12 +30,25 @@ def add_hardware_args(group: argparse._ArgumentGroup, *, channels_last: bool | N
     group.add_argument("--no-cuda", action="store_true", help="use the CPU even with a GPU")
     group.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                        help="precision; auto: bf16 on GPUs of compute capability 8+, fp16 on "
-                            "older GPUs, fp32 on CPUs (bf16 there is an opt-in: --amp bf16)")
+                            "older GPUs, fp32 on CPUs (bf16 there is an opt-in: --amp bf16; "
+                            "fp16 on a CPU runs, slowly, to test the GPU fp16 path)")
     group.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                        default=channels_last, help="channels_last memory format" + (
                            " (default: on for GPUs)" if channels_last is None else ""))
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="torch.compile the model (pays off on long runs)")
+
+
+def add_training_hardware_args(parser: argparse.ArgumentParser) -> None:
+    """train.py's device flags: :func:`add_hardware_args`, DataParallel's GPUs, the DDP timeout
+    and SyncBatchNorm."""
+    hw = parser.add_argument_group("hardware")
+    add_hardware_args(hw, channels_last=None)
+    hw.add_argument("--gpu-ids", help="GPUs for DataParallel, e.g. 0,1 (default: all)")
+    hw.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_MINUTES,
+                    help="minutes a torchrun rank may wait in a collective before failing")
+    hw.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+                    help="SyncBatchNorm across processes (default: on under torchrun on GPUs)")
 
 
 @dataclass
@@ -126,11 +139,19 @@ def auto_amp_dtype(device_type: str, *,
     return None
 
 
+#: Said once when ``--amp fp16`` runs on a CPU.
+CPU_FP16_NOTE = ("--amp fp16 on a CPU is meant for testing the GPU fp16 path (autocast with a "
+                 "GradScaler, as on GPUs older than compute capability 8.0); it is many times "
+                 "slower than fp32 here: use --amp off or bf16 for real work")
+
+
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """Map ``--amp auto|off|bf16|fp16`` to an autocast dtype (None = full precision).
 
-    Raises:
-        UserError: ``fp16`` on a CPU.
+    ``fp16`` runs on a CPU too, with a warning (:data:`CPU_FP16_NOTE`): CPUs without AVX512-FP16
+    emulate it, far slower than fp32, but it lets the suite run the GradScaler path (scaling,
+    skipped steps, the scaler's state on resume) that fp16 GPUs take. ``auto`` never picks it
+    on a CPU.
     """
     if amp == "off":
         return None
@@ -139,7 +160,8 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
             return auto_amp_dtype("cuda", cuda_capability=torch.cuda.get_device_capability(device))
         return torch.bfloat16 if amp == "bf16" else torch.float16
     if amp == "fp16":
-        raise UserError("--amp fp16 needs a GPU; use --amp bf16 or --amp off on the CPU")
+        logger.warning(CPU_FP16_NOTE)
+        return torch.float16
     if amp == "bf16":
         return torch.bfloat16
     return auto_amp_dtype("cpu")
@@ -158,6 +180,26 @@ def cudnn_benchmark(enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.benchmark = previous
+
+
+@contextlib.contextmanager
+def backward_kernels(hardware: Hardware) -> Iterator[None]:
+    """The kernels ``backward()`` runs with: the defaults, except fp16 on a CPU, where oneDNN
+    (``torch.backends.mkldnn``) is off inside the block.
+
+    oneDNN has no fp16 convolution-backward kernel for CPUs without AVX512-FP16 and falls back
+    to a reference one, several times slower than PyTorch's own (doc/gpu.md has the numbers);
+    fp16 on a CPU exists for tests, which should not wait for it. GPUs are not affected.
+    """
+    if hardware.device.type != "cpu" or hardware.amp_dtype != torch.float16:
+        yield
+        return
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
 
 
 def dataparallel_chunks(batch_size: int, devices: int) -> list[int]:
@@ -313,3 +355,15 @@ def prepare_model(
     if compile_model:
         model = torch.compile(model)
     return model, plain_model, sync_bn
+
+
+def resolve_placement(*, no_cuda: bool, gpu_ids: str | None, amp: str,
+                      channels_last: bool | None, context: DistributedContext) -> Placement:
+    """train.py's device and precision (:func:`resolve_hardware`) with its rank, saying so on
+    rank 0 where ``--amp auto`` may be slower than it could be (:func:`cpu_bf16_note`)."""
+    hardware = resolve_hardware(no_cuda=no_cuda, gpu_ids=gpu_ids, amp=amp,
+                                channels_last=channels_last, context=context)
+    note = cpu_bf16_note(amp, hardware.device, measure_with="python -m bench.train_step")
+    if note and context.is_main:
+        print(note)
+    return Placement(hardware, context)

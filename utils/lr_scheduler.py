@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any
 
 from torch import Tensor
@@ -190,3 +191,18 @@ def build_lr_scheduler(
         step_size=step_size,
         gamma=gamma,
     )
+
+
+def step_schedule(scheduler: LRScheduler) -> None:
+    """Advance the learning-rate schedule by one iteration, whether or not the step before
+    updated the weights (a GradScaler skip, a skipped bad batch), as torchvision's reference
+    does: the schedule is a function of the iteration (see ``train.train_step``).
+
+    PyTorch warns when the first ``scheduler.step()`` comes before any ``optimizer.step()``,
+    which in fp16 is the rule rather than a mistake (the first steps of a new model overflow
+    until the scale comes down): that warning is silenced, here only.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` "
+                                r"before `optimizer\.step\(\)`")
+        scheduler.step()

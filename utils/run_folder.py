@@ -343,7 +343,19 @@ class RunFolderOptions:
     @classmethod
     def from_flags(cls, flags: Mapping[str, Any], *, backbone: str) -> "RunFolderOptions":
         """The options train.py's flags (``vars(args)``) give; ``backbone``, the canonical name,
-        names the run when ``--checkname`` does not."""
+        names the run when ``--checkname`` does not.
+
+        Raises:
+            UserError: ``--ft`` or ``--eval-only`` without ``--resume``; a file where
+                ``--run-dir`` or ``--run-root`` needs a folder.
+        """
+        if flags["ft"] and not flags["resume"]:
+            raise UserError("--ft needs --resume CKPT: the checkpoint to fine-tune from")
+        if flags["eval_only"] and not flags["resume"]:
+            raise UserError("--eval-only needs --resume CKPT: the checkpoint to evaluate")
+        for flag, folder in (("--run-dir", flags["run_dir"]), ("--run-root", flags["run_root"])):
+            if folder:
+                check_folder_path(flag, folder)
         return cls(dataset=flags["dataset"], run_root=flags["run_root"], run_dir=flags["run_dir"],
                    checkname=flags["checkname"] or f"deeplab-{backbone}", resume=flags["resume"],
                    auto_resume=flags["auto_resume"], ft=flags["ft"],

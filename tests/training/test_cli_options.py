@@ -15,7 +15,7 @@ from PIL import Image
 import train
 from utils.distributed import DistributedContext
 from utils.errors import UserError
-from utils.hardware import Placement, resolve_amp
+from utils.hardware import CPU_FP16_NOTE, Placement, resolve_amp
 from utils.metrics import Evaluator
 from dataloader.utils import palette_for
 from modeling.deeplab import DeepLab
@@ -166,12 +166,16 @@ def test_cocostuff_runs_with_171_classes(tmp_path):
 # ------------------------------------------------------------------------- pieces
 
 
-def test_resolve_amp():
+def test_resolve_amp(caplog):
     cpu = torch.device("cpu")
     assert resolve_amp("off", cpu) is None
+    assert resolve_amp("auto", cpu) is None  # fp32: auto never picks a reduced precision here
     assert resolve_amp("bf16", cpu) is torch.bfloat16
-    with pytest.raises(UserError, match="--amp fp16"):
-        resolve_amp("fp16", cpu)
+    assert not caplog.records
+    # fp16 runs on the CPU (to test the GradScaler path), with one line saying what it is for.
+    assert resolve_amp("fp16", cpu) is torch.float16
+    assert [r.getMessage() for r in caplog.records] == [CPU_FP16_NOTE]
+    assert "testing the GPU fp16 path" in CPU_FP16_NOTE
 
 
 def test_out_of_memory_names_the_flags(tmp_path, monkeypatch, capsys):
