@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.error
 from pathlib import Path
 from typing import Any
 
@@ -161,3 +162,23 @@ def cpu_bf16(request, monkeypatch) -> bool:
         monkeypatch.setattr(torch.cpu, name, lambda: reports, raising=False)
     monkeypatch.setattr(hardware, "cpu_has_amx", lambda: reports)
     return reports
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """A 5-class ResNet-18 checkpoint with random weights, one per test module."""
+    from inference_testing import make_checkpoint
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "r18.pth.tar", num_classes=5)
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """An empty torch hub cache, and any download fails as it would offline."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError(f"network disabled in tests ({url})")
+
+    # torch.hub.load_state_dict_from_url (which torchvision's weights API calls) looks this up
+    # as a module global at call time.
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)

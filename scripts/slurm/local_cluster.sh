@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A one-node SLURM cluster on this machine, for the tests in tests/training/test_slurm.py and for trying
+# A one-node SLURM cluster on this machine, for the tests in tests/utils/test_slurm.py and for trying
 # scripts/slurm/train.sbatch without a real cluster. Needs root, slurm-wlm and munge:
 #
 #     apt-get install slurm-wlm munge

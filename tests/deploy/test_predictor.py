@@ -11,12 +11,6 @@ from PIL import Image
 
 from dataloader.custom_transforms import Normalize, ToTensorNormalize
 from deploy.predictor import Predictor
-from inference_testing import make_checkpoint
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "r18.pth.tar", num_classes=5)
 
 
 @pytest.fixture(scope="module")

@@ -29,17 +29,7 @@ SMALL_BACKBONES = ("resnet18", "resnet34", "resnet50")
 OUTPUT_STRIDES = (8, 16)
 
 
-@pytest.fixture(autouse=True)
-def _no_network(monkeypatch, tmp_path):
-    """An empty torch hub cache, and any download fails as it would offline."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-
-    def offline(url, *args, **kwargs):
-        raise urllib.error.URLError(f"network disabled in tests ({url})")
-
-    # torch.hub.load_state_dict_from_url (which torchvision's weights API calls) looks this up
-    # as a module global at call time.
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 def _count(parameters) -> int:

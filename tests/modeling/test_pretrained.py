@@ -7,7 +7,6 @@ cannot come from two default initialisations. Downloads are made to fail.
 from __future__ import annotations
 
 import os
-import urllib.error
 
 import pytest
 import torch
@@ -36,14 +35,7 @@ AUX_ENTRIES = 1 + 5 + 2  # 8
 TORCHVISION_HEAD_ENTRIES = 1 + 5 + 2  # 8
 
 
-@pytest.fixture(autouse=True)
-def _no_network(monkeypatch, tmp_path):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-
-    def offline(url, *args, **kwargs):
-        raise urllib.error.URLError(f"network disabled in tests ({url})")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 def randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -49,7 +49,7 @@ def batch_of(size: int, skipped: int = 0) -> dict:
         size, 3, 4, 4), "label": torch.zeros(size, 4, 4, dtype=torch.long), "skipped": skipped}
 
 
-# ------------------------------------------------------------------ 1. DataParallel chunk sizes
+# ------------------------------------------------------------------ DataParallel chunk sizes
 
 
 def test_dataparallel_splits_like_torch_chunk():
@@ -84,7 +84,7 @@ def test_a_batch_shrunk_by_skipped_images_is_cut_to_chunks_of_two():
     assert len(step_batch(batch_of(3), alone(CPU), agree=False)[0]) == 3
 
 
-# ------------------------------------------------------------------ 2. DDP ranks skip together
+# ------------------------------------------------------------------ DDP ranks skip together
 
 
 def _step_on_rank(rank: int, port: int, sizes: list[int], results) -> None:
@@ -117,7 +117,7 @@ def test_ddp_ranks_agree_to_skip_a_step_one_of_them_cannot_take(sizes, expected)
         assert [results[rank] for rank in range(len(sizes))] == expected
 
 
-# ------------------------------------------------------------------ 3. autocast dtype per GPU
+# ------------------------------------------------------------------ autocast dtype per GPU
 
 
 @pytest.mark.parametrize("capability, dtype", [((7, 0), torch.float16), ((7, 5), torch.float16),
@@ -175,7 +175,7 @@ def test_amx_is_read_from_the_cpu_flags(flags, expected, tmp_path, monkeypatch):
     assert hardware.cpu_has_amx() is False
 
 
-# ------------------------------------------------------------------ 4. DataParallel replica dtype
+# ------------------------------------------------------------------ DataParallel replica dtype
 
 
 @pytest.mark.parametrize("chosen, thread_default", [(torch.bfloat16, torch.float16),
@@ -212,7 +212,7 @@ def test_dataparallel_in_fp32_is_not_wrapped():
     assert model.module is conv and not isinstance(model.module, AutocastReplica)
 
 
-# ------------------------------------------------------------------ 6. no cudnn tuning in eval
+# ------------------------------------------------------------------ no cudnn tuning in eval
 
 
 class _RecordsCudnnBenchmark(torch.nn.Module):
@@ -262,7 +262,7 @@ def test_inference_turns_cudnn_benchmark_off_and_restores_it(monkeypatch, tmp_pa
         assert mask.size == (9, 7) and mask.getextrema() == (1, 1)
 
 
-# ------------------------------------------------------------------ 7. process-group timeout
+# ------------------------------------------------------------------ process-group timeout
 
 
 def test_process_group_gets_a_timeout_longer_than_rank_zeros_first_start(monkeypatch):
@@ -279,7 +279,7 @@ def test_process_group_gets_a_timeout_longer_than_rank_zeros_first_start(monkeyp
     assert train.get_args_parser().parse_args(["--dist-timeout", "5"]).dist_timeout == 5
 
 
-# ------------------------------------------------------------------ 9. the first loss is ln(C)
+# ------------------------------------------------------------------ the first loss is ln(C)
 
 
 @pytest.mark.parametrize("num_classes", [21, 171])

@@ -28,11 +28,6 @@ from utils.errors import UserError
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "r18.pth.tar", num_classes=5)
-
-
 @pytest.fixture
 def garbage_ckpt(tmp_path) -> Path:
     """A checkpoint that fails to load: an error about anything else came before the model."""

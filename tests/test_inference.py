@@ -5,19 +5,13 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pytest
 from PIL import Image
 
 import deploy.predictor
 import inference
-from inference_testing import make_checkpoint, one_error_line, read_mask, run, write_image
+from inference_testing import one_error_line, read_mask, run, write_image
 
 # --engine torch: the ONNX runtimes have their own tests (test_inference_engines.py).
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "r18.pth.tar", num_classes=5)
 
 
 
