@@ -11,6 +11,18 @@ from dataloader.utils import IMAGENET_MEAN, IMAGENET_STD, VOC_CLASS_NAMES, palet
 from modeling.deeplab import DeepLab
 
 
+def touch(path: Path, data: bytes = b"x") -> Path:
+    """A file at ``path`` (folders made) holding ``data``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def relatives(items) -> list[str]:
+    """The mirrored relative paths of listed inference inputs."""
+    return [str(item.relative) for item in items]
+
+
 def make_checkpoint(path: Path, *, backbone: str = "resnet18", num_classes: int = 21,
                     seed: int = 0) -> Path:
     """A train.py-style checkpoint (weights + settings) of a randomly initialised model.

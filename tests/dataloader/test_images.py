@@ -8,16 +8,7 @@ from PIL import Image
 
 from dataloader.images import ImageFiles, list_inputs
 from dataloader.utils import DatasetError
-
-
-def touch(path: Path, data: bytes = b"x") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
-
-
-def relatives(items) -> list[str]:
-    return [str(item.relative) for item in items]
+from inference_testing import relatives, touch
 
 
 def test_a_folder_is_walked_recursively_skipping_hidden_and_other_files(tmp_path):

@@ -9,16 +9,7 @@ import pytest
 from dataloader.images import list_inputs
 from deploy.outputs import parse_kinds, plan_outputs, render
 from utils.errors import UserError
-
-
-def touch(path: Path, data: bytes = b"x") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
-
-
-def relatives(items) -> list[str]:
-    return [str(item.relative) for item in items]
+from inference_testing import touch
 
 
 def test_outputs_are_named_after_the_input_and_mirror_subfolders(tmp_path):
