@@ -1,8 +1,6 @@
 """dataloader.images: listing inference inputs (folders, lists, single files) and reading them."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from PIL import Image
 

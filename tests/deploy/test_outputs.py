@@ -1,8 +1,6 @@
 """deploy.outputs: where inference writes (planned from the inputs) and what it draws."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
