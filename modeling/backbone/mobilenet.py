@@ -19,6 +19,9 @@ from torch import nn
 from torchvision import models
 from torchvision.models import WeightsEnum
 
+#: Running-statistics momentum of every BatchNorm of the backbone (see MobileNetV3Backbone).
+BATCH_NORM_MOMENTUM = 0.1
+
 
 def _dilate_stage(blocks: Sequence[nn.Module], dilation: int) -> None:
     """Replace the stage's stride 2 by ``dilation``, in place.
@@ -71,6 +74,14 @@ class MobileNetV3Backbone(nn.Module):
         """
         super().__init__()
         self.features = mobilenet.features
+        for module in self.features.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                # torchvision's 0.01 (from the TensorFlow ImageNet recipe) leaves the running
+                # statistics of a short run (~100 iterations) behind the weights, so evaluation
+                # sees stale statistics; 0.1 is PyTorch's default, which the ResNets and heads
+                # use. Not a weight: ImageNet tensors load the same, and eps stays torchvision's
+                # 0.001 so that they compute what they did.
+                module.momentum = BATCH_NORM_MOMENTUM
         strided = [index for index, block in enumerate(self.features)
                    if getattr(block, "_is_cn", False)]
         if len(strided) != 4:

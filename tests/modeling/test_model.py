@@ -201,6 +201,15 @@ def test_mobilenetv3_dilates_the_stages_past_its_output_stride(output_stride, st
     assert backbone.features[14].use_res_connect
 
 
+def test_mobilenetv3_batch_norm_settings():
+    # eps as torchvision trained the ImageNet weights with (1e-3, TensorFlow's), or they compute
+    # something else; momentum PyTorch's 0.1, as the ResNets, instead of torchvision's 0.01.
+    norms = [module for module in build_backbone("mobilenetv3", 16).modules()
+             if isinstance(module, nn.BatchNorm2d)]
+    assert len(norms) == 1 + 15 * 3 - 1 + 1  # stem, 3 per block (block 1 has no expansion), last
+    assert {(norm.eps, norm.momentum) for norm in norms} == {(1e-3, 0.1)}
+
+
 def test_mobilenetv3_parameter_count():
     # torchvision's published MobileNetV3-Large total minus its ImageNet classifier
     # (960 x 1280 + 1280 and 1280 x 1000 + 1000); dilation adds none.
