@@ -15,7 +15,8 @@ from modeling.decoder import Decoder
 
 class DeepLab(nn.Module):
     """DeepLabV3+ (Chen et al., "Encoder-Decoder with Atrous Separable Convolution for Semantic
-    Image Segmentation", https://arxiv.org/abs/1802.02611) with a torchvision ResNet backbone.
+    Image Segmentation", https://arxiv.org/abs/1802.02611) with a torchvision ResNet or
+    MobileNetV3-Large backbone.
 
     The ASPP, decoder and auxiliary head are sized from the backbone's channel counts. Training
     needs at least 2 images per batch (per device): the ASPP image-pooling BatchNorm sees a single
@@ -47,7 +48,7 @@ class DeepLab(nn.Module):
             output_stride: input size / ASPP feature size, 16 or 8 (8 is finer and ~4x costlier).
             num_classes: classes predicted per pixel, background included.
             pretrained_backbone: start the backbone from torchvision's ImageNet weights.
-            backbone_weights: a local torchvision ResNet state dict to start from instead.
+            backbone_weights: a local torchvision state dict of the backbone to start from instead.
             aux_loss: add an FCN head on the backbone's ``"aux"`` features (torchvision's recipe).
             align_corners: ``False`` (torchvision's convention) for models trained here; ``True``
                 reproduces models trained by jfzhang95/pytorch-deeplab-xception, which upsample

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torchvision.models import WeightsEnum
 
+from modeling.backbone.mobilenet import mobilenetv3
 from modeling.backbone.resnet import resnet18, resnet34, resnet50, resnet101, resnet152
 
 #: name -> builder taking ``layer3_dilation``, ``layer4_dilation`` and ``multi_grid`` keywords.
@@ -28,6 +29,7 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "resnet50": resnet50,
     "resnet101": resnet101,
     "resnet152": resnet152,
+    "mobilenetv3": mobilenetv3,
 }
 
 #: Names kept for the original repository's ``--backbone resnet``.
@@ -42,11 +44,15 @@ class PretrainedWeightsUnavailable(Exception):
 class AtrousSettings:
     """How one output stride is reached, and the ASPP rates that keep the same field of view.
 
+    ``layer3`` and ``layer4`` are the ResNet names of the stages that reach stride 16 and 32;
+    other backbones apply the same dilations to their own two last stages.
+
     Attributes:
         layer3_dilation: 1 keeps layer3's stride 2; 2 replaces it (output stride 8).
         layer4_dilation: base dilation of layer4, whose stride 2 is always replaced.
         multi_grid: layer4 block ``i`` uses ``layer4_dilation * multi_grid[i]`` (DeepLabV3,
-            sec. 3.2; a two-block layer4, as in ResNet-18, uses the first two).
+            sec. 3.2; a two-block layer4, as in ResNet-18, uses the first two). ResNets only:
+            MobileNetV3 dilates its last stage uniformly, as torchvision does.
         aspp_rates: dilations of the three 3x3 ASPP branches.
     """
 
@@ -96,8 +102,9 @@ def build_backbone(
         name: a key of :data:`BACKBONES` or :data:`BACKBONE_ALIASES`.
         output_stride: 16 or 8, see :func:`atrous_settings`.
         pretrained: download (or take from the torch hub cache) torchvision's ImageNet weights.
-        weights_path: a local torchvision ResNet state dict to load instead of downloading
-            (``fc.*`` entries are ignored); wins over ``pretrained``.
+        weights_path: a local torchvision state dict of the same architecture to load instead
+            of downloading (the ImageNet classifier's entries are ignored); wins over
+            ``pretrained``.
 
     Raises:
         ValueError: unknown name, unsupported output stride, or a weights file that does not fit.
@@ -113,7 +120,7 @@ def build_backbone(
     )
     if weights_path is not None:
         state_dict = read_state_dict(weights_path, "backbone weights",
-                                     "save model.state_dict() of a torchvision ResNet")
+                                     "save model.state_dict() of the torchvision model")
         _load_into(backbone, state_dict, source=os.fspath(weights_path), name=name)
     elif pretrained:
         weights = backbone.imagenet_weights
@@ -181,11 +188,17 @@ def download_state_dict(weights: WeightsEnum, what: str, advice: str) -> Mapping
         ) from error
 
 
+#: State-dict prefixes of torchvision's ImageNet classifiers: ResNet's ``fc``, MobileNet's
+#: ``classifier`` (our backbones have no module of either name).
+_IMAGENET_CLASSIFIER_PREFIXES = ("fc.", "classifier.")
+
+
 def _load_into(
     backbone: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str, name: str
 ) -> None:
     # The ImageNet classifier has no place in a segmentation backbone.
-    state_dict = {key: value for key, value in state_dict.items() if not key.startswith("fc.")}
+    state_dict = {key: value for key, value in state_dict.items()
+                  if not key.startswith(_IMAGENET_CLASSIFIER_PREFIXES)}
     expected = backbone.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))

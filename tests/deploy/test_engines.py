@@ -71,6 +71,35 @@ def test_runtimes_agree_with_pytorch_at_any_batch_and_size(exported, engine):
         assert agreement(got.argmax(1), expected.argmax(1)) >= 0.999, shape
 
 
+@pytest.fixture(scope="module")
+def exported_mobilenetv3(tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("export_mobilenetv3")
+    ckpt = make_checkpoint(folder / "mnv3.pth.tar", backbone="mobilenetv3", num_classes=5)
+    assert export.cli(["--ckpt", str(ckpt), "--out", str(folder / "mnv3.onnx"),
+                       "--no-check"]) == 0
+    checkpoint = torch.load(ckpt, weights_only=True)
+    model = DeepLab.from_state_dict(checkpoint["settings"], checkpoint["model"]).eval()
+    return {"onnx": folder / "mnv3.onnx", "model": model}
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_mobilenetv3_runs_in_every_runtime_as_in_pytorch(exported_mobilenetv3, engine):
+    # Its hard-swish, hard-sigmoid and squeeze-excitation ops exported and run in fp32.
+    path = str(exported_mobilenetv3["onnx"])
+    runner = (OnnxRuntimeEngine(path, threads=2, use_cuda=False) if engine == "onnxruntime"
+              else OpenVinoEngine(path, threads=2, amp_dtype=None))
+    assert json.loads(runner.metadata()["deeplab_settings"])["backbone"] == "mobilenetv3"
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(2, 3, 64, 64), (1, 3, 64, 48)]:
+        image = torch.randn(*shape, generator=generator)
+        with torch.inference_mode():
+            expected = exported_mobilenetv3["model"](image)["out"].argmax(1)
+        got = runner(image)["out"].argmax(1)
+        assert expected.unique().numel() >= 2  # not one class everywhere, which any engine gets
+        assert got.shape == expected.shape
+        assert agreement(got, expected) >= 0.999, shape
+
+
 def real_images(limit: int) -> list[Path]:
     root = os.environ.get("DEEPLAB_COCO_ROOT")
     if not root:

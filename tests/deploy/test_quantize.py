@@ -82,6 +82,29 @@ def test_int8_logits_follow_fp32_on_unseen_images(int8):
         assert relative < 0.25, (seed, relative)
 
 
+def test_mobilenetv3_quantizes_and_follows_fp32(tmp_path):
+    """NNCF quantizes MobileNetV3's hard-swish and squeeze-excitation blocks too, within the
+    ResNet-18 bound above on images it was not calibrated on."""
+    ckpt = make_checkpoint(tmp_path / "mnv3.pth.tar", backbone="mobilenetv3", num_classes=5)
+    for seed in range(3):
+        write_image(tmp_path / "calibration" / f"{seed}.png", 96, 72, seed=seed)
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert export.cli(["--ckpt", str(ckpt), "--out", str(tmp_path / "int8.onnx"), "--int8",
+                           "--calibration", str(tmp_path / "calibration")]) == 0
+    proto = onnx.load(str(tmp_path / "int8.onnx"))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in proto.graph.node}
+    checkpoint = torch.load(ckpt, weights_only=True)
+    model = DeepLab.from_state_dict(checkpoint["settings"], checkpoint["model"]).eval()
+    runner = OpenVinoEngine(str(tmp_path / "int8.onnx"), threads=2, amp_dtype=None)
+    normalize = Normalize(checkpoint["settings"]["mean"], checkpoint["settings"]["std"])
+    path = write_image(tmp_path / "unseen.png", 64, 64, seed=10)
+    image = normalize(pil_to_uint8_tensor(load_image(path)))[None]
+    with torch.inference_mode():
+        expected = model(image)["out"]
+    relative = ((runner(image)["out"] - expected).abs().mean() / expected.std()).item()
+    assert relative < 0.25, relative
+
+
 def test_inference_runs_the_int8_file_on_every_image(int8, tmp_path):
     sizes = [(64, 48), (48, 64), (80, 60)]
     for seed, (width, height) in enumerate(sizes):

@@ -25,7 +25,7 @@ from modeling.backbone import (
 )
 from modeling.deeplab import DeepLab
 
-SMALL_BACKBONES = ("resnet18", "resnet34", "resnet50")
+SMALL_BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenetv3")
 OUTPUT_STRIDES = (8, 16)
 
 
@@ -48,11 +48,13 @@ def resnet101_model() -> DeepLab:
 @pytest.mark.parametrize("backbone", SMALL_BACKBONES)
 def test_output_shapes_and_feature_strides(backbone, output_stride):
     torch.manual_seed(0)
-    num_classes = 3 + SMALL_BACKBONES.index(backbone)  # 3, 4, 5
+    num_classes = 3 + SMALL_BACKBONES.index(backbone)  # 3, 4, 5, 6
     model = DeepLab(backbone=backbone, output_stride=output_stride, num_classes=num_classes,
                     aux_loss=True).eval()
+    # MobileNetV3-Large (paper, table 1): 24 channels at stride 4, 112 at the end of the
+    # stride-16 stage, 960 out of the last 1x1 convolution.
     expected_channels = {"resnet18": (64, 256, 512), "resnet34": (64, 256, 512),
-                         "resnet50": (256, 1024, 2048)}[backbone]
+                         "resnet50": (256, 1024, 2048), "mobilenetv3": (24, 112, 960)}[backbone]
     assert (model.backbone.low_level_channels, model.backbone.aux_channels,
             model.backbone.out_channels) == expected_channels
     # Every stride-2 layer maps n to ceil(n / 2), so stride s gives ceil(n / s).
@@ -136,6 +138,78 @@ def test_dilation_keeps_parameter_count():
         assert _count(build_backbone("resnet50", output_stride).parameters()) == resnet50_without_fc
 
 
+def _randomised_mobilenet_v3_large(seed: int, **kwargs) -> nn.Module:
+    """torchvision's MobileNetV3-Large with every tensor drawn from ``seed`` (BatchNorm statistics
+    included), so that equal tensors cannot come from two default initialisations."""
+    model = torchvision.models.mobilenet_v3_large(weights=None, **kwargs)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith("running_var"):
+                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
+            elif name.endswith("num_batches_tracked"):
+                tensor.fill_(int(torch.randint(1, 1000, (1,), generator=generator)))
+            else:
+                tensor.copy_(0.1 * torch.randn(tensor.shape, generator=generator))
+    return model.eval()
+
+
+def test_mobilenetv3_at_output_stride_16_computes_torchvisions_dilated_backbone():
+    # torchvision's deeplabv3_mobilenet_v3_large runs mobilenet_v3_large(dilated=True).features:
+    # the same tensors in our backbone give the same features, bit for bit.
+    reference = _randomised_mobilenet_v3_large(4, dilated=True)
+    backbone = build_backbone("mobilenetv3", 16).eval()
+    backbone.load_state_dict({key: value for key, value in reference.state_dict().items()
+                              if not key.startswith("classifier.")})
+    x = torch.randn(2, 3, 61, 38)
+    with torch.no_grad():
+        features = backbone(x)
+        assert torch.equal(features["low_level"], reference.features[:4](x))
+        assert torch.equal(features["aux"], reference.features[:13](x))
+        assert torch.equal(features["out"], reference.features(x))
+
+
+@pytest.mark.parametrize("output_stride, stage16, stage32", [(16, 1, 2), (8, 2, 4)])
+def test_mobilenetv3_dilates_the_stages_past_its_output_stride(output_stride, stage16, stage32):
+    """MobileNetV3-Large's features: stem (stride 2), blocks 1-3 (stride 4: 2 is strided), 4-6
+    (stride 8), 7-12 (stride 16), 13-15 (stride 32), then a 1x1 conv. Depthwise kernels are
+    3x3 or 5x5 (paper, table 1); a dilated one has stride 1 and padding (kernel // 2) * dilation.
+    """
+    backbone = build_backbone("mobilenetv3", output_stride)
+    kernels = [3, 3, 3, 5, 5, 5, 3, 3, 3, 3, 3, 3, 5, 5, 5]
+    strides = {2: 2, 4: 2, 7: 2 if stage16 == 1 else 1, 13: 1}
+    for index, kernel in zip(range(1, 16), kernels):
+        dilation = stage16 if 7 <= index <= 12 else stage32 if index >= 13 else 1
+        (depthwise,) = [module for module in backbone.features[index].modules()
+                        if isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1)]
+        assert depthwise.kernel_size == (kernel, kernel), index
+        assert depthwise.stride == (strides.get(index, 1),) * 2, index
+        assert depthwise.dilation == (dilation, dilation), index
+        assert depthwise.padding == (kernel // 2 * dilation,) * 2, index
+    # A block that was strided keeps having no residual connection, as in torchvision.
+    assert not backbone.features[13].use_res_connect and not backbone.features[7].use_res_connect
+    assert backbone.features[14].use_res_connect
+
+
+def test_mobilenetv3_batch_norm_settings():
+    # eps as torchvision trained the ImageNet weights with (1e-3, TensorFlow's), or they compute
+    # something else; momentum PyTorch's 0.1, as the ResNets, instead of torchvision's 0.01.
+    norms = [module for module in build_backbone("mobilenetv3", 16).modules()
+             if isinstance(module, nn.BatchNorm2d)]
+    assert len(norms) == 1 + 15 * 3 - 1 + 1  # stem, 3 per block (block 1 has no expansion), last
+    assert {(norm.eps, norm.momentum) for norm in norms} == {(1e-3, 0.1)}
+
+
+def test_mobilenetv3_parameter_count():
+    # torchvision's published MobileNetV3-Large total minus its ImageNet classifier
+    # (960 x 1280 + 1280 and 1280 x 1000 + 1000); dilation adds none.
+    without_classifier = 5_483_032 - (960 * 1280 + 1280) - (1280 * 1000 + 1000)
+    assert without_classifier == 2_971_952
+    for output_stride in OUTPUT_STRIDES:
+        backbone = build_backbone("mobilenetv3", output_stride)
+        assert _count(backbone.parameters()) == without_classifier
+
+
 def test_resnet101_parameter_count(resnet101_model):
     """59,344,309 = ResNet-101 backbone + ASPP + decoder, by hand (BN = 2 x channels, no conv bias).
 
@@ -204,7 +278,8 @@ def test_alias_resolves_to_resnet101(resnet101_model):
 
 
 def test_registry_names():
-    assert sorted(BACKBONES) == ["resnet101", "resnet152", "resnet18", "resnet34", "resnet50"]
+    assert sorted(BACKBONES) == ["mobilenetv3", "resnet101", "resnet152", "resnet18", "resnet34",
+                                 "resnet50"]
 
 
 def test_unknown_backbone():
@@ -317,6 +392,35 @@ def test_local_weights_round_trip(tmp_path):
                                rtol=0, atol=0)
 
 
+def test_local_mobilenetv3_weights_land_exactly(tmp_path):
+    # What --backbone-weights passes on: torchvision's mobilenet_v3_large state dict as a user
+    # saves it, classifier.* included.
+    reference = _randomised_mobilenet_v3_large(5)
+    path = tmp_path / "mobilenet_v3_large.pth"
+    torch.save(reference.state_dict(), path)
+    model = DeepLab(backbone="mobilenetv3", output_stride=8, num_classes=3, backbone_weights=path)
+    expected = {key: value for key, value in reference.state_dict().items()
+                if not key.startswith("classifier.")}
+    loaded = model.backbone.state_dict()
+    assert sorted(loaded) == sorted(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_mobilenetv3_imagenet_weights_from_the_torch_hub_cache(tmp_path):
+    weights = torchvision.models.MobileNet_V3_Large_Weights.IMAGENET1K_V1
+    with pytest.raises(PretrainedWeightsUnavailable) as error:
+        build_backbone("mobilenetv3", 16, pretrained=True)
+    assert "\n" not in str(error.value) and weights.url in str(error.value)
+    reference = _randomised_mobilenet_v3_large(6)
+    checkpoints = tmp_path / "torch_home" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)  # the failed download made it
+    torch.save(reference.state_dict(), checkpoints / os.path.basename(weights.url))
+    backbone = build_backbone("mobilenetv3", 16, pretrained=True)
+    torch.testing.assert_close(backbone.features[15].block[1][0].weight,
+                               reference.features[15].block[1][0].weight, rtol=0, atol=0)
+
+
 def test_local_weights_errors_name_the_file(tmp_path):
     missing = tmp_path / "nowhere.pth"
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
@@ -325,6 +429,8 @@ def test_local_weights_errors_name_the_file(tmp_path):
     torch.save(torchvision.models.resnet34().state_dict(), wrong)
     with pytest.raises(ValueError, match="resnet34.pth"):
         build_backbone("resnet18", 16, weights_path=wrong)
+    with pytest.raises(ValueError, match="resnet34.pth"):
+        build_backbone("mobilenetv3", 16, weights_path=wrong)
     not_a_dict = tmp_path / "tensor.pth"
     torch.save(torch.zeros(3), not_a_dict)
     with pytest.raises(ValueError, match="tensor.pth"):
