@@ -76,13 +76,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 def _model_args(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", default="resnet101", choices=sorted(BACKBONES) + sorted(
-        BACKBONE_ALIASES), help="ResNet depth; 'resnet' means resnet101")
+        BACKBONE_ALIASES), help="a torchvision ResNet, or mobilenetv3 (MobileNetV3-Large); "
+        "'resnet' means resnet101")
     model.add_argument("--out-stride", type=int, default=16, choices=(8, 16),
                        help="output stride of the backbone (16: faster, 8: finer)")
     model.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                        help="start the backbone from ImageNet weights (downloaded by torchvision)")
     model.add_argument("--backbone-weights", metavar="PATH",
-                       help="local torchvision ResNet state dict to use instead of downloading")
+                       help="local torchvision state dict of the backbone (a ResNet or "
+                       "mobilenet_v3_large) to use instead of downloading")
     model.add_argument("--init", metavar=f"{INIT_TORCHVISION_COCO}|PATH", help="start backbone, "
                        "ASPP, aux head from torchvision's COCO DeepLabV3 (resnet50/101; download "
                        "or state dict file)")
@@ -166,8 +168,8 @@ def build_model(args: argparse.Namespace, checkpoint: dict | None, num_classes: 
                             args.ft and pretrained_settings.get("align_corners", False)))
     except PretrainedWeightsUnavailable as error:
         raise UserError(f"{error}; pass --no-pretrained to train from scratch, or "
-                        f"--backbone-weights PATH with a local torchvision ResNet state "
-                        f"dict") from None
+                        f"--backbone-weights PATH with a local torchvision state dict of the "
+                        f"backbone") from None
     except (FileNotFoundError, ValueError) as error:  # a missing, unsafe or foreign file
         if not args.backbone_weights:
             raise
