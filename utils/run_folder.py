@@ -390,12 +390,28 @@ def locate_run(options: RunFolderOptions) -> RunFolderOptions:
 
 def auto_resume(options: RunFolderOptions) -> RunFolderOptions:
     """``--auto-resume``: the options with ``resume`` set to the run folder's checkpoint (no
-    ``ft``: that was the first start's), or ``run_dir`` set to the folder to start in."""
+    ``ft``: that was the first start's), or ``run_dir`` set to the folder to start in.
+
+    With an explicit ``--resume X`` (the first start of a requeued job), ``--run-dir`` is
+    required: a folder without a checkpoint starts from X (fine-tuned with ``--ft``), one with a
+    checkpoint continues it, with a warning naming X.
+
+    Raises:
+        UserError: ``--resume`` without ``--run-dir``.
+    """
     if not options.auto_resume:
         return options
+    if options.resume and not options.run_dir:
+        # The newest experiment may be any earlier run: its checkpoint would silently replace X.
+        raise UserError(f"--auto-resume with --resume {options.resume} needs --run-dir: the "
+                        f"folder the requeued command continues (its checkpoint once there is "
+                        f"one, else --resume)")
     folder = options.run_dir or RunFolder.latest_experiment_dir(
         os.path.join(options.run_root, options.dataset, options.checkname))
     if folder is not None and os.path.isfile(os.path.join(folder, CHECKPOINT_NAME)):
+        if options.resume:
+            logger.warning("--auto-resume: continuing %s's checkpoint; --resume %s%s was the "
+                           "first start's", folder, options.resume, " --ft" if options.ft else "")
         return replace(options, resume=os.path.join(folder, CHECKPOINT_NAME), ft=False,
                        run_dir=str(folder))
     return replace(options, run_dir=folder and str(folder))
