@@ -346,13 +346,17 @@ class RunFolderOptions:
         names the run when ``--checkname`` does not.
 
         Raises:
-            UserError: ``--ft`` or ``--eval-only`` without ``--resume``; a file where
+            UserError: ``--ft`` or ``--eval-only`` without ``--resume``, or both; a file where
                 ``--run-dir`` or ``--run-root`` needs a folder.
         """
         if flags["ft"] and not flags["resume"]:
             raise UserError("--ft needs --resume CKPT: the checkpoint to fine-tune from")
         if flags["eval_only"] and not flags["resume"]:
             raise UserError("--eval-only needs --resume CKPT: the checkpoint to evaluate")
+        if flags["eval_only"] and flags["ft"]:
+            raise UserError("--eval-only --ft would score a freshly initialised classifier: drop "
+                            "--ft to evaluate the checkpoint (same classes), or train with --ft "
+                            "first")
         for flag, folder in (("--run-dir", flags["run_dir"]), ("--run-root", flags["run_root"])):
             if folder:
                 check_folder_path(flag, folder)

@@ -42,3 +42,14 @@ def test_requeued_fine_tune_starts_from_x_then_continues_the_run_dir(tmp_path, c
         requeued = locate_run(options(argv))
     assert (requeued.resume, requeued.ft) == (str(run_dir / CHECKPOINT_NAME), False)
     assert "X.pth.tar" in caplog.text
+
+
+# --------------------------------------------------------------------------- item 3
+
+
+def test_eval_only_with_ft_is_refused_in_one_line(tmp_path, capsys):
+    code = train.cli(TINY + ["--eval-only", "--ft", "--resume", str(tmp_path / "c.pth.tar"),
+                             "--run-dir", str(tmp_path / "R")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "--eval-only --ft" in err
