@@ -24,6 +24,8 @@ and :func:`resume_training` loads a checkpoint's training state back.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -31,7 +33,7 @@ import re
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -168,12 +170,34 @@ class RunFolder:
         carry the new score and the best file would stay at the old one for good.
         """
         if not is_best:
-            save_checkpoint(contents, self.checkpoint_path)
+            with _disk_full_is_one_line(self.checkpoint_path):
+                save_checkpoint(contents, self.checkpoint_path)
             return
-        save_checkpoint(contents, self.best_path)
-        with open(self.best_path, "rb") as source:
+        with _disk_full_is_one_line(self.best_path):
+            save_checkpoint(contents, self.best_path)
+        with open(self.best_path, "rb") as source, _disk_full_is_one_line(self.checkpoint_path):
             atomic_write(self.checkpoint_path, lambda handle: shutil.copyfileobj(source, handle))
         logger.info("new best checkpoint: %s", self.best_path)
+
+
+#: What torch.save says when the disk fills under its zip writer (not an OSError).
+_TORCH_WRITE_FAILED = ("unexpected pos", "PytorchStreamWriter failed writing")
+
+
+@contextlib.contextmanager
+def _disk_full_is_one_line(path: Path) -> Iterator[None]:
+    """A full disk (or quota) while writing ``path`` becomes a UserError that says so; the
+    atomic write left the previous file in place."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (
+            isinstance(error, RuntimeError) and any(text in str(error)
+                                                    for text in _TORCH_WRITE_FAILED))
+        if not full:
+            raise
+        raise UserError(f"no space left on device writing {path}: the last checkpoint is kept; "
+                        f"free space and --resume") from None
 
 
 def _json_path(value: Any) -> str:
@@ -376,18 +400,28 @@ class RunFolderOptions:
 
 
 def check_folder_path(flag: str, folder: str) -> None:
-    """A folder that exists or can be created: no file where a folder on its path should be."""
+    """A folder that exists or can be created: no file or dangling link where a folder on its path
+    should be, and the nearest existing one writable."""
     path = Path(folder).absolute()
+    dangling = next((p for p in (path, *path.parents) if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:
+        raise UserError(f"{flag} {folder}: {dangling} is a link to {os.readlink(dangling)}, "
+                        f"which does not exist: create it or pick another {flag}")
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
         raise UserError(f"{flag} {folder}: {existing} is a file, not a folder: pick another "
                         f"{flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder}: {existing} is not writable (read-only folder or file "
+                        f"system): pick another {flag}")
 
 
 def locate_run(options: RunFolderOptions) -> RunFolderOptions:
     """Before anything is built: ``--auto-resume`` resolved (:func:`auto_resume`) and a folder
     whose run this command would overwrite refused (:func:`check_run_folder`)."""
     options = auto_resume(options)
+    if options.continued_folder and not options.eval_only:  # written into: checked before
+        check_folder_path("--run-dir" if options.run_dir else "--resume", options.continued_folder)
     check_run_folder(options)
     return options
 
