@@ -155,8 +155,15 @@ class RunFolder:
         """Atomically write ``settings`` as indented JSON with sorted keys.
 
         Paths are written as strings; any other value JSON cannot hold raises ``TypeError``.
+        A settings.json that says otherwise (a run resumed with other flags) is kept as
+        ``settings.json.<k>``, ``k`` = 1, 2, ... in the order of the run's segments.
         """
         text = json.dumps(settings, sort_keys=True, indent=2, default=_json_path) + "\n"
+        if self.settings_path.is_file() and self.settings_path.read_text() != text:
+            number = 1
+            while self.settings_path.with_name(f"{SETTINGS_NAME}.{number}").exists():
+                number += 1
+            os.link(self.settings_path, self.settings_path.with_name(f"{SETTINGS_NAME}.{number}"))
         atomic_write_text(self.settings_path, text)
 
     def write_checkpoint(self, contents: dict[str, Any], is_best: bool) -> None:
@@ -509,6 +516,37 @@ def check_requeued_settings(options: RunFolderOptions, record: dict) -> None:
                         f"another --run-dir or --checkname to start a new run")
 
 
+#: Settings an explicit ``--resume`` changes without a word here: those of
+#: :data:`REQUEUE_MAY_CHANGE` but the run's length, and SGD's, which
+#: :func:`utils.optim.load_optimizer_state` warns about.
+RESUME_WARNS_ELSEWHERE = (REQUEUE_MAY_CHANGE - {"epochs", "total_iters"}) | {
+    "lr", "momentum", "weight_decay", "nesterov", "iters_per_epoch"}
+
+
+def warn_changed_settings(options: RunFolderOptions, record: dict) -> list[str]:
+    """A resumed run whose flags differ from the settings.json beside its checkpoint: one
+    warning naming each change (``--crop-size 513 -> 321``); returns the changes. A changed
+    ``--seed`` changes the data order and augmentation from the checkpoint's iteration on."""
+    folder = os.path.dirname(os.path.abspath(options.resume))
+    try:
+        previous = json.loads(Path(folder, SETTINGS_NAME).read_text())
+    except (OSError, ValueError):
+        return []
+    current = json.loads(json.dumps(record, default=os.fspath))
+    changed = [f"{'--' + key.replace('_', '-') if key in options.flags else key} "
+               f"{json.dumps(previous[key])} -> {json.dumps(current[key])}"
+               for key in sorted(current) if key not in RESUME_WARNS_ELSEWHERE
+               and key in previous and previous[key] != current[key]]
+    if changed:
+        seed_note = ("; the data order and augmentation from the checkpoint's iteration on "
+                     "differ from the earlier run's" if previous.get("seed") != current["seed"]
+                     else "")
+        logger.warning("resumed with changed settings (%s): they apply from the checkpoint's "
+                       "iteration%s; the earlier settings.json is kept as settings.json.<k>",
+                       ", ".join(changed), seed_note)
+    return changed
+
+
 # --------------------------------------------------------------------------- opening the run
 
 
@@ -560,6 +598,8 @@ def open_run(options: RunFolderOptions, checkpointer: Checkpointer, *,
                              settings=checkpointer.settings)
     check_requeued_settings(options, record)
     resumed = checkpoint is not None and not options.ft
+    if resumed and context.is_main:
+        warn_changed_settings(options, record)
     progress = resume_training(checkpoint, optimisation=checkpointer.optimisation, plan=plan,
                                seed=options.seed, rank=context.rank) if resumed \
         else TrainProgress()
