@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Mapping, TypeVar
 import torch
 import torch.distributed as dist
 
-from utils.slurm import slurm_task
+from utils.slurm import env_int, slurm_task
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +51,10 @@ def launch_context(environ: Mapping[str, str]) -> tuple[DistributedContext, str 
     :meth:`utils.slurm.SlurmTask.rendezvous`). Anything else is one process (init_method None).
     """
     if "RANK" in environ and "WORLD_SIZE" in environ:
-        return DistributedContext(rank=int(environ["RANK"]),
-                                  world_size=int(environ["WORLD_SIZE"]),
-                                  local_rank=int(environ.get("LOCAL_RANK", 0))), "env://"
+        env_int(environ, "MASTER_PORT", 0)  # read by env://: checked here, in one line
+        return DistributedContext(rank=env_int(environ, "RANK"),
+                                  world_size=env_int(environ, "WORLD_SIZE"),
+                                  local_rank=env_int(environ, "LOCAL_RANK", 0)), "env://"
     task = slurm_task(environ)
     if task is None or task.world_size < 2:
         return DistributedContext(), None

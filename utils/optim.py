@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -12,6 +13,7 @@ from torch import nn
 from utils.losses import DEFAULT_TOP_K, LOSSES, loss_spec, top_k_fraction
 from utils.lr_scheduler import SCHEDULERS
 from utils.plan import DEFAULT_BATCH_PER_DEVICE, REFERENCE_BATCH, REFERENCE_LR
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +80,22 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict,
         logger.warning("optimiser settings changed since the checkpoint (%s): applied from "
                        "iteration %d on", ", ".join(changed), iteration)
     return changed
+
+
+def check_sgd_flags(flags: Mapping[str, Any]) -> None:
+    """The SGD settings torch would refuse, refused first in one line naming the flags
+    (``flags``: train.py's, ``vars(args)``).
+
+    Raises:
+        UserError: a negative ``--lr``, ``--momentum`` or ``--weight-decay``, or ``--nesterov``
+            without momentum.
+    """
+    for name in ("lr", "momentum", "weight_decay"):
+        if flags[name] is not None and not flags[name] >= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 0, got {flags[name]}")
+    if flags["nesterov"] and flags["momentum"] == 0:
+        raise UserError("--nesterov needs a positive --momentum (it is 0): drop --nesterov or set "
+                        "--momentum")
 
 
 def add_optimisation_args(parser: argparse.ArgumentParser, *, default_epochs: str) -> None:

@@ -24,6 +24,8 @@ and :func:`resume_training` loads a checkpoint's training state back.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -31,7 +33,7 @@ import re
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -153,8 +155,15 @@ class RunFolder:
         """Atomically write ``settings`` as indented JSON with sorted keys.
 
         Paths are written as strings; any other value JSON cannot hold raises ``TypeError``.
+        A settings.json that says otherwise (a run resumed with other flags) is kept as
+        ``settings.json.<k>``, ``k`` = 1, 2, ... in the order of the run's segments.
         """
         text = json.dumps(settings, sort_keys=True, indent=2, default=_json_path) + "\n"
+        if self.settings_path.is_file() and self.settings_path.read_text() != text:
+            number = 1
+            while self.settings_path.with_name(f"{SETTINGS_NAME}.{number}").exists():
+                number += 1
+            os.link(self.settings_path, self.settings_path.with_name(f"{SETTINGS_NAME}.{number}"))
         atomic_write_text(self.settings_path, text)
 
     def write_checkpoint(self, contents: dict[str, Any], is_best: bool) -> None:
@@ -168,12 +177,34 @@ class RunFolder:
         carry the new score and the best file would stay at the old one for good.
         """
         if not is_best:
-            save_checkpoint(contents, self.checkpoint_path)
+            with _disk_full_is_one_line(self.checkpoint_path):
+                save_checkpoint(contents, self.checkpoint_path)
             return
-        save_checkpoint(contents, self.best_path)
-        with open(self.best_path, "rb") as source:
+        with _disk_full_is_one_line(self.best_path):
+            save_checkpoint(contents, self.best_path)
+        with open(self.best_path, "rb") as source, _disk_full_is_one_line(self.checkpoint_path):
             atomic_write(self.checkpoint_path, lambda handle: shutil.copyfileobj(source, handle))
         logger.info("new best checkpoint: %s", self.best_path)
+
+
+#: What torch.save says when the disk fills under its zip writer (not an OSError).
+_TORCH_WRITE_FAILED = ("unexpected pos", "PytorchStreamWriter failed writing")
+
+
+@contextlib.contextmanager
+def _disk_full_is_one_line(path: Path) -> Iterator[None]:
+    """A full disk (or quota) while writing ``path`` becomes a UserError that says so; the
+    atomic write left the previous file in place."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (
+            isinstance(error, RuntimeError) and any(text in str(error)
+                                                    for text in _TORCH_WRITE_FAILED))
+        if not full:
+            raise
+        raise UserError(f"no space left on device writing {path}: the last checkpoint is kept; "
+                        f"free space and --resume") from None
 
 
 def _json_path(value: Any) -> str:
@@ -346,13 +377,17 @@ class RunFolderOptions:
         names the run when ``--checkname`` does not.
 
         Raises:
-            UserError: ``--ft`` or ``--eval-only`` without ``--resume``; a file where
+            UserError: ``--ft`` or ``--eval-only`` without ``--resume``, or both; a file where
                 ``--run-dir`` or ``--run-root`` needs a folder.
         """
         if flags["ft"] and not flags["resume"]:
             raise UserError("--ft needs --resume CKPT: the checkpoint to fine-tune from")
         if flags["eval_only"] and not flags["resume"]:
             raise UserError("--eval-only needs --resume CKPT: the checkpoint to evaluate")
+        if flags["eval_only"] and flags["ft"]:
+            raise UserError("--eval-only --ft would score a freshly initialised classifier: drop "
+                            "--ft to evaluate the checkpoint (same classes), or train with --ft "
+                            "first")
         for flag, folder in (("--run-dir", flags["run_dir"]), ("--run-root", flags["run_root"])):
             if folder:
                 check_folder_path(flag, folder)
@@ -372,30 +407,56 @@ class RunFolderOptions:
 
 
 def check_folder_path(flag: str, folder: str) -> None:
-    """A folder that exists or can be created: no file where a folder on its path should be."""
+    """A folder that exists or can be created: no file or dangling link where a folder on its path
+    should be, and the nearest existing one writable."""
     path = Path(folder).absolute()
+    dangling = next((p for p in (path, *path.parents) if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:
+        raise UserError(f"{flag} {folder}: {dangling} is a link to {os.readlink(dangling)}, "
+                        f"which does not exist: create it or pick another {flag}")
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
         raise UserError(f"{flag} {folder}: {existing} is a file, not a folder: pick another "
                         f"{flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder}: {existing} is not writable (read-only folder or file "
+                        f"system): pick another {flag}")
 
 
 def locate_run(options: RunFolderOptions) -> RunFolderOptions:
     """Before anything is built: ``--auto-resume`` resolved (:func:`auto_resume`) and a folder
     whose run this command would overwrite refused (:func:`check_run_folder`)."""
     options = auto_resume(options)
+    if options.continued_folder and not options.eval_only:  # written into: checked before
+        check_folder_path("--run-dir" if options.run_dir else "--resume", options.continued_folder)
     check_run_folder(options)
     return options
 
 
 def auto_resume(options: RunFolderOptions) -> RunFolderOptions:
     """``--auto-resume``: the options with ``resume`` set to the run folder's checkpoint (no
-    ``ft``: that was the first start's), or ``run_dir`` set to the folder to start in."""
+    ``ft``: that was the first start's), or ``run_dir`` set to the folder to start in.
+
+    With an explicit ``--resume X`` (the first start of a requeued job), ``--run-dir`` is
+    required: a folder without a checkpoint starts from X (fine-tuned with ``--ft``), one with a
+    checkpoint continues it, with a warning naming X.
+
+    Raises:
+        UserError: ``--resume`` without ``--run-dir``.
+    """
     if not options.auto_resume:
         return options
+    if options.resume and not options.run_dir:
+        # The newest experiment may be any earlier run: its checkpoint would silently replace X.
+        raise UserError(f"--auto-resume with --resume {options.resume} needs --run-dir: the "
+                        f"folder the requeued command continues (its checkpoint once there is "
+                        f"one, else --resume)")
     folder = options.run_dir or RunFolder.latest_experiment_dir(
         os.path.join(options.run_root, options.dataset, options.checkname))
     if folder is not None and os.path.isfile(os.path.join(folder, CHECKPOINT_NAME)):
+        if options.resume:
+            logger.warning("--auto-resume: continuing %s's checkpoint; --resume %s%s was the "
+                           "first start's", folder, options.resume, " --ft" if options.ft else "")
         return replace(options, resume=os.path.join(folder, CHECKPOINT_NAME), ft=False,
                        run_dir=str(folder))
     return replace(options, run_dir=folder and str(folder))
@@ -455,6 +516,37 @@ def check_requeued_settings(options: RunFolderOptions, record: dict) -> None:
                         f"another --run-dir or --checkname to start a new run")
 
 
+#: Settings an explicit ``--resume`` changes without a word here: those of
+#: :data:`REQUEUE_MAY_CHANGE` but the run's length, and SGD's, which
+#: :func:`utils.optim.load_optimizer_state` warns about.
+RESUME_WARNS_ELSEWHERE = (REQUEUE_MAY_CHANGE - {"epochs", "total_iters"}) | {
+    "lr", "momentum", "weight_decay", "nesterov", "iters_per_epoch"}
+
+
+def warn_changed_settings(options: RunFolderOptions, record: dict) -> list[str]:
+    """A resumed run whose flags differ from the settings.json beside its checkpoint: one
+    warning naming each change (``--crop-size 513 -> 321``); returns the changes. A changed
+    ``--seed`` changes the data order and augmentation from the checkpoint's iteration on."""
+    folder = os.path.dirname(os.path.abspath(options.resume))
+    try:
+        previous = json.loads(Path(folder, SETTINGS_NAME).read_text())
+    except (OSError, ValueError):
+        return []
+    current = json.loads(json.dumps(record, default=os.fspath))
+    changed = [f"{'--' + key.replace('_', '-') if key in options.flags else key} "
+               f"{json.dumps(previous[key])} -> {json.dumps(current[key])}"
+               for key in sorted(current) if key not in RESUME_WARNS_ELSEWHERE
+               and key in previous and previous[key] != current[key]]
+    if changed:
+        seed_note = ("; the data order and augmentation from the checkpoint's iteration on "
+                     "differ from the earlier run's" if previous.get("seed") != current["seed"]
+                     else "")
+        logger.warning("resumed with changed settings (%s): they apply from the checkpoint's "
+                       "iteration%s; the earlier settings.json is kept as settings.json.<k>",
+                       ", ".join(changed), seed_note)
+    return changed
+
+
 # --------------------------------------------------------------------------- opening the run
 
 
@@ -506,6 +598,8 @@ def open_run(options: RunFolderOptions, checkpointer: Checkpointer, *,
                              settings=checkpointer.settings)
     check_requeued_settings(options, record)
     resumed = checkpoint is not None and not options.ft
+    if resumed and context.is_main:
+        warn_changed_settings(options, record)
     progress = resume_training(checkpoint, optimisation=checkpointer.optimisation, plan=plan,
                                seed=options.seed, rank=context.rank) if resumed \
         else TrainProgress()

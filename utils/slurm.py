@@ -14,6 +14,8 @@ import subprocess
 from dataclasses import dataclass
 from typing import Mapping
 
+from utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 #: The signal SLURM sends ahead of the time limit in the example batch script
@@ -97,11 +99,26 @@ class SlurmTask:
         """``(address, port)`` where rank 0 listens: ``MASTER_ADDR`` / ``MASTER_PORT`` if set,
         else the step's first node (where srun places task 0) and a port from the job id."""
         address = environ.get("MASTER_ADDR") or expand_hostlist(self.nodelist)[0]
-        port = environ.get("MASTER_PORT")
-        if port is None:
-            digits = re.sub(r"\D", "", self.job_id)
-            port = PORT_BASE + int(digits or 0) % PORT_SPAN
-        return address, int(port)
+        if "MASTER_PORT" in environ:
+            return address, env_int(environ, "MASTER_PORT")
+        digits = re.sub(r"\D", "", self.job_id)
+        return address, PORT_BASE + int(digits or 0) % PORT_SPAN
+
+
+def env_int(environ: Mapping[str, str], name: str, default: int | None = None) -> int:
+    """The whole number in the environment variable ``name`` (``default`` when unset).
+
+    Raises:
+        UserError: the variable is empty or not a whole number (names it and its value).
+    """
+    text = environ.get(name)
+    if text is None and default is not None:
+        return default
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise UserError(f"environment variable {name}={text!r} is not a whole number: set it "
+                        f"to one or unset it") from None
 
 
 def slurm_task(environ: Mapping[str, str]) -> SlurmTask | None:
@@ -111,9 +128,10 @@ def slurm_task(environ: Mapping[str, str]) -> SlurmTask | None:
     if "SLURM_STEP_ID" not in environ or "SLURM_PROCID" not in environ:
         return None
     return SlurmTask(
-        rank=int(environ["SLURM_PROCID"]),
-        world_size=int(environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS", 1)),
-        local_rank=int(environ.get("SLURM_LOCALID", 0)),
+        rank=env_int(environ, "SLURM_PROCID"),
+        world_size=env_int(environ, "SLURM_STEP_NUM_TASKS" if environ.get("SLURM_STEP_NUM_TASKS")
+                           else "SLURM_NTASKS", 1),
+        local_rank=env_int(environ, "SLURM_LOCALID", 0),
         job_id=environ.get("SLURM_JOB_ID", "0"),
         nodelist=(environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
                   or environ.get("SLURM_NODELIST") or "localhost"))

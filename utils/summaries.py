@@ -66,10 +66,23 @@ class TensorboardSummary:
     def __init__(self, log_dir: str | os.PathLike, purge_step: int | None = None):
         self.log_dir = os.fspath(log_dir)
         self.writer = SummaryWriter(log_dir=self.log_dir, purge_step=purge_step)
+        self.failed = False  # an OSError (a full disk) ended the events; training goes on
+
+    def _write(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """Call the writer's ``method``; its first OSError (a full disk, raised from the writer's
+        thread) is one warning and the events of the rest of the run are dropped."""
+        if self.failed:
+            return
+        try:
+            getattr(self.writer, method)(*args, **kwargs)
+        except OSError as error:
+            self.failed = True
+            logger.warning("TensorBoard stopped writing to %s (%s); training and checkpoints "
+                           "go on", self.log_dir, error.strerror or error)
 
     def add_scalar(self, tag: str, value: float | Tensor, step: int) -> None:
         """Write one scalar (a 0-d tensor is read with ``float``, one host sync)."""
-        self.writer.add_scalar(tag, float(value), global_step=step)
+        self._write("add_scalar", tag, float(value), global_step=step)
 
     def log_metrics(
         self, results: dict[str, Any], step: int, class_names: Sequence[str] | None = None
@@ -124,22 +137,22 @@ class TensorboardSummary:
         rows = torch.stack([inputs, _colours(targets[:count], palette),
                             _colours(predictions[:count], palette)], dim=1)
         grid = make_grid(rows.flatten(0, 1), nrow=3, padding=2)
-        self.writer.add_image(IMAGE_TAG, grid, global_step=step)
+        self._write("add_image", IMAGE_TAG, grid, global_step=step)
 
     def add_figures(self, figures: dict[str, np.ndarray], step: int) -> None:
         """Write figures (``(H, W, 3)`` uint8 RGB arrays, by name) as images under
         :data:`FIGURE_TAGS` (``val/<name>`` for any other name)."""
         for name, rgb in figures.items():
-            self.writer.add_image(FIGURE_TAGS.get(name, f"val/{name}"), rgb, global_step=step,
-                                  dataformats="HWC")
+            self._write("add_image", FIGURE_TAGS.get(name, f"val/{name}"), rgb,
+                        global_step=step, dataformats="HWC")
 
     def flush(self) -> None:
         """Push pending events to disk."""
-        self.writer.flush()
+        self._write("flush")
 
     def close(self) -> None:
         """Flush and close the event file."""
-        self.writer.close()
+        self._write("close")
 
 
 def _colours(labels: Tensor, palette: Sequence[Sequence[int]]) -> Tensor:
