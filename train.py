@@ -47,8 +47,8 @@ from utils.hardware import (Hardware, Placement, add_training_hardware_args, bac
 from utils.losses import NonFiniteLoss, OutputsLoss, build_loss
 from utils.lr_scheduler import build_lr_scheduler, step_schedule
 from utils.metrics import Evaluator
-from utils.optim import Optimisation, add_optimisation_args, build_optimizer, check_sgd_flags, \
-    grad_scaler
+from utils.optim import (Optimisation, add_optimisation_args, build_optimizer,
+                         check_optimisation_flags, grad_scaler)
 from utils.plan import TrainPlan, resolve_plan
 from utils.run_folder import (Checkpointer, RunFolderOptions, TrainProgress, add_run_folder_args,
                               locate_run, open_run)
@@ -98,9 +98,7 @@ def check_flags(args: argparse.Namespace) -> EvaluationOptions:
     """Flag combinations that cannot work, refused before anything is built (the run folder's
     and evaluation's: by :class:`RunFolderOptions` and the evaluation options it returns)."""
     run_folder_options(args)
-    check_sgd_flags(vars(args))
-    if args.lr_scheduler == "step" and args.lr_step <= 0:
-        raise UserError(f"--lr-step must be a positive number of epochs, got {args.lr_step}")
+    check_optimisation_flags(vars(args))
     if args.init and args.resume:
         raise UserError("--init starts a new model, --resume continues one: drop one of them "
                         "(to fine-tune a checkpoint, use --resume CKPT --ft)")

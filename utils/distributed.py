@@ -115,11 +115,18 @@ def any_true(flag: bool, context: DistributedContext, device: torch.device) -> b
 def any_true_each(flags: tuple[bool, ...], context: DistributedContext,
                   device: torch.device) -> tuple[bool, ...]:
     """:func:`any_true` of several flags in one collective."""
+    return tuple(bool(value) for value in max_each(tuple(map(int, flags)), context, device))
+
+
+def max_each(values: tuple[int, ...], context: DistributedContext,
+             device: torch.device) -> tuple[int, ...]:
+    """The largest of each value over all ranks, in one collective (the values unchanged in a
+    single process)."""
     if not context.enabled:
-        return tuple(flags)
-    tensor = torch.tensor([int(flag) for flag in flags], device=device)
+        return tuple(values)
+    tensor = torch.tensor(list(values), dtype=torch.int64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tuple(bool(value) for value in tensor.tolist())
+    return tuple(int(value) for value in tensor.tolist())
 
 
 def broadcast_buffers(module: torch.nn.Module, context: DistributedContext) -> None:

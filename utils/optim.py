@@ -82,14 +82,16 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict,
     return changed
 
 
-def check_sgd_flags(flags: Mapping[str, Any]) -> None:
-    """The SGD settings torch would refuse, refused first in one line naming the flags
-    (``flags``: train.py's, ``vars(args)``).
+def check_optimisation_flags(flags: Mapping[str, Any]) -> None:
+    """The SGD and schedule settings torch would refuse, refused first in one line naming the
+    flags (``flags``: train.py's, ``vars(args)``).
 
     Raises:
-        UserError: a negative ``--lr``, ``--momentum`` or ``--weight-decay``, or ``--nesterov``
-            without momentum.
+        UserError: a negative ``--lr``, ``--momentum`` or ``--weight-decay``, ``--nesterov``
+            without momentum, or a step schedule without a positive ``--lr-step``.
     """
+    if flags["lr_scheduler"] == "step" and flags["lr_step"] <= 0:
+        raise UserError(f"--lr-step must be a positive number of epochs, got {flags['lr_step']}")
     for name in ("lr", "momentum", "weight_decay"):
         if flags[name] is not None and not flags[name] >= 0:
             raise UserError(f"--{name.replace('_', '-')} must be at least 0, got {flags[name]}")

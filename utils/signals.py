@@ -24,6 +24,10 @@ class Interrupted(Exception):
         return 128 + self.signum
 
 
+#: Above every signal number (Linux's go to 64): ranks an extra signal above the others.
+_EXTRA = 128
+
+
 class StopFlag:
     """Set by SIGINT, SIGTERM or one of ``extra_signals``; the loop saves and exits at the next
     iteration boundary."""
@@ -31,6 +35,7 @@ class StopFlag:
     def __init__(self, extra_signals: tuple[int, ...] = ()) -> None:
         self.signum: int | None = None
         self.signals = (signal.SIGINT, signal.SIGTERM, *extra_signals)
+        self.extra_signals = tuple(extra_signals)
 
     def __call__(self, signum: int, frame: Any) -> None:
         self.signum = signum
@@ -38,6 +43,20 @@ class StopFlag:
     @property
     def is_set(self) -> bool:
         return self.signum is not None
+
+    @property
+    def precedence(self) -> int:
+        """This flag's signal as a number the ranks of a run compare (the largest wins): 0 for
+        none, an extra signal (the requeue signal) above SIGINT and SIGTERM, so the run requeues
+        when any rank was warned, whichever got the signal (delivery across nodes is skewed)."""
+        if self.signum is None:
+            return 0
+        return self.signum + _EXTRA * (self.signum in self.extra_signals)
+
+    def adopt(self, precedence: int) -> None:
+        """Take the signal the ranks agreed on (:attr:`precedence` of the winning rank)."""
+        if precedence:
+            self.signum = precedence % _EXTRA
 
     def interrupted(self) -> Interrupted:
         """The exception that ends the run (SIGTERM when another rank was signalled)."""

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from utils.distributed import any_true, any_true_each
+from utils.distributed import max_each
 from utils.hardware import Placement
 from utils.losses import NonFiniteLoss
 from utils.plan import TrainPlan
@@ -69,8 +69,10 @@ class StepBoundary:
         agreed = not context.enabled or at_log_point or save_due
         stopping = stop.is_set and agreed
         if agreed and context.enabled:
-            nonfinite, stopping = any_true_each((self.nonfinite is not None, stop.is_set),
-                                                context, self.device)
+            nonfinite, signal_precedence = max_each(
+                (int(self.nonfinite is not None), stop.precedence), context, self.device)
+            stop.adopt(signal_precedence)  # rank 0 requeues whichever rank was warned
+            stopping = stop.is_set
             if nonfinite and self.nonfinite is None:
                 self.nonfinite = NonFiniteLoss(f"loss is not finite on another rank, by "
                                                f"iteration {progress.iteration}")
@@ -101,4 +103,5 @@ def eval_stop_requested(stop: StopFlag | None, index: int, common_batches: int,
         return stop.is_set
     if index % EVAL_STOP_CHECK_INTERVAL or index >= common_batches:
         return False
-    return any_true(stop.is_set, placement.context, placement.hardware.device)
+    stop.adopt(max_each((stop.precedence,), placement.context, placement.hardware.device)[0])
+    return stop.is_set

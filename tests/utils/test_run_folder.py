@@ -215,7 +215,7 @@ def test_model_best_is_written_before_the_checkpoint_that_carries_its_score(tmp_
 
     for module in (run_folder_module, checkpoint_module):  # the copy's write and torch.save's
         monkeypatch.setattr(module, "atomic_write", full_disk_for_the_checkpoint)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="no space left on device writing .*checkpoint.pth.tar"):
         run_folder.write_checkpoint(make_state(2.0), is_best=True)
     assert_state_equal(load_checkpoint(run_folder.best_path), make_state(2.0))
     assert_state_equal(load_checkpoint(run_folder.checkpoint_path), make_state(1.0))
