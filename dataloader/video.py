@@ -10,12 +10,14 @@ import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import av
 import numpy as np
 import torch
+from PIL import Image
 
+from dataloader.custom_transforms import ResizeShortSide, pil_to_uint8_tensor
 from dataloader.utils import DatasetError
 
 #: What a folder is searched for besides images: the containers phones and cameras write.
@@ -105,3 +107,27 @@ def video_frames(container: av.container.InputContainer, info: VideoInfo,
     if info.frames and index < info.frames:
         raise DatasetError(f"{path}: only {index} of its {info.frames} frames decode (the file "
                            f"is cut off or damaged)")
+
+
+def frame_samples(container: av.container.InputContainer, info: VideoInfo, path: Path, *,
+                  short_side: int | None, failures: list[str]) -> Iterator[dict[str, Any]]:
+    """The frames as the samples :class:`dataloader.images.ImageFiles` gives for photos
+    (``index``, ``image``, ``size``; with ``short_side``, ``image`` resized as photos are and
+    ``original`` the frame), plus ``pts``.
+
+    A frame that cannot be decoded ends the samples normally, its reason appended to
+    ``failures``, so that whatever waits downstream (a batch being formed, an encoder) still
+    receives every frame decoded before it.
+    """
+    resize = ResizeShortSide(short_side) if short_side else None
+    try:
+        for frame in video_frames(container, info, path):
+            sample = {"index": frame.index, "pts": frame.pts, "image": frame.pixels,
+                      "size": tuple(frame.pixels.shape[-2:])}
+            if resize is not None:
+                image = Image.fromarray(frame.pixels.permute(1, 2, 0).numpy())
+                sample["original"] = frame.pixels
+                sample["image"] = pil_to_uint8_tensor(resize({"image": image})["image"])
+            yield sample
+    except DatasetError as error:
+        failures.append(str(error))
