@@ -162,8 +162,8 @@ def _existing(path: Path, decode: bool) -> str:
         status = os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):  # a file where its folder should be is
         return "absent"                              # reported as the folder's problem
-    if stat.S_ISDIR(status.st_mode):
-        return _existing_frames(path)
+    if stat.S_ISDIR(status.st_mode) and path.suffix not in (".png", ".jpg"):
+        return _existing_frames(path)  # a video's masks; a photo's output is never a folder
     if not stat.S_ISREG(status.st_mode):  # a link, a device: never ours
         return "foreign"
     if status.st_size == 0:

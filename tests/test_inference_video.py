@@ -225,7 +225,7 @@ def test_confidence_is_the_rounded_softmax_probability_of_the_class(ckpt, tmp_pa
         assert saved.mode == "L" and saved.info["Software"] == deploy.outputs.MARKER
         confidence = np.asarray(saved).astype(int)
     model, settings = load_model(ckpt)
-    pixels = torch.from_numpy(np.asarray(Image.open(photo).convert("RGB"))).permute(2, 0, 1)
+    pixels = torch.from_numpy(np.array(Image.open(photo).convert("RGB"))).permute(2, 0, 1)
     mean = torch.tensor(settings["mean"]).view(3, 1, 1)
     std = torch.tensor(settings["std"]).view(3, 1, 1)
     with torch.no_grad():
