@@ -1,12 +1,15 @@
 """What inference writes for each input, and where: a class-id mask, a colour image, an overlay.
 
 Outputs mirror the inputs' sub-folders under ``--out-path``. ``photos/2024/a.jpg`` gives
-``2024/a.png`` (mask), ``2024/a_color.png`` and ``2024/a_overlay.png`` (or ``.jpg``). Before
+``2024/a.png`` (mask), ``2024/a_color.png`` and ``2024/a_overlay.png`` (or ``.jpg``) and
+``2024/a_confidence.png`` (grey, the chosen class's probability); a video ``clip.mp4`` gives
+folders of per-frame PNGs and MP4s (:func:`video_output_paths`, :mod:`deploy.video_writer`). Before
 anything is written the whole plan is checked: two inputs that would write one file (names
 compared case-folded, as macOS and Windows compare them), a file that would land on an input or
 inside the input folder, or a name the file system cannot hold stop the run in one line.
 
-Every file written here carries a mark (a PNG ``Software`` text chunk, a JPEG comment), so a
+Every file written here carries a mark (a PNG ``Software`` text chunk, a JPEG comment, an MP4
+``comment`` tag), so a
 later run can tell its own outputs from anybody else's: a planned output path that holds
 anything else is never replaced (:func:`check_existing`). A :class:`Writer` encodes and writes
 the outputs on background threads while the model runs.
@@ -211,6 +214,11 @@ def _existing_video(path: Path) -> str:
             return "ours" if container.metadata.get("comment") == MARKER else "foreign"
     except (OSError, av.FFmpegError):
         return "foreign"
+
+
+def replaceable(path: Path) -> bool:
+    """Whether ``path`` holds nothing or only an earlier output of this tool."""
+    return _existing(path, decode=False) in ("absent", "empty", "ours")
 
 
 def check_existing(plans: list[dict[str, Path]], out_dir: Path, *, skip_existing: bool,

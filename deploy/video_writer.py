@@ -29,7 +29,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from dataloader.utils import DatasetError
 from dataloader.video import VideoInfo, frame_samples, open_video
-from deploy.outputs import FRAME_FOLDER_KINDS, MARKER, _existing, render
+from deploy.outputs import FRAME_FOLDER_KINDS, MARKER, render, replaceable
 from utils.fileio import temporary_prefix
 
 #: libx264's constant rate factor: 18 is visually lossless for colours and overlays.
@@ -149,7 +149,7 @@ def _remove(path: Path) -> None:
 def _replace(temporary: Path, path: Path) -> Path | None:
     """Move ``temporary`` to ``path``, replacing only this tool's own earlier output (checked
     before the run for planned names, here again for partial ones); None if left."""
-    if os.path.lexists(path) and _existing(path, decode=False) not in ("ours", "empty"):
+    if not replaceable(path):
         return None
     if path.is_dir() and not path.is_symlink():  # a folder is not replaced by a rename
         old = _temporary(path)

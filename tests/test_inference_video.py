@@ -89,7 +89,10 @@ def errors(capsys) -> list[str]:
 def test_a_video_keeps_its_frames_timestamps_and_size(ckpt, tmp_path, capsys):
     clip = write_video(tmp_path / "in" / "clip.mp4", frames=40)
     out = tmp_path / "out"
-    assert run(ckpt, clip, out, "--save", "mask,overlay,color", "--batch-size", "3") == 0
+    assert run(ckpt, clip, out, "--save", "mask,overlay,color,confidence",
+               "--batch-size", "3") == 0
+    confidence = sorted((out / "clip_confidence").iterdir())
+    assert len(confidence) == 40 and Image.open(confidence[0]).mode == "L"
     assert frame_times(out / "clip_overlay.mp4") == frame_times(clip)  # 40 frames, 1.6 s
     assert frame_times(out / "clip_color.mp4") == frame_times(clip)
     found = masks(out / "clip")
@@ -99,11 +102,18 @@ def test_a_video_keeps_its_frames_timestamps_and_size(ckpt, tmp_path, capsys):
     with av.open(str(out / "clip_overlay.mp4")) as video:
         assert video.metadata["comment"] == deploy.outputs.MARKER
     # The outputs are this tool's: a second run asks, --skip-existing keeps, --overwrite redoes.
-    assert run(ckpt, clip, out, "--save", "mask,overlay,color") == 2
-    assert run(ckpt, clip, out, "--save", "mask,overlay,color", "--skip-existing") == 0
+    save = ["--save", "mask,overlay,color,confidence"]
+    assert run(ckpt, clip, out, *save) == 2
+    assert run(ckpt, clip, out, *save, "--skip-existing") == 0
     assert "1 skipped" in capsys.readouterr().out
-    assert run(ckpt, clip, out, "--save", "mask,overlay,color", "--overwrite") == 0
+    assert run(ckpt, clip, out, *save, "--overwrite") == 0
     assert len(masks(out / "clip")) == 40
+    assert sorted(os.listdir(out)) == ["clip", "clip_color.mp4", "clip_confidence",
+                                       "clip_overlay.mp4"]  # no temporary left
+    # Anything this tool did not write is never replaced, whatever the flags.
+    (out / "clip" / "notes.txt").write_text("mine")
+    assert run(ckpt, clip, out, *save, "--overwrite") == 2
+    assert (out / "clip" / "notes.txt").read_text() == "mine"
 
 
 def test_a_variable_frame_rate_keeps_its_timestamps(ckpt, tmp_path):
@@ -278,3 +288,14 @@ def test_frames_stream_through_a_few_at_a_time(ckpt, tmp_path, monkeypatch):
     assert run(ckpt, clip, tmp_path / "out", "--save", "mask,overlay", "--batch-size", "2") == 0
     assert len(masks(tmp_path / "out" / "long")) == 200
     assert 2 <= most[0] <= 3 * 2 + 2  # a batch formed, one waiting, one being decoded
+
+
+def test_a_video_this_tool_did_not_write_is_never_replaced(ckpt, tmp_path, capsys):
+    clip = write_video(tmp_path / "clip.mp4", frames=5)
+    out = tmp_path / "out"
+    foreign = write_video(out / "clip_overlay.mp4", frames=3)  # somebody's video, unmarked
+    before = foreign.read_bytes()
+    for flag in ("--overwrite", "--skip-existing"):
+        assert run(ckpt, clip, out, "--save", "overlay", flag) == 2
+        assert "did not write" in errors(capsys)[0]
+    assert foreign.read_bytes() == before
