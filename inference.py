@@ -7,7 +7,9 @@
 
 Each input ``sub/name.ext`` (a file, a folder walked recursively, or a .txt list of paths) gives
 ``<out-path>/sub/name.png``: a palette PNG of the image's displayed size whose pixel values are
-class ids and whose palette shows the class colours; ``--save`` adds colour images and overlays.
+class ids and whose palette shows the class colours; ``--save`` adds colour images, overlays and
+confidence maps. A video ``sub/clip.mp4`` gives ``sub/clip/000000.png``... and
+``sub/clip_overlay.mp4``, ``sub/clip_color.mp4`` (:mod:`deploy.video_writer`).
 Images are decoded by loader workers and outputs encoded by writer threads while the model runs;
 images above a pixel budget are predicted window by window in bounded memory. The model's
 settings (architecture, classes, normalisation) come from the checkpoint or the ONNX metadata.
@@ -24,6 +26,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -31,10 +34,12 @@ from tqdm import tqdm
 
 from dataloader.images import ImageFiles, InputImage, decoded_samples, list_inputs
 from dataloader.utils import DatasetError, default_cache_dir
+from dataloader.video import is_video
 from deploy.engines import ENGINE_CHOICES
 from deploy.outputs import (IMAGE_FORMATS, OUTPUT_KINDS, Writer, check_existing, parse_kinds,
                             plan_outputs)
 from deploy.predictor import Predictor, window_problem
+from deploy.video_writer import VideoSegmenter
 from modeling.inference_ops import DEFAULT_TILE, TILE_PIXEL_BUDGET
 from utils.distributed import DistributedContext, cleanup, decided_by_main, init_distributed
 from utils.errors import UserError
@@ -52,12 +57,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     io = parser.add_argument_group("inputs and outputs")
     io.add_argument("--in-path", required=True,
-                    help="an image, a folder (walked recursively) or a .txt file of image paths")
+                    help="an image, a video, a folder (walked recursively) or a .txt file of "
+                         "their paths")
     io.add_argument("--out-path", default="inference_results",
                     help="output folder (mirrors the input sub-folders); never inside --in-path")
     io.add_argument("--save", default="mask",
                     help=f"comma-separated outputs: {', '.join(OUTPUT_KINDS)} (class-id palette "
-                         f"PNG, RGB colours, colours blended over the photo)")
+                         f"PNG, RGB colours, colours blended over the photo, the chosen class's "
+                         f"probability as grey, 255 = certain); for a video the masks and "
+                         f"confidence are folders of per-frame PNGs, colours and overlays MP4s")
     io.add_argument("--format", default="png", choices=IMAGE_FORMATS,
                     help="file format of color and overlay outputs (masks are always PNG)")
     io.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colours")
@@ -194,6 +202,7 @@ class Tally:
 
     jobs: int = 0
     written: int = 0
+    partial: list[Path] = field(default_factory=list)  # outputs of a video cut short
 
 
 def main(args: argparse.Namespace, tally: Tally | None = None) -> int:
@@ -205,37 +214,83 @@ def main(args: argparse.Namespace, tally: Tally | None = None) -> int:
     try:
         jobs = share_of_jobs(args, kinds, context)
         tally.jobs, failures = len(jobs.inputs), 0
-        dataset = ImageFiles([item.path for item in jobs.inputs],
+        photos, videos = split_videos(jobs)
+        dataset = ImageFiles([item.path for item in photos.inputs],
                              exif_transpose=args.exif_transpose, short_side=args.size,
                              keep_original="overlay" in kinds)
         # Workers start decoding now, while the model is loaded; stopped however this ends.
-        with decoded_samples(dataset, args.workers if jobs.inputs else 0) as samples:
+        with decoded_samples(dataset, args.workers if photos.inputs else 0) as samples:
             if jobs.inputs:
                 predictor, settings = load_predictor(
                     args, device=f"cuda:{context.local_rank}" if use_cuda else "cpu",
                     show_notes=context.is_main)
-                writer = Writer(plans=jobs.plans, names=[item.path for item in jobs.inputs],
-                                palette=settings["palette"], alpha=args.alpha,
-                                threads=max(1, min(2, os.cpu_count() or 1)),
-                                on_error=report_error)
-                progress = tqdm(samples, total=len(jobs.plans), dynamic_ncols=True,
-                                desc=f"inference ({predictor.engine_name})",
-                                disable=not context.is_main)
-                try:
-                    failures = predictor.predict_all(progress, writer.add,
-                                                     on_error=report_skipped)
-                    del predictor  # the last outputs are written in the model's memory
-                finally:
-                    progress.close()
-                    try:
-                        writer.close()  # also when interrupted: the writes in flight finish
-                    finally:
-                        tally.written = writer.written
-                failures += writer.failures
+                predictor.confidence = "confidence" in kinds
+                failures = segment_videos(args, predictor, settings["palette"], videos, tally,
+                                          show_progress=context.is_main)
+                if photos.inputs:
+                    failures += segment_photos(args, predictor, settings["palette"], photos,
+                                               samples, tally, show_progress=context.is_main)
         return report_counts(len(jobs.inputs) - failures, failures, jobs.skipped,
                              args.out_path, context)
     finally:
         cleanup(context)
+
+
+def split_videos(jobs: Jobs) -> tuple[Jobs, Jobs]:
+    """The photos' jobs and the videos' jobs."""
+    parts = (Jobs(), Jobs())
+    for item, plan in zip(jobs.inputs, jobs.plans):
+        part = parts[is_video(item.path)]
+        part.inputs.append(item)
+        part.plans.append(plan)
+    return parts
+
+
+def segment_photos(args: argparse.Namespace, predictor: Predictor, palette: list, jobs: Jobs,
+                   samples: Iterator[dict], tally: Tally, *, show_progress: bool) -> int:
+    """Predict and write the decoded ``samples`` of the photos of ``jobs``; returns how many
+    failed. Outputs are written by threads while the model runs."""
+    writer = Writer(plans=jobs.plans, names=[item.path for item in jobs.inputs],
+                    palette=palette, alpha=args.alpha,
+                    threads=max(1, min(2, os.cpu_count() or 1)), on_error=report_error)
+    progress = tqdm(samples, total=len(jobs.plans), dynamic_ncols=True,
+                    desc=f"inference ({predictor.engine_name})", disable=not show_progress)
+    try:
+        failures = predictor.predict_all(progress, writer.add, on_error=report_skipped)
+    finally:
+        progress.close()
+        written = tally.written
+        try:
+            writer.close()  # also when interrupted: the writes in flight finish
+        finally:
+            tally.written = written + writer.written
+    return failures + writer.failures
+
+
+def segment_videos(args: argparse.Namespace, predictor: Predictor, palette: list, jobs: Jobs,
+                   tally: Tally, *, show_progress: bool) -> int:
+    """Segment the videos of ``jobs`` one after the other, their frames streamed through the
+    model; returns how many could not be read whole."""
+    segmenter = VideoSegmenter(
+        predictor=predictor, palette=palette, alpha=args.alpha, short_side=args.size,
+        report=functools.partial(tqdm.write, file=sys.stderr),
+        progress=functools.partial(frame_progress, disable=not show_progress))
+    failures = 0
+    try:
+        for item, plan in zip(jobs.inputs, jobs.plans):
+            if segmenter.run(item.path, plan):
+                tally.written += 1
+            else:
+                failures += 1
+    finally:
+        tally.partial = segmenter.partial
+    return failures
+
+
+def frame_progress(frames: Iterable, total: int | None, name: str, *, disable: bool) -> tqdm:
+    """A progress bar over one video's frames, in frames per second."""
+    return tqdm(frames, total=total, desc=name, unit="frame", dynamic_ncols=True, leave=False,
+                disable=disable)
 
 
 def load_predictor(args: argparse.Namespace, *, device: str,
@@ -299,6 +354,9 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted by {stop}: {tally.written} of {tally.jobs} inputs written to "
               f"{args.out_path}; run the same command with --skip-existing to do the rest",
               file=sys.stderr)
+        if tally.partial:
+            print(f"the frames of the video being segmented are kept, playable, in "
+                  f"{', '.join(map(str, tally.partial))}", file=sys.stderr)
         return stop.exit_status
     return 1 if failures else 0
 

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from dataloader.custom_transforms import ResizeShortSide, pil_to_uint8_tensor
 from dataloader.utils import DatasetError, load_image
+from dataloader.video import VIDEO_SUFFIXES
 
 #: What a folder is searched for: every still-image format Pillow decodes that cameras, phones
 #: and the web use (a GIF gives its first frame).
@@ -61,14 +62,16 @@ def list_inputs(in_path: str | os.PathLike) -> list[InputImage]:
         raise DatasetError(f"--in-path {in_path} does not exist")
     if in_path.suffix.lower() in LIST_SUFFIXES:
         return _read_list(in_path)
-    if in_path.suffix.lower() in IMAGE_SUFFIXES:
+    if in_path.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES:
         return [InputImage(in_path, Path(in_path.name))]
     raise DatasetError(f"--in-path {in_path} is neither an image ({', '.join(IMAGE_SUFFIXES)}), "
-                       f"a folder, nor a list of paths ({', '.join(LIST_SUFFIXES)})")
+                       f"a video ({', '.join(VIDEO_SUFFIXES)}), a folder, nor a list of paths "
+                       f"({', '.join(LIST_SUFFIXES)})")
 
 
 def _is_image_name(name: str) -> bool:
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+    return (not name.startswith(".")
+            and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES)
 
 
 def _identity(folder: str) -> object:
@@ -97,8 +100,9 @@ def _walk(root: Path) -> list[InputImage]:
                      and _identity(os.path.join(folder, name)) in own))
         found += [Path(folder) / name for name in files if _is_image_name(name)]
     if not found:
-        raise DatasetError(f"--in-path {root} holds no image: looked for {', '.join(IMAGE_SUFFIXES)}"
-                           f" files (any case; hidden files and folders skipped)")
+        raise DatasetError(f"--in-path {root} holds no image: looked for "
+                           f"{', '.join(IMAGE_SUFFIXES + VIDEO_SUFFIXES)} files (any case; "
+                           f"hidden files and folders skipped)")
     return [InputImage(path, path.relative_to(root)) for path in sorted(found)]
 
 

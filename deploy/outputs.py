@@ -1,12 +1,15 @@
 """What inference writes for each input, and where: a class-id mask, a colour image, an overlay.
 
 Outputs mirror the inputs' sub-folders under ``--out-path``. ``photos/2024/a.jpg`` gives
-``2024/a.png`` (mask), ``2024/a_color.png`` and ``2024/a_overlay.png`` (or ``.jpg``). Before
+``2024/a.png`` (mask), ``2024/a_color.png`` and ``2024/a_overlay.png`` (or ``.jpg``) and
+``2024/a_confidence.png`` (grey, the chosen class's probability); a video ``clip.mp4`` gives
+folders of per-frame PNGs and MP4s (:func:`video_output_paths`, :mod:`deploy.video_writer`). Before
 anything is written the whole plan is checked: two inputs that would write one file (names
 compared case-folded, as macOS and Windows compare them), a file that would land on an input or
 inside the input folder, or a name the file system cannot hold stop the run in one line.
 
-Every file written here carries a mark (a PNG ``Software`` text chunk, a JPEG comment), so a
+Every file written here carries a mark (a PNG ``Software`` text chunk, a JPEG comment, an MP4
+``comment`` tag), so a
 later run can tell its own outputs from anybody else's: a planned output path that holds
 anything else is never replaced (:func:`check_existing`). A :class:`Writer` encodes and writes
 the outputs on background threads while the model runs.
@@ -14,6 +17,7 @@ the outputs on background threads while the model runs.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import threading
 from collections import deque
@@ -22,18 +26,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import av
 import numpy as np
 from PIL import Image
 
 from PIL.PngImagePlugin import PngInfo
 
 from dataloader.images import InputImage
+from dataloader.video import is_video
 from dataloader.utils import summarize_names
 from utils.errors import UserError
 from utils.fileio import atomic_write, name_limit
 from utils.labels import colorize, palette_image
 
-OUTPUT_KINDS = ("mask", "color", "overlay")
+OUTPUT_KINDS = ("mask", "color", "overlay", "confidence")
 IMAGE_FORMATS = ("png", "jpg")
 JPEG_QUALITY = 90
 #: The mark every output carries: the value of a PNG ``Software`` text chunk, a JPEG comment.
@@ -64,9 +70,28 @@ def parse_kinds(text: str) -> list[str]:
 def output_paths(relative: Path, out_dir: Path, kinds: Sequence[str],
                  image_format: str) -> dict[str, Path]:
     """Where each requested kind of output of the input at ``relative`` goes."""
+    if is_video(relative):
+        return video_output_paths(relative, out_dir, kinds)
     base = out_dir / relative.parent
-    names = {"mask": f"{relative.stem}.png", "color": f"{relative.stem}_color.{image_format}",
+    names = {"confidence": f"{relative.stem}_confidence.png",
+             "mask": f"{relative.stem}.png", "color": f"{relative.stem}_color.{image_format}",
              "overlay": f"{relative.stem}_overlay.{image_format}"}
+    return {kind: base / names[kind] for kind in kinds}
+
+
+#: Outputs of a video that are folders of per-frame PNGs; the others are MP4 videos.
+FRAME_FOLDER_KINDS = ("mask", "confidence")
+#: The names of the PNGs in a frame folder: the frame's index in the video.
+FRAME_NAME = re.compile(r"[0-9]{6}\.png")
+
+
+def video_output_paths(relative: Path, out_dir: Path, kinds: Sequence[str]) -> dict[str, Path]:
+    """Where each kind of output of the video at ``relative`` goes: ``clip.mp4`` gives the
+    folders ``clip/`` (masks) and ``clip_confidence/`` of per-frame PNGs ``000000.png``...,
+    and the videos ``clip_color.mp4`` and ``clip_overlay.mp4``."""
+    base = out_dir / relative.parent
+    names = {"mask": relative.stem, "confidence": f"{relative.stem}_confidence",
+             "color": f"{relative.stem}_color.mp4", "overlay": f"{relative.stem}_overlay.mp4"}
     return {kind: base / names[kind] for kind in kinds}
 
 
@@ -140,10 +165,14 @@ def _existing(path: Path, decode: bool) -> str:
         status = os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):  # a file where its folder should be is
         return "absent"                              # reported as the folder's problem
-    if not stat.S_ISREG(status.st_mode):  # a folder, a link, a device: never ours
+    if stat.S_ISDIR(status.st_mode) and path.suffix not in (".png", ".jpg"):
+        return _existing_frames(path)  # a video's masks; a photo's output is never a folder
+    if not stat.S_ISREG(status.st_mode):  # a link, a device: never ours
         return "foreign"
     if status.st_size == 0:
         return "empty"
+    if path.suffix == ".mp4":
+        return _existing_video(path)
     try:
         with open(path, "rb") as handle:
             head = handle.read(_MARK_WINDOW)
@@ -160,6 +189,36 @@ def _existing(path: Path, decode: bool) -> str:
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
             return "broken"
     return "ours"
+
+
+def _existing_frames(folder: Path) -> str:
+    """A folder is ours when it holds only marked frame PNGs (a video's masks): it got its name
+    when complete (its frames are written under a temporary name), so it is not decoded."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return "foreign"
+    if not names:
+        return "empty"
+    if not all(FRAME_NAME.fullmatch(name) for name in names):
+        return "foreign"
+    return "ours" if all(_existing(folder / name, decode=False) == "ours"
+                         for name in names) else "foreign"
+
+
+def _existing_video(path: Path) -> str:
+    """An MP4 is ours when its container's comment is :data:`MARKER`; it is renamed into place
+    once closed, so it is not decoded further (an MP4 without its index does not open)."""
+    try:
+        with av.open(str(path)) as container:
+            return "ours" if container.metadata.get("comment") == MARKER else "foreign"
+    except (OSError, av.FFmpegError):
+        return "foreign"
+
+
+def replaceable(path: Path) -> bool:
+    """Whether ``path`` holds nothing or only an earlier output of this tool."""
+    return _existing(path, decode=False) in ("absent", "empty", "ours")
 
 
 def check_existing(plans: list[dict[str, Path]], out_dir: Path, *, skip_existing: bool,
@@ -210,7 +269,8 @@ def _blend(image: np.ndarray, colours: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def render(kind: str, labels: np.ndarray, palette: Sequence[Sequence[int]],
-           image: np.ndarray | None, alpha: float) -> Image.Image:
+           image: np.ndarray | None, alpha: float,
+           confidence: np.ndarray | None = None) -> Image.Image:
     """One output as a PIL image: ``"mask"`` a palette image whose values are class ids,
     ``"color"`` RGB colours, ``"overlay"`` the photo blended with them,
     ``(1 - alpha) * image + alpha * colour`` rounded (needs ``image``, ``(H, W, 3)`` uint8 of
@@ -219,7 +279,10 @@ def render(kind: str, labels: np.ndarray, palette: Sequence[Sequence[int]],
 
     Colours and overlays are drawn into the PIL image a strip of rows at a time, so no
     full-size array is held beside it (the float32 copies a whole 24-megapixel photo would need
-    are about 1 GB)."""
+    are about 1 GB). ``"confidence"`` is the grey ``(H, W)`` uint8 ``confidence``, 255 =
+    certain."""
+    if kind == "confidence":
+        return Image.fromarray(confidence, mode="L")
     if kind == "mask":
         return palette_image(labels, palette)
     picture = Image.new("RGB", (labels.shape[1], labels.shape[0]))
@@ -231,11 +294,12 @@ def render(kind: str, labels: np.ndarray, palette: Sequence[Sequence[int]],
 
 
 def write_outputs(plan: dict[str, Path], labels: np.ndarray, palette: Sequence[Sequence[int]],
-                  image: np.ndarray | None, alpha: float) -> None:
+                  image: np.ndarray | None, alpha: float,
+                  confidence: np.ndarray | None = None) -> None:
     """Render and atomically write every output of one input, each marked as this tool's (no
     half-written file remains after an interruption)."""
     for kind, path in plan.items():
-        picture = render(kind, labels, palette, image, alpha)
+        picture = render(kind, labels, palette, image, alpha, confidence)
         if path.suffix == ".jpg":
             options = {"format": "JPEG", "quality": JPEG_QUALITY, "comment": MARKER}
         else:
@@ -278,11 +342,13 @@ class Writer:
         self.limit = 4 * self.threads
         self.lock = threading.Lock()
 
-    def submit(self, index: int, labels: np.ndarray, image: np.ndarray | None) -> None:
+    def submit(self, index: int, labels: np.ndarray, image: np.ndarray | None,
+               confidence: np.ndarray | None = None) -> None:
         """Write the outputs of input ``index``: ``(H, W)`` class ids and, for overlays, the
-        ``(H, W, 3)`` uint8 photo."""
-        size = labels.nbytes + (image.nbytes if image is not None else 0)
-        self.pending.append((index, size, self.pool.submit(self._write, index, labels, image)))
+        ``(H, W, 3)`` uint8 photo, for confidence maps the ``(H, W)`` uint8 confidence."""
+        size = sum(part.nbytes for part in (labels, image, confidence) if part is not None)
+        self.pending.append((index, size, self.pool.submit(self._write, index, labels, image,
+                                                           confidence)))
         self.pending_bytes += size
         while len(self.pending) > self.limit or (len(self.pending) > 1
                                                  and self.pending_bytes > PENDING_BYTES):
@@ -295,10 +361,13 @@ class Writer:
         image = None
         if "overlay" in self.plans[sample["index"]]:
             image = sample.get("original", sample["image"]).permute(1, 2, 0).numpy()
-        self.submit(sample["index"], labels.numpy(), image)
+        confidence = sample.get("confidence")
+        self.submit(sample["index"], labels.numpy(), image,
+                    None if confidence is None else confidence.numpy())
 
-    def _write(self, index: int, labels: np.ndarray, image: np.ndarray | None) -> None:
-        write_outputs(self.plans[index], labels, self.palette, image, self.alpha)
+    def _write(self, index: int, labels: np.ndarray, image: np.ndarray | None,
+               confidence: np.ndarray | None) -> None:
+        write_outputs(self.plans[index], labels, self.palette, image, self.alpha, confidence)
         with self.lock:  # counted here, so the count is right however the main thread stops
             self.written += 1
 

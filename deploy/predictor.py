@@ -32,7 +32,7 @@ from deploy.engines import (Engine, TorchEngine, engine_from_model, engine_from_
 from deploy.onnx_model import export_onnx
 from modeling.checkpoint import check_settings, load_model
 from modeling.inference_ops import (DEFAULT_TILE, MIN_TILE, TILE_PIXEL_BUDGET, predict_labels,
-                                    predict_labels_tiled, resize_labels)
+                                    predict_maps_tiled, resize_labels)
 from utils.errors import UserError
 from utils.fileio import atomic_write, remove_stale_temporaries
 from utils.hardware import Hardware, cudnn_benchmark, resolve_amp
@@ -251,6 +251,7 @@ class Predictor:
     tile: int | None = None  # None: whole images below the pixel budget, windows above it
     tile_overlap: int = 256
     batch_size: int = 1
+    confidence: bool = False  # also the chosen class's probability (sample["confidence"])
 
     def __post_init__(self) -> None:
         problem = window_problem(self.tile, self.tile_overlap)
@@ -312,10 +313,30 @@ class Predictor:
         return DEFAULT_TILE if pixels.shape[-1] * pixels.shape[-2] > TILE_PIXEL_BUDGET else None
 
     def whole(self, samples: list[dict[str, Any]]) -> list[torch.Tensor]:
-        """``(H, W)`` uint8 labels of same-size samples, predicted in one batch."""
+        """``(H, W)`` uint8 labels of same-size samples, predicted in one batch (with
+        ``confidence``, each sample's ``(H, W)`` uint8 confidence put in it)."""
         images = self.prepare(torch.stack([sample["image"] for sample in samples]))
         labels = predict_labels(self.engine, images, samples[0]["size"], list(self.scales),
-                                self.flip, dtype=torch.uint8)
+                                self.flip, dtype=torch.uint8, with_confidence=self.confidence)
+        return self._keep_confidence(samples, labels)
+
+    def tiled(self, sample: dict[str, Any], tile: int) -> list[torch.Tensor]:
+        """The labels of one large image predicted window by window, resized to its size."""
+        maps = predict_maps_tiled(
+            self.engine, sample["image"], self.prepare, scales=list(self.scales), flip=self.flip,
+            windows=(tile, self.tile_overlap, self.batch_size), with_confidence=self.confidence)
+        if self.confidence:  # nearest, as the labels: each pixel keeps its class's probability
+            maps = tuple(resize_labels(found, sample["size"])[None] for found in maps)
+        else:
+            maps = resize_labels(maps, sample["size"])[None]
+        return self._keep_confidence([sample], maps)
+
+    def _keep_confidence(self, samples: list[dict[str, Any]], maps: Any) -> list[torch.Tensor]:
+        if not self.confidence:
+            return list(maps.cpu())
+        labels, confidence = maps
+        for sample, found in zip(samples, confidence.cpu()):
+            sample["confidence"] = found
         return list(labels.cpu())
 
     def predict(self, image: Any) -> torch.Tensor:
@@ -337,8 +358,9 @@ class Predictor:
                     on_error: Callable[[str], None]) -> int:
         """Predict every decoded sample (``{"image": uint8 (3, h, w), "size": (H, W)}``, the
         output's size, or ``{"error": message}``) and hand ``(sample, (H, W) uint8 labels)`` to
-        ``emit``, in the order the batches finish; returns how many samples could not be read
-        (each reported through ``on_error``; the others go on). Batches as
+        ``emit``, in the order the batches finish (with ``confidence``, the sample holds its
+        ``(H, W)`` uint8 ``"confidence"``, 255 = certain); returns how many samples could not
+        be read (each reported through ``on_error``; the others go on). Batches as
         :class:`SameSizeBatches` forms them.
         """
         batches = SameSizeBatches(samples, window=self.window, batch_size=self.batch_size,
@@ -346,13 +368,8 @@ class Predictor:
         # No cuDNN autotuning: nearly every photo has its own size, and would be tuned anew.
         with torch.inference_mode(), cudnn_benchmark(False):
             for batch, tile in batches:
-                if tile is None:
-                    labels = self.whole(batch)
-                else:  # one large image: windows of it, then back to its size (--size)
-                    labels = [resize_labels(predict_labels_tiled(
-                        self.engine, batch[0]["image"], self.prepare, tile=tile,
-                        overlap=self.tile_overlap, batch_size=self.batch_size,
-                        scales=list(self.scales), flip=self.flip), batch[0]["size"])]
+                # one large image: windows of it, then back to its size (--size)
+                labels = self.whole(batch) if tile is None else self.tiled(batch[0], tile)
                 for sample, mask in zip(batch, labels):
                     emit(sample, mask)
         return batches.errors

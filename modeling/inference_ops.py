@@ -2,6 +2,7 @@
 class ids without a full-size softmax, and window-by-window prediction of large images."""
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Callable, Iterable, Iterator, Sequence
@@ -113,28 +114,64 @@ def _strips(batch: int, classes: int, out_size: tuple[int, int]) -> Iterator[tup
         yield top, min(top + rows, out_size[0])
 
 
+def _ids(scores: torch.Tensor, *, probabilities: bool, dtype: torch.dtype,
+         confidence: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Class ids of ``(N, C, h, w)`` scores (logits, or ``probabilities``) and, with
+    ``confidence``, the probability of the chosen class as uint8 ``round(255 * p)``.
+
+    From logits the probability is ``1 / sum(exp(logits - max))``: the softmax's largest entry
+    without the full softmax, read from the same strip as the argmax."""
+    labels = scores.argmax(dim=1)
+    if not confidence:
+        return labels.to(dtype), None
+    top = scores.gather(1, labels[:, None])
+    chosen = top[:, 0] if probabilities else (scores - top).exp().sum(dim=1).reciprocal()
+    return labels.to(dtype), chosen.mul(255).round_().to(torch.uint8)
+
+
+class _Maps:
+    """The ``(N, H, W)`` class ids being filled strip by strip, and their confidence."""
+
+    def __init__(self, batch: int, out_size: tuple[int, int], dtype: torch.dtype,
+                 device: torch.device, confidence: bool) -> None:
+        self.labels = torch.empty((batch, *out_size), dtype=dtype, device=device)
+        self.confidence = (torch.empty((batch, *out_size), dtype=torch.uint8, device=device)
+                           if confidence else None)
+
+    def fill(self, top: int, bottom: int, scores: torch.Tensor, probabilities: bool) -> None:
+        labels, confidence = _ids(scores, probabilities=probabilities, dtype=self.labels.dtype,
+                                  confidence=self.confidence is not None)
+        self.labels[:, top:bottom] = labels
+        if self.confidence is not None:
+            self.confidence[:, top:bottom] = confidence
+
+    def result(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return self.labels if self.confidence is None else (self.labels, self.confidence)
+
+
 def _labels_in_strips(views: list[torch.Tensor], out_size: tuple[int, int], average: bool,
-                      dtype: torch.dtype) -> torch.Tensor:
-    """Class ids of the views' averaged probabilities (``average``) or of the one view's
-    logits, strip by strip: views at their own sizes plus one strip at a time."""
+                      dtype: torch.dtype, confidence: bool = False):
+    """Class ids (and confidence) of the views' averaged probabilities (``average``) or of the
+    one view's logits, strip by strip: views at their own sizes plus one strip at a time."""
     batch, classes = views[0].shape[:2]
-    labels = torch.empty((batch, *out_size), dtype=dtype, device=views[0].device)
+    maps = _Maps(batch, out_size, dtype, views[0].device, confidence)
     for top, bottom in _strips(batch, classes, out_size):
         if not average:
-            labels[:, top:bottom] = resize_rows(views[0], out_size, top, bottom).argmax(dim=1)
+            maps.fill(top, bottom, resize_rows(views[0], out_size, top, bottom), False)
             continue
         total = None
         for logits in views:
             probabilities = resize_rows(logits, out_size, top, bottom).softmax(dim=1)
             total = probabilities if total is None else total.add_(probabilities)
-        labels[:, top:bottom] = total.div_(len(views)).argmax(dim=1)
-    return labels
+        maps.fill(top, bottom, total.div_(len(views)), True)
+    return maps.result()
 
 
 def _labels_of_accumulated(views: Iterable[torch.Tensor], out_size: tuple[int, int],
-                           dtype: torch.dtype) -> torch.Tensor:
-    """Class ids of averaged probabilities summed at ``out_size`` one view at a time, each view
-    resized strip by strip: for views larger than the output (scales above 1)."""
+                           dtype: torch.dtype, confidence: bool = False):
+    """Class ids (and confidence) of averaged probabilities summed at ``out_size`` one view at
+    a time, each view resized strip by strip: for views larger than the output (scales above
+    1)."""
     total = None
     count = 0
     for logits in views:
@@ -144,10 +181,10 @@ def _labels_of_accumulated(views: Iterable[torch.Tensor], out_size: tuple[int, i
         for top, bottom in _strips(logits.shape[0], logits.shape[1], out_size):
             total[:, :, top:bottom] += resize_rows(logits, out_size, top, bottom).softmax(dim=1)
         count += 1
-    labels = torch.empty((total.shape[0], *out_size), dtype=dtype, device=total.device)
+    maps = _Maps(total.shape[0], out_size, dtype, total.device, confidence)
     for top, bottom in _strips(total.shape[0], total.shape[1], out_size):
-        labels[:, top:bottom] = total[:, :, top:bottom].div_(count).argmax(dim=1)
-    return labels
+        maps.fill(top, bottom, total[:, :, top:bottom].div_(count), True)
+    return maps.result()
 
 
 def predict_labels(
@@ -158,7 +195,8 @@ def predict_labels(
     flip: bool = False,
     *,
     dtype: torch.dtype = torch.int64,
-) -> torch.Tensor:
+    with_confidence: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Class ids for a normalised batch: the prediction evaluation scores and inference writes.
 
     With one scale of 1 and no flip this is the argmax of the logits resized to ``out_size``
@@ -175,33 +213,43 @@ def predict_labels(
         scales: input scale factors (see :func:`predict_probabilities`).
         flip: also average the horizontally flipped input.
         dtype: of the returned ids (``torch.uint8`` takes an eighth of int64's memory).
+        with_confidence: also return the (averaged) softmax probability of the chosen class,
+            as uint8 ``round(255 * p)``, computed in the same strips as the ids.
 
     Returns:
-        ``(N, out_height, out_width)`` class ids.
+        ``(N, out_height, out_width)`` class ids; with ``with_confidence``, the ids and the
+        ``(N, out_height, out_width)`` uint8 confidence.
     """
     out_size = (int(out_size[0]), int(out_size[1]))
+    keep = functools.partial(_pick, with_confidence)
     if tuple(scales) == (1.0,) and not flip:  # one view: the model is called here
         logits = model(image)["out"].float()
-        if tuple(logits.shape[-2:]) == out_size:
-            return logits.argmax(dim=1).to(dtype)
-        if logits.shape[0] * logits.shape[1] * out_size[0] * out_size[1] <= STRIP_ELEMENTS:
-            return F.interpolate(logits, size=out_size, mode="bilinear",
-                                 align_corners=False).argmax(dim=1).to(dtype)
-        return _labels_in_strips([logits], out_size, average=False, dtype=dtype)
+        if tuple(logits.shape[-2:]) != out_size:
+            if logits.shape[0] * logits.shape[1] * out_size[0] * out_size[1] > STRIP_ELEMENTS:
+                return _labels_in_strips([logits], out_size, average=False, dtype=dtype,
+                                         confidence=with_confidence)
+            logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+        return keep(*_ids(logits, probabilities=False, dtype=dtype, confidence=with_confidence))
     views = _view_logits(model, image, scales, flip)
     first = next(views)
     batch, classes = first.shape[:2]
     full_size = batch * classes * out_size[0] * out_size[1]
     if full_size <= STRIP_ELEMENTS:
-        return _averaged_probabilities(itertools.chain([first], views), out_size
-                                       ).argmax(dim=1).to(dtype)
+        return keep(*_ids(_averaged_probabilities(itertools.chain([first], views), out_size),
+                          probabilities=True, dtype=dtype, confidence=with_confidence))
     height, width = image.shape[-2:]
     views_size = batch * classes * (2 if flip else 1) * sum(
         max(int(round(height * scale)), 1) * max(int(round(width * scale)), 1)
         for scale in scales)
     if views_size <= full_size:  # keep the views (smaller), resize them strip by strip
-        return _labels_in_strips([first, *views], out_size, average=True, dtype=dtype)
-    return _labels_of_accumulated(itertools.chain([first], views), out_size, dtype)
+        return _labels_in_strips([first, *views], out_size, average=True, dtype=dtype,
+                                 confidence=with_confidence)
+    return _labels_of_accumulated(itertools.chain([first], views), out_size, dtype,
+                                  with_confidence)
+
+
+def _pick(with_confidence: bool, labels: torch.Tensor, confidence: torch.Tensor | None):
+    return (labels, confidence) if with_confidence else labels
 
 
 def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -277,19 +325,41 @@ def predict_labels_tiled(
     Returns:
         ``(H, W)`` uint8 class ids on the CPU.
     """
+    return predict_maps_tiled(model, image, prepare, windows=(tile, overlap, batch_size),
+                              scales=scales, flip=flip)
+
+
+def predict_maps_tiled(
+    model: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    image: torch.Tensor,
+    prepare: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    windows: tuple[int, int, int],
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    with_confidence: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`predict_labels_tiled` with ``windows`` = ``(tile, overlap, batch_size)``; with
+    ``with_confidence`` also the ``(H, W)`` uint8 confidence (:func:`predict_labels`), each
+    pixel's from the window its class id comes from."""
+    tile, overlap, batch_size = windows
     height, width = image.shape[-2:]
     tile_h, tile_w = min(tile, height), min(tile, width)
     rows = _windows(height, tile_h, overlap)
     columns = _windows(width, tile_w, overlap)
-    windows = [(row, column) for row in rows for column in columns]
-    labels = torch.empty((height, width), dtype=torch.uint8)
-    for first in range(0, len(windows), max(batch_size, 1)):
-        chunk = windows[first:first + max(batch_size, 1)]
+    windows_ = [(row, column) for row in rows for column in columns]
+    maps = _Maps(1, (height, width), torch.uint8, torch.device("cpu"), with_confidence)
+    for first in range(0, len(windows_), max(batch_size, 1)):
+        chunk = windows_[first:first + max(batch_size, 1)]
         crops = torch.stack([image[:, top:top + tile_h, left:left + tile_w]
                              for (top, _), (left, _) in chunk])
         predicted = predict_labels(model, prepare(crops), (tile_h, tile_w), scales, flip,
-                                   dtype=torch.uint8).cpu()
-        for window, (row, column) in zip(predicted, chunk):
+                                   dtype=torch.uint8, with_confidence=with_confidence)
+        labels, confidence = predicted if with_confidence else (predicted, None)
+        for k, (row, column) in enumerate(chunk):
             (top, (y0, y1)), (left, (x0, x1)) = row, column
-            labels[y0:y1, x0:x1] = window[y0 - top:y1 - top, x0 - left:x1 - left]
-    return labels
+            crop = (slice(y0 - top, y1 - top), slice(x0 - left, x1 - left))
+            maps.labels[0, y0:y1, x0:x1] = labels[k][crop].cpu()
+            if maps.confidence is not None:
+                maps.confidence[0, y0:y1, x0:x1] = confidence[k][crop].cpu()
+    return (maps.labels[0], maps.confidence[0]) if with_confidence else maps.labels[0]

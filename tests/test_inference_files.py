@@ -25,7 +25,7 @@ from dataloader.utils import DatasetError
 from inference_testing import FAST, make_checkpoint, one_error_line, read_mask, run, write_image
 from utils.errors import UserError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -177,10 +177,11 @@ def test_a_folder_without_images_is_an_error_naming_the_suffixes(garbage_ckpt, t
                                                                  capsys):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "notes.txt").write_text("x")
-    (tmp_path / "in" / "clip.mov").write_bytes(b"x")
+    (tmp_path / "in" / "song.mp3").write_bytes(b"x")
     assert run(garbage_ckpt, tmp_path / "in", tmp_path / "out") == 2
     err = one_error_line(capsys)
     assert "no image" in err and ".jpg" in err and ".gif" in err and ".webp" in err
+    assert ".mp4" in err and ".mov" in err  # videos are inputs too
     assert not (tmp_path / "out").exists()
 
 

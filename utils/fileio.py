@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import socket
 from pathlib import Path
 from typing import IO, Callable, Iterable
@@ -119,8 +120,11 @@ def remove_stale_temporaries_of(paths: Iterable[str | os.PathLike]) -> list[Path
             continue
         stale += [folder / name for name in names
                   if name[:-16] in wanted and _RANDOM_PART.fullmatch(name[-16:])]
-    for entry in stale:
-        entry.unlink(missing_ok=True)
+    for entry in stale:  # a folder: a video's frames being written (deploy.video_writer)
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
     return stale
 
 

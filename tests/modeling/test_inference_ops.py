@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import modeling.inference_ops
 from dataloader.custom_transforms import Normalize
-from modeling.inference_ops import (predict_labels, predict_labels_tiled,
+from modeling.inference_ops import (predict_labels, predict_labels_tiled, predict_maps_tiled,
                                     predict_probabilities, tile_starts)
 
 
@@ -117,3 +118,66 @@ def test_labels_of_a_small_input_at_a_large_size_never_build_the_full_size_map(
     assert (labels.long() == expected).float().mean().item() > 0.9999
     views = 2 * 6 * round(20 * max(scales)) * round(30 * max(scales))
     assert largest.largest <= max(4 * 2**14, views)  # a strip or a view, never 792,000
+
+
+class _Conv(torch.nn.Module):
+    def __init__(self, conv: torch.nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": self.conv(x)}
+
+
+@pytest.mark.parametrize("scales,flip,strip_elements", [
+    ((1.0,), False, None), ((1.0,), False, 64),       # whole; one view in strips
+    ((0.5, 1.0), True, None), ((0.5, 1.0), True, 64),  # averaged; averaged in strips
+    ((1.0, 1.5), False, 64)])                          # views larger than the output
+def test_confidence_is_the_rounded_largest_softmax_probability(monkeypatch, scales, flip,
+                                                                strip_elements):
+    """By hand: every view's logits resized to the output, softmax in float64, averaged, the
+    largest entry times 255 rounded; the ids are the mask's, unchanged."""
+    import modeling.inference_ops as ops
+
+    torch.manual_seed(0)
+    model = _Conv(torch.nn.Conv2d(3, 4, 3, padding=1)).eval()
+    image = torch.randn(2, 3, 12, 10)
+    out_size = (23, 17)
+    if strip_elements:
+        monkeypatch.setattr(ops, "STRIP_ELEMENTS", strip_elements)
+    with torch.no_grad():
+        labels, confidence = ops.predict_labels(model, image, out_size, scales, flip,
+                                                with_confidence=True)
+        total = torch.zeros(2, 4, *out_size, dtype=torch.float64)
+        for scale in scales:
+            size = [round(side * scale) for side in image.shape[-2:]]
+            scaled = F.interpolate(image, size=size, mode="bilinear",
+                                   align_corners=False) if scale != 1 else image
+            for flipped in (False, True) if flip else (False,):
+                logits = model(scaled.flip(3) if flipped else scaled)["out"]
+                logits = logits.flip(3) if flipped else logits
+                total += F.interpolate(logits, size=out_size, mode="bilinear",
+                                       align_corners=False).double().softmax(dim=1)
+        probability = total / (len(scales) * (2 if flip else 1))
+    scaled = probability.max(dim=1).values * 255
+    expected = scaled.round().to(torch.uint8)
+    assert confidence.dtype == torch.uint8 and confidence.shape == (2, *out_size)
+    # float32 against float64: only a value within rounding error of a half may round apart.
+    differs = confidence != expected
+    assert (confidence.int() - expected.int()).abs().max() <= 1
+    assert ((scaled[differs] - scaled[differs].floor() - 0.5).abs() < 1e-3).all()
+    assert torch.equal(labels, ops.predict_labels(model, image, out_size, scales, flip))
+    assert torch.equal(labels, probability.argmax(dim=1))
+
+
+def test_tiled_confidence_equals_the_whole_image_of_a_pointwise_model():
+    torch.manual_seed(0)
+    model = _Conv(torch.nn.Conv2d(3, 5, 1)).eval()
+    image = torch.randint(0, 256, (3, 70, 90), dtype=torch.uint8)
+    with torch.no_grad():
+        labels, confidence = predict_maps_tiled(model, image, lambda c: c.float() / 255,
+                                                windows=(32, 8, 3), with_confidence=True)
+        whole = predict_labels(model, image[None].float() / 255, (70, 90),
+                               with_confidence=True)
+    assert torch.equal(labels, whole[0][0].to(torch.uint8))
+    assert torch.equal(confidence, whole[1][0])

@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""Frames per second of a video through inference.py, beside the same frames as JPEGs.
+
+For each checkpoint: the whole process (``inference.py`` as a subprocess: imports, model
+loading, decoding, prediction and writing included) on a generated 640x480 video at 25 fps
+(or ``--video``), writing an overlay video; and on the same decoded frames saved as JPEGs
+(quality 95) through the photo path, writing JPEG overlays. Runs alternate, round after round,
+so that a busy machine slows both alike. ``--vainf`` also times VainF/DeepLabV3Plus-Pytorch's
+``predict.py`` on the JPEGs (its MobileNet model), the reference the issue compares with.
+
+    python -m bench.video --ckpts r101.pth.tar r18.pth.tar mnv3.pth.tar
+    python -m bench.video --ckpts r18.pth.tar --seconds 10 --rounds 3 \
+        --vainf ~/DeepLabV3Plus-Pytorch --vainf-ckpt best_deeplabv3plus_mobilenet_voc_os16.pth
+
+Prints a Markdown table (frames per second, the best of the rounds) for doc/results.md.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def generate_video(path: Path, *, seconds: float, width: int = 640, height: int = 480,
+                   fps: int = 25) -> int:
+    """An H.264 MP4 of smooth colour blobs drifting across the picture; returns its frames."""
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, size=(height // 16, 2 * width // 16, 3), dtype=np.uint8)
+    canvas = np.asarray(Image.fromarray(small).resize((2 * width, height),
+                                                      Image.Resampling.BILINEAR))
+    frames = int(round(seconds * fps))
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.time_base = stream.codec_context.time_base = Fraction(1, fps)
+        for index in range(frames):
+            left = (4 * index) % width
+            frame = av.VideoFrame.from_ndarray(
+                np.ascontiguousarray(canvas[:, left:left + width]), format="rgb24")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return frames
+
+
+def frames_as_jpegs(video: Path, folder: Path) -> int:
+    """The decoded frames of ``video`` as ``folder/000000.jpg``...; returns their count."""
+    folder.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with av.open(str(video)) as container:
+        for count, frame in enumerate(container.decode(video=0), start=1):
+            frame.to_image().save(folder / f"{count - 1:06d}.jpg", quality=95)
+    return count
+
+
+def timed(command: list[str], cwd: Path = REPO) -> float:
+    """Seconds ``command`` takes; its failure ends the benchmark with its output."""
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def commands(args: argparse.Namespace, video: Path, jpegs: Path,
+             scratch: Path) -> dict[str, list[str]]:
+    """Every timed run by name: ``<ckpt> video``, ``<ckpt> jpeg`` (and VainF's)."""
+    runs = {}
+    for ckpt in args.ckpts:
+        name = Path(ckpt).name
+        common = [sys.executable, "inference.py", "--ckpt", ckpt, "--save", "overlay",
+                  "--overwrite", *args.flags]
+        runs[f"{name} video"] = common + ["--in-path", str(video),
+                                          "--out-path", str(scratch / f"{name}-video")]
+        runs[f"{name} jpeg"] = common + ["--in-path", str(jpegs), "--format", "jpg",
+                                         "--out-path", str(scratch / f"{name}-jpeg")]
+    if args.vainf:
+        runs["VainF predict.py jpeg"] = [
+            sys.executable, str(Path(args.vainf) / "predict.py"), "--input", str(jpegs),
+            "--dataset", "voc", "--model", "deeplabv3plus_mobilenet", "--ckpt",
+            str(args.vainf_ckpt), "--save_val_results_to", str(scratch / "vainf")]
+    return runs
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.video",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpts", nargs="+", default=[],
+                        help="checkpoints (or ONNX files) to time, one table row each")
+    parser.add_argument("--video", help="a video to time instead of the generated one")
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="length of the generated 640x480 25 fps video")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each; the best counts")
+    parser.add_argument("--flags", nargs=argparse.REMAINDER, default=[],
+                        help="further inference.py flags for every run (last on the line)")
+    parser.add_argument("--vainf", help="a checkout of VainF/DeepLabV3Plus-Pytorch")
+    parser.add_argument("--vainf-ckpt", help="its MobileNet checkpoint for --vainf")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
+    if not args.ckpts and not args.vainf:
+        sys.exit("error: name --ckpts (and/or --vainf): there is nothing to time")
+    with tempfile.TemporaryDirectory() as folder:
+        scratch = Path(folder)
+        video = Path(args.video) if args.video else scratch / "clip.mp4"
+        if not args.video:
+            generate_video(video, seconds=args.seconds)
+        frames = frames_as_jpegs(video, scratch / "jpegs")
+        runs = commands(args, video, scratch / "jpegs", scratch)
+        best = {name: float("inf") for name in runs}
+        for _ in range(args.rounds):
+            for name, command in runs.items():
+                best[name] = min(best[name], timed(command))
+    print(f"| run ({frames} frames) | frames/s (whole process) |")
+    print("|---|---|")
+    for name, seconds in best.items():
+        print(f"| {name} | {frames / seconds:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
