@@ -23,7 +23,6 @@ from PIL import Image
 import dataloader.video
 import deploy.outputs
 import deploy.video_writer
-import inference
 from inference_testing import read_mask, run, write_image
 from modeling.checkpoint import load_model
 
