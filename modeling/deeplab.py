@@ -51,10 +51,8 @@ class DeepLab(nn.Module):
             backbone_weights: a local torchvision ResNet state dict to start from instead.
             aux_loss: add an FCN head on the backbone's ``"aux"`` features (torchvision's recipe).
             align_corners: ``False`` (torchvision's convention) for models trained here; ``True``
-                reproduces models trained by jfzhang95/pytorch-deeplab-xception, which upsample
-                that way, so their converted weights compute what they computed.
-            in_channels: image channels (bands); ImageNet weights are adapted to them
-                (:func:`modeling.backbone.adapt_input_conv`).
+                reproduces models trained by jfzhang95/pytorch-deeplab-xception (converted).
+            in_channels: image bands; ImageNet weights adapt (``backbone.adapt_input_conv``).
 
         Raises:
             ValueError: unknown backbone, unsupported output stride, weights file that does not fit.
