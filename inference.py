@@ -32,8 +32,8 @@ from tqdm import tqdm
 from dataloader.images import ImageFiles, InputImage, decoded_samples, list_inputs
 from dataloader.utils import DatasetError, default_cache_dir
 from deploy.engines import ENGINE_CHOICES
-from deploy.outputs import (IMAGE_FORMATS, OUTPUT_KINDS, Writer, check_existing, parse_kinds,
-                            plan_outputs)
+from deploy.outputs import (IMAGE_FORMATS, OUTPUT_KINDS, Writer, check_existing, parse_bands,
+                            parse_kinds, plan_outputs)
 from deploy.predictor import Predictor, window_problem
 from modeling.inference_ops import DEFAULT_TILE, TILE_PIXEL_BUDGET
 from utils.distributed import DistributedContext, cleanup, decided_by_main, init_distributed
@@ -61,6 +61,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     io.add_argument("--format", default="png", choices=IMAGE_FORMATS,
                     help="file format of color and overlay outputs (masks are always PNG)")
     io.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colours")
+    io.add_argument("--rgb-bands", type=parse_bands, metavar="R,G,B", help="overlays of images "
+                    "that are not 8-bit RGB: the 1-based bands shown as red, green, blue (or one "
+                    "band as grey), each stretched from its 2nd-98th percentile to 8 bits; "
+                    "default: the first three bands (one band: grey)")
     io.add_argument("--exif-transpose", action=argparse.BooleanOptionalAction, default=True,
                     help="turn images as their EXIF orientation says (as viewers show them); "
                          "--no-exif-transpose keeps the stored pixels, as training does")
@@ -216,6 +220,7 @@ def main(args: argparse.Namespace, tally: Tally | None = None) -> int:
                     show_notes=context.is_main)
                 writer = Writer(plans=jobs.plans, names=[item.path for item in jobs.inputs],
                                 palette=settings["palette"], alpha=args.alpha,
+                                rgb_bands=args.rgb_bands,
                                 threads=max(1, min(2, os.cpu_count() or 1)),
                                 on_error=report_error)
                 progress = tqdm(samples, total=len(jobs.plans), dynamic_ncols=True,
