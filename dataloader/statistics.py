@@ -21,7 +21,7 @@ import numpy as np
 from dataloader import custom_transforms as tr
 from dataloader.datasets.base import SegmentationDataset
 from dataloader.utils import (IMAGENET_MEAN, IMAGENET_STD, DatasetError, default_cache_dir,
-                              unit_scaled)
+                              unit_array)
 from utils.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -36,8 +36,11 @@ def channel_statistics(dataset: SegmentationDataset) -> tuple[list[float], list[
     """
     count, mean, squares = 0, None, None
     for index in range(len(dataset)):
-        image = dataset.load_sample(index)[0]
-        pixels = unit_scaled(image).double().flatten(1).numpy()  # (C, H * W)
+        # The stored pixels, scaled in float64 (the float32 model input would round them).
+        image = (dataset.image_pixels(index) if hasattr(dataset, "image_pixels")
+                 else dataset.load_sample(index)[0])
+        pixels = unit_array(image, np.float64)
+        pixels = pixels.reshape(-1, pixels.shape[-1]).T  # (C, H * W)
         image_count = pixels.shape[1]
         image_mean = pixels.mean(axis=1)
         image_squares = ((pixels - image_mean[:, None]) ** 2).sum(axis=1)

@@ -218,9 +218,9 @@ def probe_bands(path: str | os.PathLike) -> tuple[int, bool] | None:
     return (shape[-1] if axes[-1] in "SC" else shape[0]), False
 
 
-def unit_scaled(pixels: Image.Image | np.ndarray) -> torch.Tensor:
-    """``(C, H, W)`` float32 pixels on the one scale (:data:`_UNIT_SCALE`: uint8 / 255,
-    uint16 / 65535, floats as they are; 8-bit grey PIL images are one band).
+def unit_array(pixels: Image.Image | np.ndarray, dtype: type = np.float64) -> np.ndarray:
+    """``(H, W, C)`` pixels on the one scale (:data:`_UNIT_SCALE`: uint8 / 255, uint16 / 65535,
+    floats as they are; an 8-bit grey PIL image is one band), in ``dtype``.
 
     Raises:
         ValueError: an integer type other than uint8 and uint16.
@@ -229,11 +229,16 @@ def unit_scaled(pixels: Image.Image | np.ndarray) -> torch.Tensor:
         pixels = np.asarray(pixels, dtype=np.uint8)
         pixels = pixels[..., None] if pixels.ndim == 2 else pixels
     if pixels.dtype.kind == "f":
-        array = pixels.astype(np.float32)
-    elif pixels.dtype in _UNIT_SCALE:
-        array = pixels.astype(np.float32) / np.float32(_UNIT_SCALE[pixels.dtype])
-    else:
-        raise ValueError(f"pixels of type {pixels.dtype}: read are uint8, uint16 and float")
+        return pixels.astype(dtype)
+    if pixels.dtype in _UNIT_SCALE:
+        return pixels.astype(dtype) / dtype(_UNIT_SCALE[pixels.dtype])
+    raise ValueError(f"pixels of type {pixels.dtype}: read are uint8, uint16 and float")
+
+
+def unit_scaled(pixels: Image.Image | np.ndarray) -> torch.Tensor:
+    """:func:`unit_array` as a float32 ``(C, H, W)`` tensor, the model's input before
+    normalisation."""
+    array = unit_array(pixels, np.float32)
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 

@@ -336,24 +336,33 @@ class FolderSegmentation(PairedFileDataset):
     def _describe(self, bands: int, rgb8: bool) -> str:
         return "8-bit colour (RGB)" if rgb8 else f"{bands} band(s)"
 
+    def image_pixels(self, index: int) -> Image.Image | np.ndarray:
+        """Image ``index`` as stored (:func:`dataloader.utils.read_pixels`), for statistics."""
+        pixels = read_pixels(self.samples[index][0], index)
+        self._check_bands(index, pixels)
+        return pixels
+
+    def _check_bands(self, index: int, pixels: Image.Image | np.ndarray) -> None:
+        bands, rgb8 = pixel_bands(pixels)
+        if (bands, rgb8) != (self.in_channels, self.rgb8) and not self.rgb8:
+            raise DatasetError(
+                f"image {self.samples[index][0]} (sample {index}) has "
+                f"{self._describe(bands, rgb8)} but the split's first images (e.g. "
+                f"{self.samples[0][0]}) have {self._describe(self.in_channels, self.rgb8)}: "
+                f"give every image the same bands")
+
     def load_image(self, index: int) -> torch.Tensor:
         """Image ``index`` as ``(C, H, W)`` float32 on the unit scale (non-RGB datasets).
 
         Raises:
             DatasetError: unreadable, or other bands than the split's first image, naming both.
         """
-        path = self.samples[index][0]
-        pixels = read_pixels(path, index)
-        bands, rgb8 = pixel_bands(pixels)
-        if (bands, rgb8) != (self.in_channels, self.rgb8):
-            raise DatasetError(
-                f"image {path} (sample {index}) has {self._describe(bands, rgb8)} but the split's "
-                f"first images (e.g. {self.samples[0][0]}) have {self._describe(self.in_channels, self.rgb8)}: "
-                f"give every image the same bands")
+        pixels = self.image_pixels(index)
         try:
             return unit_scaled(pixels)
         except ValueError as error:
-            raise DatasetError(f"image {path} (sample {index}): {error}") from None
+            raise DatasetError(f"image {self.samples[index][0]} (sample {index}): "
+                               f"{error}") from None
 
     def load_sample(self, index: int) -> tuple[Any, Image.Image]:
         if self.rgb8:  # exactly as every 8-bit colour dataset is read
