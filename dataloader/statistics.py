@@ -106,7 +106,11 @@ def resolve_normalization(dataset: SegmentationDataset, *, mean: Sequence[float]
     if mean is None:
         if dataset.rgb8:
             return list(IMAGENET_MEAN), list(IMAGENET_STD)
-        return cached_channel_statistics(dataset, cache_dir)
+        mean, std = cached_channel_statistics(dataset, cache_dir)
+        if min(std) <= 0:  # a constant band carries nothing: shifted to 0, not divided by 0
+            logger.warning("a band is constant in every train image; its std is taken as 1")
+            std = [value if value > 0 else 1.0 for value in std]
+        return mean, std
     if len(mean) != channels or len(std) != channels or min(std) <= 0:
         raise DatasetError(f"--mean/--std need {channels} values each (the images have "
                            f"{channels} channels), std > 0; got {list(mean)} and {list(std)}")
