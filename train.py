@@ -143,11 +143,10 @@ def build_datasets(args: argparse.Namespace, context: DistributedContext,
     return train_set, val_set
 
 
-def build_model(args: argparse.Namespace, checkpoint: dict | None, val_set,
-                context: DistributedContext) -> DeepLab:
+def build_model(args: argparse.Namespace, checkpoint: dict | None, num_classes: int,
+                context: DistributedContext, in_channels: int = 3) -> DeepLab:
     """The model ``--resume`` describes (weights loaded), or a new one from the flags (with
-    ``--ft``, the checkpoint's weights where they fit), for ``val_set``'s classes and bands."""
-    num_classes = len(val_set.class_names)
+    ``--ft``, the checkpoint's weights where they fit) for images of ``in_channels`` bands."""
     loaded = None if checkpoint is None else load_model(checkpoint,
                                                         source=f"--resume {args.resume}")
     if loaded is not None and not args.ft:
@@ -161,7 +160,7 @@ def build_model(args: argparse.Namespace, checkpoint: dict | None, val_set,
         # A fine-tuned model upsamples as the one it starts from (converted ones: corners).
         model = DeepLab(backbone=canonical_backbone_name(args.backbone),
                         output_stride=args.out_stride, num_classes=num_classes,
-                        aux_loss=args.aux_loss, in_channels=val_set.in_channels,
+                        aux_loss=args.aux_loss, in_channels=in_channels,
                         pretrained_backbone=args.pretrained and not args.ft and not args.init,
                         backbone_weights=args.backbone_weights, align_corners=bool(
                             args.ft and pretrained_settings.get("align_corners", False)))
@@ -258,7 +257,7 @@ def main(args: argparse.Namespace) -> dict:
         train_set, val_set = build_datasets(args, context, checkpoint)
         if args.check_data:  # read every sample before any model is built
             return check_data(train_set, val_set, workers=args.workers, context=context)
-        model = build_model(args, checkpoint, val_set, context)
+        model = build_model(args, checkpoint, val_set.num_classes, context, val_set.in_channels)
         settings = dict(model.settings(), **val_set.metadata())  # a self-describing checkpoint
         torch.manual_seed(args.seed + context.rank)  # weights built alike, dropout per rank
         model, plain_model, sync_bn = prepare_model(model, placement.hardware, sync_bn=args.sync_bn,

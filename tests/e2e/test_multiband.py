@@ -181,5 +181,6 @@ def test_three_bands_start_from_exactly_the_imagenet_first_convolution(tmp_path)
         str(tmp_path / "imagenet.pth")))
     val_set = FolderSegmentation(root, split="val", mask_format="binary")
     assert (val_set.in_channels, val_set.rgb8) == (3, False)  # uint16: not read as a photo
-    model = train.build_model(args, None, val_set, DistributedContext())
+    model = train.build_model(args, None, val_set.num_classes, DistributedContext(),
+                              val_set.in_channels)
     assert torch.equal(model.backbone.conv1.weight, weights["conv1.weight"])
