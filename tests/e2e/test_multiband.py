@@ -123,6 +123,14 @@ def test_five_bands_evaluate_segment_and_export(multiband, tmp_path):
     metadata = {prop.key: prop.value for prop in onnx.load(str(onnx_path)).metadata_props}
     assert metadata["in_channels"] == "5"
     assert_onnxruntime_agrees(ckpt, onnx_path, sorted((root / "images" / "val").glob("*.tif")))
+    # inference.py runs the exported file itself, reading its channels from the metadata.
+    assert inference.cli(["--in-path", str(root / "images" / "val"), "--out-path",
+                          str(tmp_path / "onnx_out"), "--ckpt", str(onnx_path), "--no-cuda",
+                          "--engine", "onnxruntime"]) == 0
+    for image in sorted((root / "images" / "val").glob("*.tif")):
+        torch_mask = np.asarray(Image.open(out / f"{image.stem}.png"))
+        onnx_mask = np.asarray(Image.open(tmp_path / "onnx_out" / f"{image.stem}.png"))
+        assert (torch_mask == onnx_mask).mean() >= 0.999
 
 
 def assert_onnxruntime_agrees(ckpt: Path, onnx_path: Path, images: list[Path]) -> None:
