@@ -5,7 +5,8 @@
     python inference.py --ckpt model.onnx --engine openvino --in-path photos
     python export.py --ckpt ... --out model-int8.onnx --int8 --calibration photos  # CPUs
 
-Input ``image``: float32 ``(N, 3, H, W)``, RGB, ``(pixel / 255 - mean) / std``; output ``logits``:
+Input ``image``: float32 ``(N, C, H, W)`` (C: metadata ``in_channels``, 3 for RGB), ``(x - mean) /
+std`` per channel with x = uint8 / 255, uint16 / 65535 or float as is; output ``logits``:
 float32 ``(N, num_classes, H, W)``; batch, height and width are dynamic. The class names,
 palette, normalisation and architecture are in the file's metadata_props. ``--int8`` stores
 int8 weights and activations (QuantizeLinear / DequantizeLinear pairs, calibrated by NNCF on
@@ -56,17 +57,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_export(model: DeepLab, data: bytes) -> str:
-    """Run a random ``(2, 3, 96, 128)`` input through PyTorch and onnxruntime; a summary line."""
+    """Run a random ``(2, C, 96, 128)`` input through PyTorch and onnxruntime; a summary line."""
     import onnxruntime
 
-    image = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(0))
+    channels = model.in_channels
+    image = torch.randn(2, channels, 96, 128, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = model(image)["out"]
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: image.numpy()})[0])
     agreement = (got.argmax(1) == expected.argmax(1)).float().mean().item()
     difference = ((got - expected).abs().max() / expected.abs().max()).item()
-    return (f"onnxruntime vs PyTorch on a random 2x3x96x128 input: largest logit difference "
+    return (f"onnxruntime vs PyTorch on a random 2x{channels}x96x128 input: largest logit difference "
             f"{difference:.1e} of the largest logit, argmax agreement {100 * agreement:.3f}%")
 
 

@@ -36,8 +36,8 @@ from dataloader.images import ImageFiles, InputImage, decoded_samples, list_inpu
 from dataloader.utils import DatasetError, default_cache_dir
 from dataloader.video import is_video
 from deploy.engines import ENGINE_CHOICES
-from deploy.outputs import (IMAGE_FORMATS, OUTPUT_KINDS, Writer, check_existing, parse_kinds,
-                            plan_outputs)
+from deploy.outputs import (IMAGE_FORMATS, OUTPUT_KINDS, Writer, check_existing, parse_bands,
+                            parse_kinds, plan_outputs)
 from deploy.predictor import Predictor, window_problem
 from deploy.video_writer import VideoSegmenter
 from modeling.inference_ops import DEFAULT_TILE, TILE_PIXEL_BUDGET
@@ -55,31 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Predict segmentation masks with a DeepLabV3+ checkpoint or ONNX file",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    io = parser.add_argument_group("inputs and outputs")
-    io.add_argument("--in-path", required=True,
-                    help="an image, a video, a folder (walked recursively) or a .txt file of "
-                         "their paths")
-    io.add_argument("--out-path", default="inference_results",
-                    help="output folder (mirrors the input sub-folders); never inside --in-path")
-    io.add_argument("--save", default="mask",
-                    help=f"comma-separated outputs: {', '.join(OUTPUT_KINDS)} (class-id palette "
-                         f"PNG, RGB colours, colours blended over the photo, the chosen class's "
-                         f"probability as grey, 255 = certain); for a video the masks and "
-                         f"confidence are folders of per-frame PNGs, colours and overlays MP4s")
-    io.add_argument("--format", default="png", choices=IMAGE_FORMATS,
-                    help="file format of color and overlay outputs (masks are always PNG)")
-    io.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colours")
-    io.add_argument("--exif-transpose", action=argparse.BooleanOptionalAction, default=True,
-                    help="turn images as their EXIF orientation says (as viewers show them); "
-                         "--no-exif-transpose keeps the stored pixels, as training does")
-    io.add_argument("--skip-existing", action=argparse.BooleanOptionalAction, default=False,
-                    help="skip inputs whose outputs all exist and decode (resume an interrupted "
-                         "job); earlier outputs that do not decode are written again")
-    io.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
-                    help="replace earlier outputs of this tool (files it did not write are "
-                         "never replaced; without either flag existing outputs stop the run)")
-    io.add_argument("--workers", type=int, default=1,
-                    help="processes decoding images while the model runs (0: in this process)")
+    _io_args(parser.add_argument_group("inputs and outputs"))
     model = parser.add_argument_group("model and speed")
     model.add_argument("--ckpt", default=DEFAULT_CKPT,
                        help="checkpoint written by train.py, or an .onnx file from export.py")
@@ -108,6 +84,38 @@ def get_args_parser() -> argparse.ArgumentParser:
     feed.add_argument("--tile-overlap", type=int, default=256,
                       help="minimum overlap of neighbouring windows, in pixels")
     return parser
+
+
+def _io_args(io: argparse._ArgumentGroup) -> None:
+    """Which inputs are read and which outputs written, and how."""
+    io.add_argument("--in-path", required=True,
+                    help="an image, a video, a folder (walked recursively) or a .txt file of "
+                         "their paths")
+    io.add_argument("--out-path", default="inference_results",
+                    help="output folder (mirrors the input sub-folders); never inside --in-path")
+    io.add_argument("--save", default="mask",
+                    help=f"comma-separated outputs: {', '.join(OUTPUT_KINDS)} (class-id palette "
+                         f"PNG, RGB colours, colours blended over the photo, the chosen class's "
+                         f"probability as grey, 255 = certain); for a video the masks and "
+                         f"confidence are folders of per-frame PNGs, colours and overlays MP4s")
+    io.add_argument("--format", default="png", choices=IMAGE_FORMATS,
+                    help="file format of color and overlay outputs (masks are always PNG)")
+    io.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colours")
+    io.add_argument("--rgb-bands", type=parse_bands, metavar="R,G,B", help="overlays of images "
+                    "that are not 8-bit RGB: the 1-based bands shown as red, green, blue (or one "
+                    "band as grey), each stretched from its 2nd-98th percentile to 8 bits; "
+                    "default: the first three bands (one band: grey)")
+    io.add_argument("--exif-transpose", action=argparse.BooleanOptionalAction, default=True,
+                    help="turn images as their EXIF orientation says (as viewers show them); "
+                         "--no-exif-transpose keeps the stored pixels, as training does")
+    io.add_argument("--skip-existing", action=argparse.BooleanOptionalAction, default=False,
+                    help="skip inputs whose outputs all exist and decode (resume an interrupted "
+                         "job); earlier outputs that do not decode are written again")
+    io.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                    help="replace earlier outputs of this tool (files it did not write are "
+                         "never replaced; without either flag existing outputs stop the run)")
+    io.add_argument("--workers", type=int, default=1,
+                    help="processes decoding images while the model runs (0: in this process)")
 
 
 #: The largest --size: a short side of 8192 pixels is a 50-megapixel 4:3 photo already (and
@@ -251,7 +259,7 @@ def segment_photos(args: argparse.Namespace, predictor: Predictor, palette: list
     """Predict and write the decoded ``samples`` of the photos of ``jobs``; returns how many
     failed. Outputs are written by threads while the model runs."""
     writer = Writer(plans=jobs.plans, names=[item.path for item in jobs.inputs],
-                    palette=palette, alpha=args.alpha,
+                    palette=palette, alpha=args.alpha, rgb_bands=args.rgb_bands,
                     threads=max(1, min(2, os.cpu_count() or 1)), on_error=report_error)
     progress = tqdm(samples, total=len(jobs.plans), dynamic_ncols=True,
                     desc=f"inference ({predictor.engine_name})", disable=not show_progress)

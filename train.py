@@ -21,10 +21,10 @@ from torch import nn
 from tqdm import tqdm
 
 import mypath
-from dataloader import custom_transforms as tr
 from dataloader.check import check_data
 from dataloader.class_weights import compute_class_weights
 from dataloader.datasets import DATASETS, add_data_args, build_dataset, dataset_entry
+from dataloader.statistics import set_inputs
 from dataloader.samplers import ResumableSampler, resumable_loader
 from dataloader.utils import IGNORE_INDEX, DatasetError
 from modeling.backbone import (BACKBONE_ALIASES, BACKBONES, PretrainedWeightsUnavailable,
@@ -58,7 +58,6 @@ from utils.stopping import StepBoundary, eval_stop_requested
 from utils.summaries import TrainLog
 
 logger = logging.getLogger("train")
-
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -124,8 +123,9 @@ def read_checkpoint(path: str | None) -> dict | None:
         raise UserError(f"--resume: {error}") from None
 
 
-def build_datasets(args: argparse.Namespace, context: DistributedContext) -> tuple[Any, Any]:
-    """``(train set or None with --eval-only, val set)``."""
+def build_datasets(args: argparse.Namespace, context: DistributedContext,
+                   checkpoint: dict | None) -> tuple[Any, Any]:
+    """``(train set or None with --eval-only, val set)``, normalised by :func:`set_inputs`."""
     try:
         root = mypath.db_root_dir(args.dataset, root=args.data_root)
     except FileNotFoundError as error:
@@ -134,21 +134,21 @@ def build_datasets(args: argparse.Namespace, context: DistributedContext) -> tup
         logger.info("%s dataset: %s", args.dataset, root)
     reading = dict(skip_bad_images=args.skip_bad_images, cache_dir=args.cache_dir,
                    mask_format=args.mask_format, reduce_zero_label=args.reduce_zero_label)
-    # Rank 0 first: it may generate the demo data or write index caches the others then read.
+    # Rank 0 first: it may generate the demo data or write index and statistics caches.
     with main_process_first(context):
-        val_set = build_dataset(args.dataset, root, "val",
-                                transform=tr.eval_transform(args.eval_size), **reading)
-        train_set = None if args.eval_only else build_dataset(
-            args.dataset, root, "train", transform=tr.train_transform(args.base_size,
-                                                                      args.crop_size),
-            **reading)
+        val_set = build_dataset(args.dataset, root, "val", **reading)
+        train_set = None if args.eval_only else build_dataset(args.dataset, root, "train",
+                                                              **reading)
+        set_inputs(train_set, val_set, sizes=(args.base_size, args.crop_size, args.eval_size),
+                   mean=args.mean, std=args.std, cache_dir=args.cache_dir,
+                   stored=checkpoint["settings"] if checkpoint and not args.ft else None)
     return train_set, val_set
 
 
 def build_model(args: argparse.Namespace, checkpoint: dict | None, num_classes: int,
-                context: DistributedContext) -> DeepLab:
+                context: DistributedContext, in_channels: int = 3) -> DeepLab:
     """The model ``--resume`` describes (weights loaded), or a new one from the flags (with
-    ``--ft``, the checkpoint's weights where they fit)."""
+    ``--ft``, the checkpoint's weights where they fit) for images of ``in_channels`` bands."""
     loaded = None if checkpoint is None else load_model(checkpoint,
                                                         source=f"--resume {args.resume}")
     if loaded is not None and not args.ft:
@@ -162,7 +162,7 @@ def build_model(args: argparse.Namespace, checkpoint: dict | None, num_classes: 
         # A fine-tuned model upsamples as the one it starts from (converted ones: corners).
         model = DeepLab(backbone=canonical_backbone_name(args.backbone),
                         output_stride=args.out_stride, num_classes=num_classes,
-                        aux_loss=args.aux_loss,
+                        aux_loss=args.aux_loss, in_channels=in_channels,
                         pretrained_backbone=args.pretrained and not args.ft and not args.init,
                         backbone_weights=args.backbone_weights, align_corners=bool(
                             args.ft and pretrained_settings.get("align_corners", False)))
@@ -256,10 +256,10 @@ def main(args: argparse.Namespace) -> dict:
                                       channels_last=args.channels_last, context=context)
         torch.manual_seed(args.seed)
         checkpoint = read_checkpoint(args.resume)
-        train_set, val_set = build_datasets(args, context)
+        train_set, val_set = build_datasets(args, context, checkpoint)
         if args.check_data:  # read every sample before any model is built
             return check_data(train_set, val_set, workers=args.workers, context=context)
-        model = build_model(args, checkpoint, len(val_set.class_names), context)
+        model = build_model(args, checkpoint, val_set.num_classes, context, val_set.in_channels)
         settings = dict(model.settings(), **val_set.metadata())  # a self-describing checkpoint
         torch.manual_seed(args.seed + context.rank)  # weights built alike, dropout per rank
         model, plain_model, sync_bn = prepare_model(model, placement.hardware, sync_bn=args.sync_bn,

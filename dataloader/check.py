@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from dataloader.datasets.base import SegmentationDataset
+from dataloader.statistics import channel_statistics, statistics_flags
 from dataloader.utils import IGNORE_INDEX, DatasetError
 from utils.distributed import DistributedContext
 
@@ -171,4 +172,12 @@ def check_data(train_set, val_set, *, workers: int, context: DistributedContext)
         return {"data_ok": True}
     report = check_datasets({"train": train_set, "val": val_set}, workers=workers)
     print(report.format())
-    return {"data_ok": report.ok, "data_report": report}
+    result = {"data_ok": report.ok, "data_report": report}
+    if report.ok and train_set is not None and not train_set.rgb8:
+        # Images that are not 8-bit RGB are normalised with their own statistics: exact ones,
+        # to pass to train.py (which would otherwise compute and cache the same numbers).
+        mean, std = channel_statistics(train_set)
+        print(f"{train_set.in_channels}-channel images; per-channel statistics of the "
+              f"{len(train_set)} train images:\n  {statistics_flags(mean, std)}")
+        result.update(mean=mean, std=std)
+    return result

@@ -1,4 +1,10 @@
-"""Joint transforms of a sample ``{"image": PIL RGB, "label": PIL "L"}``.
+"""Joint transforms of a sample ``{"image": PIL RGB or float32 (C, H, W) tensor, "label": PIL "L"}``.
+
+8-bit colour images stay PIL images; images of other bands or bit depths (1 or N channels,
+16-bit, float) arrive as float32 ``(C, H, W)`` tensors on the unit scale
+(:func:`dataloader.utils.unit_scaled`) and every transform handles them with torch (bilinear
+resize with antialiasing, pad, flip, Gaussian blur per channel); labels are handled alike in both
+cases.
 
 Every geometric transform moves the image and the label together; labels are resampled NEAREST
 (so no in-between class appears) and padded with ``IGNORE_INDEX`` so padding is never learned or
@@ -56,6 +62,20 @@ def _nearest_window(
     return Image.fromarray(np.asarray(label).take(rows, axis=0).take(columns, axis=1))
 
 
+def _image_size(image: Image.Image | torch.Tensor) -> tuple[int, int]:
+    """``(width, height)`` of a PIL image or a ``(C, H, W)`` tensor."""
+    if isinstance(image, torch.Tensor):
+        return int(image.shape[-1]), int(image.shape[-2])
+    return image.size
+
+
+def _resize_tensor(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A float ``(C, H, W)`` image resized bilinearly to ``size`` = ``(width, height)``, with
+    antialiasing when shrinking (as PIL's resampling)."""
+    return torch.nn.functional.interpolate(image[None], size=(size[1], size[0]), mode="bilinear",
+                                           align_corners=False, antialias=True)[0]
+
+
 class Compose:
     """Apply transforms in order to the sample dict."""
 
@@ -99,7 +119,7 @@ class RandomScaleCrop:
 
     def __call__(self, sample: Sample) -> Sample:
         image, label = sample["image"], sample["label"]
-        width, height = image.size
+        width, height = _image_size(image)
         crop = self.crop_size
         short_side = _randint(
             max(1, int(self.scale_range[0] * self.base_size)),
@@ -117,7 +137,10 @@ class RandomScaleCrop:
         scale_x, scale_y = width / new_width, height / new_height
         box = (left * scale_x, top * scale_y, right * scale_x, bottom * scale_y)
         size = (right - left, bottom - top)
-        image = image.resize(size, Image.Resampling.BILINEAR, box=box)
+        if isinstance(image, torch.Tensor):
+            image = _resize_tensor(image, (new_width, new_height))[:, top:bottom, left:right]
+        else:
+            image = image.resize(size, Image.Resampling.BILINEAR, box=box)
         label = _nearest_window(label, (new_width, new_height), (left, top, right, bottom))
         if size != (crop, crop):
             padding = [0, 0, crop - size[0], crop - size[1]]  # left, top, right, bottom
@@ -177,7 +200,12 @@ class RandomGaussianBlur:
         if float(torch.rand(())) >= self.p:
             return sample
         sigma = _uniform(*self.sigma_range)
-        return {**sample, "image": sample["image"].filter(self._filter(sigma))}
+        image = sample["image"]
+        if isinstance(image, torch.Tensor):  # the same kernels, per channel
+            size = 3 if sigma <= 1.0 else 2 * int(np.ceil(3 * sigma)) + 1
+            return {**sample, "image": _functional().gaussian_blur(image, [size, size],
+                                                                   [sigma, sigma])}
+        return {**sample, "image": image.filter(self._filter(sigma))}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(p={self.p}, sigma_range={self.sigma_range})"
@@ -214,7 +242,9 @@ def pil_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
 
 
 class Normalize:
-    """uint8 ``(..., 3, H, W)`` 0-255 pixels -> float32 ``(x / 255 - mean) / std``.
+    """uint8 ``(..., C, H, W)`` 0-255 pixels -> float32 ``(x / 255 - mean) / std``; float
+    pixels, already on the unit scale (:func:`dataloader.utils.unit_scaled`), -> ``(x - mean) /
+    std``. ``mean`` and ``std`` hold one value per channel.
 
     The one normalisation of evaluation and inference: both call this object, so the same image
     gives the same input bits to the model whichever script feeds it.
@@ -225,26 +255,36 @@ class Normalize:
     ) -> None:
         self.mean = [float(value) for value in mean]
         self.std = [float(value) for value in std]
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"mean and std need 3 values, std > 0; got {mean} and {std}")
+        if not self.mean or len(self.mean) != len(self.std) or min(self.std) <= 0:
+            raise ValueError(f"mean and std need one value per channel, std > 0; got {mean} "
+                             f"and {std}")
+        channels = len(self.mean)
         # (x / 255 - mean) / std folded into one subtraction and one multiplication on 0-255
         # values: faster than pil_to_tensor + to_dtype + normalize.
-        self._offset = torch.tensor(self.mean).view(3, 1, 1) * 255.0
-        self._factor = 1.0 / (torch.tensor(self.std).view(3, 1, 1) * 255.0)
+        self._offset = torch.tensor(self.mean).view(channels, 1, 1) * 255.0
+        self._factor = 1.0 / (torch.tensor(self.std).view(channels, 1, 1) * 255.0)
+        self._unit_offset = torch.tensor(self.mean).view(channels, 1, 1)
+        self._unit_factor = 1.0 / torch.tensor(self.std).view(channels, 1, 1)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.shape[-3] != len(self.mean):
+            raise ValueError(f"images of {pixels.shape[-3]} channels, but the normalisation has "
+                             f"{len(self.mean)} (a model for other images?)")
+        unit = pixels.is_floating_point()
         image = pixels.to(torch.float32, copy=True)  # never normalise the caller's tensor
-        offset, factor = self._offset.to(image.device), self._factor.to(image.device)
-        return image.sub_(offset).mul_(factor)
+        offset, factor = ((self._unit_offset, self._unit_factor) if unit
+                          else (self._offset, self._factor))
+        return image.sub_(offset.to(image.device)).mul_(factor.to(image.device))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mean={self.mean}, std={self.std})"
 
 
 class ToTensorNormalize:
-    """PIL pair -> ``{"image": float32 (3, H, W) normalised, "label": int64 (H, W)}``.
+    """PIL pair -> ``{"image": float32 (C, H, W) normalised, "label": int64 (H, W)}``.
 
-    The image is scaled to [0, 1] then normalised with ``mean``/``std`` (ImageNet by default, as
+    The image (a PIL RGB image, or a unit-scale float tensor of any channel count) is scaled to
+    [0, 1] then normalised with ``mean``/``std`` (ImageNet by default, as
     the torchvision backbones expect) by :class:`Normalize`; label values are kept as they are
     (255 = ignore).
     """
@@ -255,7 +295,9 @@ class ToTensorNormalize:
         self.normalize = Normalize(mean, std)
 
     def __call__(self, sample: Sample) -> Sample:
-        image = self.normalize(pil_to_uint8_tensor(sample["image"]))
+        image = sample["image"]
+        image = self.normalize(image if isinstance(image, torch.Tensor)
+                               else pil_to_uint8_tensor(image))
         label = torch.from_numpy(np.array(sample["label"], dtype=np.int64))
         return {**sample, "image": image, "label": label}
 
@@ -264,22 +306,24 @@ class ToTensorNormalize:
                 f"std={self.normalize.std})")
 
 
-def train_transform(base_size: int, crop_size: int) -> Compose:
+def train_transform(base_size: int, crop_size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD) -> Compose:
     """Training augmentation: random scale (0.5-2x ``base_size`` short side) and
-    ``crop_size`` crop, horizontal flip, light blur, then tensors."""
+    ``crop_size`` crop, horizontal flip, light blur, then tensors normalised per channel."""
     return Compose([
         RandomScaleCrop(base_size, crop_size),
         RandomHorizontalFlip(),
         RandomGaussianBlur(),
-        ToTensorNormalize(),
+        ToTensorNormalize(mean, std),
     ])
 
 
-def eval_transform(eval_size: int | None = None) -> Compose:
+def eval_transform(eval_size: int | None = None, mean: Sequence[float] = IMAGENET_MEAN,
+                   std: Sequence[float] = IMAGENET_STD) -> Compose:
     """Evaluation: the image optionally resized to a ``eval_size`` short side, the label kept at
     full resolution, then tensors (image and label sizes differ when ``eval_size`` is set)."""
     steps: list[Callable[[Sample], Sample]] = []
     if eval_size is not None:
         steps.append(ResizeShortSide(eval_size))
-    steps.append(ToTensorNormalize())
+    steps.append(ToTensorNormalize(mean, std))
     return Compose(steps)

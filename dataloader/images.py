@@ -13,16 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from dataloader.custom_transforms import ResizeShortSide, pil_to_uint8_tensor
-from dataloader.utils import DatasetError, load_image
+from dataloader.utils import DatasetError, _to_rgb, read_pixels, unit_scaled
 from dataloader.video import VIDEO_SUFFIXES
 
 #: What a folder is searched for: every still-image format Pillow decodes that cameras, phones
 #: and the web use (a GIF gives its first frame).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+#: 8-bit grey images stay one band (a 3-channel model sees them as RGB, as Pillow converts them).
+_GREY_MODES = ("1", "L")
 #: An --in-path with one of these suffixes lists one image path per line.
 LIST_SUFFIXES = (".txt", ".lst")
 
@@ -152,9 +155,21 @@ def _read_list(list_file: Path) -> list[InputImage]:
     return [InputImage(path, path.relative_to(common)) for path in paths]
 
 
+def _pixels_tensor(pixels: Any) -> torch.Tensor:
+    """8-bit colour -> uint8 ``(3, h, w)``, 8-bit grey -> uint8 ``(1, h, w)``, other images
+    (16-bit, float, multi-band TIFF) -> float32 ``(C, h, w)`` on the unit scale."""
+    if isinstance(pixels, torch.Tensor):
+        return pixels
+    if not hasattr(pixels, "mode"):  # an (H, W, C) array
+        return unit_scaled(pixels)
+    if pixels.mode in _GREY_MODES:
+        return torch.from_numpy(np.array(pixels, dtype=np.uint8))[None]
+    return pil_to_uint8_tensor(_to_rgb(pixels))
+
+
 class ImageFiles(Dataset):
-    """Decoded inputs for a DataLoader: sample ``i`` is ``{"index": i, "image": (3, h, w)
-    uint8, "size": (H, W)}``, or ``{"index": i, "error": message}`` for a file that cannot be
+    """Decoded inputs for a DataLoader: sample ``i`` is ``{"index": i, "path": str, "image":
+    (C, h, w) pixels (see :func:`_pixels_tensor`), "size": (H, W)}``, or ``{"index": i, "error": message}`` for a file that cannot be
     read (missing, empty, truncated, not an image, a folder), so that one bad file costs only its
     own output.
 
@@ -175,15 +190,18 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         try:
-            image = load_image(self.paths[index], exif_transpose=self.exif_transpose)
-        except DatasetError as error:
-            return {"index": index, "error": str(error)}
-        sample: dict[str, Any] = {"index": index, "size": (image.height, image.width)}
+            image = _pixels_tensor(read_pixels(self.paths[index],
+                                               exif_transpose=self.exif_transpose))
+        except (DatasetError, ValueError) as error:
+            return {"index": index, "error": f"{self.paths[index]}: {error}" if isinstance(
+                error, ValueError) else str(error)}
+        sample: dict[str, Any] = {"index": index, "path": str(self.paths[index]),
+                                  "size": tuple(image.shape[-2:])}
         if self.resize is not None:
             if self.keep_original:
-                sample["original"] = pil_to_uint8_tensor(image)
+                sample["original"] = image
             image = self.resize({"image": image})["image"]
-        sample["image"] = pil_to_uint8_tensor(image)
+        sample["image"] = image
         return sample
 
 

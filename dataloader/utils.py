@@ -120,6 +120,128 @@ def load_image(
     return _decode_image(path, index, _full_rgb)
 
 
+#: Pillow modes of 8-bit images, read as today: converted to RGB (grey "L" and "1" are one band
+#: when a dataset's first image is grey).
+_EIGHT_BIT_MODES = ("1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LA", "PA", "LAB", "HSV")
+#: TIFF modes Pillow reads with every band; others (RGBA, 16-bit, multi-band) go to tifffile.
+_PILLOW_TIFF_MODES = ("1", "L", "P", "RGB")
+_TIFF_SUFFIXES = (".tif", ".tiff")
+#: The pixel scale, one rule in training, evaluation, inference and export: integers divided by
+#: their type's largest value (uint8 / 255, uint16 / 65535), floats as they are.
+_UNIT_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+
+
+def _tiff_bands(path: Path) -> np.ndarray:
+    """A TIFF's first image as ``(H, W, C)`` with tifffile (multi-band, 16-bit, float)."""
+    import tifffile  # only TIFFs Pillow cannot read need it
+
+    with tifffile.TiffFile(path) as tiff:
+        series = tiff.series[0]
+        array, axes = series.asarray(), series.axes
+    if array.ndim == 2:
+        return array[..., None]
+    if array.ndim == 3 and axes[-1] in "SC":  # samples last: (H, W, C)
+        return array
+    if array.ndim == 3:  # planar: (C, H, W)
+        return np.moveaxis(array, 0, -1)
+    raise ValueError(f"holds a {array.ndim}-d image of axes {axes}; expected 2-d or 3-d")
+
+
+def _pillow_pixels(image: Image.Image) -> Image.Image | np.ndarray:
+    if image.mode in _EIGHT_BIT_MODES:
+        image.load()
+        return image
+    array = np.asarray(image)
+    if image.mode == "I" and array.size and 0 <= array.min() and array.max() <= 65535:
+        array = array.astype(np.uint16)  # what older Pillow makes of a 16-bit grey PNG
+    return array[..., None] if array.ndim == 2 else array
+
+
+def read_pixels(path: str | os.PathLike, index: int | None = None,
+                exif_transpose: bool = False) -> Image.Image | np.ndarray:
+    """An image as stored: an 8-bit image as a PIL image (callers convert it as
+    :func:`load_image` does), anything else as an ``(H, W, C)`` array of its own dtype: 16-bit
+    and float grey images through Pillow, multi-band, 16-bit and float TIFFs through tifffile.
+
+    Raises:
+        DatasetError: as :func:`load_image`, naming the file.
+    """
+    def decode(image: Image.Image) -> Image.Image | np.ndarray:
+        is_tiff = Path(path).suffix.lower() in _TIFF_SUFFIXES
+        if is_tiff and image.mode not in _PILLOW_TIFF_MODES:
+            raise OSError("not for Pillow")  # to tifffile, below
+        return _pillow_pixels(ImageOps.exif_transpose(image) if exif_transpose else image)
+
+    try:
+        return _decode_image(path, index, decode)
+    except DatasetError:
+        if Path(path).suffix.lower() not in _TIFF_SUFFIXES or not Path(path).is_file():
+            raise
+        where = f" (sample {index})" if index is not None else ""
+        try:
+            return _tiff_bands(Path(path))
+        except Exception as error:  # tifffile raises many kinds for a bad file
+            raise DatasetError(f"cannot decode TIFF {path}{where}: {error}") from None
+
+
+def pixel_bands(pixels: Image.Image | np.ndarray) -> tuple[int, bool]:
+    """``(channels, is 8-bit colour)`` of what :func:`read_pixels` returned: 8-bit colour
+    images count as RGB (3), 8-bit grey ones as 1 band, arrays by their last axis."""
+    if isinstance(pixels, Image.Image):
+        return (1, False) if pixels.mode in ("1", "L") else (3, True)
+    return pixels.shape[-1], False
+
+
+def probe_bands(path: str | os.PathLike) -> tuple[int, bool] | None:
+    """:func:`pixel_bands` of ``path`` from its header alone (no pixel is decoded), or None
+    for a file that cannot be read (its reader names it later)."""
+    is_tiff = Path(path).suffix.lower() in _TIFF_SUFFIXES
+    try:
+        with Image.open(path) as image:
+            mode = image.mode
+        if not is_tiff or mode in _PILLOW_TIFF_MODES:
+            if mode in ("1", "L") or mode not in _EIGHT_BIT_MODES:
+                return 1, False
+            return 3, True
+    except _DECODE_ERRORS:
+        if not is_tiff:
+            return None
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tiff:
+            shape, axes = tiff.series[0].shape, tiff.series[0].axes
+    except Exception:  # tifffile raises many kinds for a bad file
+        return None
+    if len(shape) == 2:
+        return 1, False
+    return (shape[-1] if axes[-1] in "SC" else shape[0]), False
+
+
+def unit_array(pixels: Image.Image | np.ndarray, dtype: type = np.float64) -> np.ndarray:
+    """``(H, W, C)`` pixels on the one scale (:data:`_UNIT_SCALE`: uint8 / 255, uint16 / 65535,
+    floats as they are; an 8-bit grey PIL image is one band), in ``dtype``.
+
+    Raises:
+        ValueError: an integer type other than uint8 and uint16.
+    """
+    if isinstance(pixels, Image.Image):
+        pixels = np.asarray(pixels, dtype=np.uint8)
+        pixels = pixels[..., None] if pixels.ndim == 2 else pixels
+    if pixels.dtype.kind == "f":
+        return pixels.astype(dtype)
+    if pixels.dtype in _UNIT_SCALE:
+        return pixels.astype(dtype) / dtype(_UNIT_SCALE[pixels.dtype])
+    raise ValueError(f"pixels of type {pixels.dtype}: read are uint8, uint16 and float")
+
+
+def unit_scaled(pixels: Image.Image | np.ndarray) -> torch.Tensor:
+    """:func:`unit_array` as a float32 ``(C, H, W)`` tensor, the model's input before
+    normalisation."""
+    array = unit_array(pixels, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
 def verify_image(path: str | os.PathLike, index: int | None = None) -> tuple[int, int]:
     """Check that :func:`load_image` would read ``path``, at a fraction of its cost.
 

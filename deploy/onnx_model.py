@@ -1,6 +1,8 @@
 """DeepLabV3+ as a self-describing ONNX file: export, and the settings stored inside it.
 
-The graph takes ``image``: float32 ``(N, 3, H, W)`` RGB normalised as ``(x / 255 - mean) / std``
+The graph takes ``image``: float32 ``(N, C, H, W)`` (C = the ``in_channels`` setting, 3 for RGB)
+normalised as ``(x - mean) / std`` per channel, x on the unit scale (uint8 / 255, uint16 / 65535,
+float as is),
 and returns ``logits``: float32 ``(N, num_classes, H, W)``; batch, height and width are dynamic.
 The file's ``metadata_props`` hold the class names, palette, normalisation and architecture, so
 ``inference.py --ckpt model.onnx`` needs nothing else.
@@ -55,13 +57,20 @@ def export_onnx(model: nn.Module, settings: Mapping[str, Any] | None = None) -> 
         # The legacy exporter announces its deprecation and tracing notes on every export.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            wrapper, (torch.zeros(1, 3, 64, 64),), buffer, dynamo=False, opset_version=OPSET,
+            wrapper, (torch.zeros(1, input_channels(settings, model), 64, 64),), buffer, dynamo=False, opset_version=OPSET,
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=False,
             dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
                           OUTPUT_NAME: {0: "batch", 2: "height", 3: "width"}},
         )
     data = buffer.getvalue()
     return data if settings is None else with_metadata(data, settings)
+
+
+def input_channels(settings: Mapping[str, Any] | None, model: nn.Module | None = None) -> int:
+    """The image channels a model takes: its settings' ``in_channels`` (3 in older ones)."""
+    if settings is not None and "in_channels" in settings:
+        return int(settings["in_channels"])
+    return int(getattr(model, "in_channels", 3))
 
 
 def metadata_for(settings: Mapping[str, Any], precision: str = "fp32") -> dict[str, str]:
@@ -73,7 +82,9 @@ def metadata_for(settings: Mapping[str, Any], precision: str = "fp32") -> dict[s
         "palette": json.dumps([list(map(int, color)) for color in settings["palette"]]),
         "mean": json.dumps(list(settings["mean"])),
         "std": json.dumps(list(settings["std"])),
-        "input": f"{INPUT_NAME}: float32 (N, 3, H, W) RGB, (pixel / 255 - mean) / std",
+        "in_channels": str(input_channels(settings)),
+        "input": (f"{INPUT_NAME}: float32 (N, {input_channels(settings)}, H, W), (x - mean) / std "
+                  f"per channel, x = pixel / 255 (uint8), / 65535 (uint16), as is (float)"),
         "output": f"{OUTPUT_NAME}: float32 (N, num_classes, H, W); argmax over dim 1 = class id",
         "architecture": (f"DeepLabV3+ {settings['backbone']}, output stride "
                          f"{settings['output_stride']}, {settings['num_classes']} classes"),

@@ -16,6 +16,7 @@ the outputs on background threads while the model runs.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import stat
@@ -28,6 +29,7 @@ from typing import Any, Callable, Sequence
 
 import av
 import numpy as np
+import torch
 from PIL import Image
 
 from PIL.PngImagePlugin import PngInfo
@@ -268,6 +270,50 @@ def _blend(image: np.ndarray, colours: np.ndarray, alpha: float) -> np.ndarray:
     return np.clip(np.rint(mix), 0, 255).astype(np.uint8)
 
 
+#: Percentiles of each shown band mapped to 0 and 255 (a display stretch, as GIS viewers do).
+STRETCH_PERCENTILES = (2.0, 98.0)
+
+
+def parse_bands(text: str) -> tuple[int, ...]:
+    """``"3,2,1"`` -> ``(3, 2, 1)``: three (or one) 1-based band numbers, as GDAL and QGIS
+    number bands (``--rgb-bands``)."""
+    try:
+        bands = tuple(int(word) for word in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 1-based band numbers like 3,2,1, got "
+                                         f"{text!r}") from None
+    if len(bands) not in (1, 3) or min(bands) < 1:
+        raise argparse.ArgumentTypeError(f"give three band numbers (red,green,blue) or one "
+                                         f"(grey), each 1 or more; got {text!r}")
+    return bands
+
+
+def display_rgb(pixels: torch.Tensor, bands: Sequence[int] | None = None) -> np.ndarray:
+    """What an overlay is drawn on: ``(H, W, 3)`` uint8 from a decoded ``(C, H, W)`` image.
+
+    8-bit RGB is shown as it is and 8-bit grey as grey. Other images (16-bit, float, N bands)
+    show ``bands`` (1-based; default: the first three, or grey from the first of fewer), each
+    stretched from its 2nd-98th percentile to 0-255.
+
+    Raises:
+        ValueError: a band number beyond the image's bands.
+    """
+    channels = pixels.shape[0]
+    if bands is not None and max(bands) > channels:
+        raise ValueError(f"--rgb-bands {','.join(map(str, bands))}: the image has {channels} "
+                         f"band(s)")
+    if pixels.dtype == torch.uint8 and bands is None and channels in (1, 3):
+        return pixels.expand(3, -1, -1).permute(1, 2, 0).numpy()
+    chosen = [band - 1 for band in bands] if bands else ([0, 1, 2] if channels >= 3 else [0])
+    shown = []
+    for band in (chosen * 3)[:3] if len(chosen) == 1 else chosen:
+        values = pixels[band].double().numpy()
+        low, high = np.percentile(values, STRETCH_PERCENTILES)
+        scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+        shown.append(np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8))
+    return np.stack(shown, axis=-1)
+
+
 def render(kind: str, labels: np.ndarray, palette: Sequence[Sequence[int]],
            image: np.ndarray | None, alpha: float,
            confidence: np.ndarray | None = None) -> Image.Image:
@@ -332,6 +378,7 @@ class Writer:
     alpha: float
     threads: int
     on_error: Callable[[str], None]
+    rgb_bands: Sequence[int] | None = None  # shown bands of non-RGB images (display_rgb)
     pending: deque = field(default_factory=deque)
     failures: int = 0
     written: int = 0
@@ -360,7 +407,12 @@ class Writer:
         resized it. The ``emit`` of :meth:`deploy.predictor.Predictor.predict_all`."""
         image = None
         if "overlay" in self.plans[sample["index"]]:
-            image = sample.get("original", sample["image"]).permute(1, 2, 0).numpy()
+            try:
+                image = display_rgb(sample.get("original", sample["image"]), self.rgb_bands)
+            except ValueError as error:  # --rgb-bands beyond this image's bands
+                self.on_error(f"cannot draw the overlay of {self.names[sample['index']]}: {error}")
+                self.failures += 1
+                return
         confidence = sample.get("confidence")
         self.submit(sample["index"], labels.numpy(), image,
                     None if confidence is None else confidence.numpy())

@@ -218,7 +218,7 @@ class SameSizeBatches:
                 yield [sample], window
                 continue
             # The model input's size and the output's (with --size, two sizes give one input).
-            key = (tuple(sample["image"].shape[-2:]), tuple(sample["size"]))
+            key = (tuple(sample["image"].shape), sample["image"].dtype, tuple(sample["size"]))
             self.waiting.setdefault(key, []).append(sample)
             if len(self.waiting[key]) >= self.batch_size:
                 yield self.waiting.pop(key), None
@@ -252,6 +252,7 @@ class Predictor:
     tile_overlap: int = 256
     batch_size: int = 1
     confidence: bool = False  # also the chosen class's probability (sample["confidence"])
+    in_channels: int = 3  # the model's image channels (its checkpoint's ``in_channels``)
 
     def __post_init__(self) -> None:
         problem = window_problem(self.tile, self.tile_overlap)
@@ -290,7 +291,8 @@ class Predictor:
         if engine_name != "torch":
             hardware.channels_last = False  # the ONNX runtimes take plain NCHW arrays
         return cls(engine=runtime, hardware=hardware,
-                   normalize=Normalize(settings["mean"], settings["std"]), **options), settings
+                   normalize=Normalize(settings["mean"], settings["std"]),
+                   in_channels=int(settings.get("in_channels", 3)), **options), settings
 
     @property
     def engine_name(self) -> str:
@@ -303,8 +305,20 @@ class Predictor:
             self.engine.model = torch.compile(self.engine.model)
 
     def prepare(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 ``(N, 3, H, W)`` -> the normalised model input on the device."""
+        """``(N, C, H, W)`` pixels (uint8 0-255, or float on the unit scale) -> the normalised
+        model input on the device; one grey band feeds an RGB model as (g, g, g)."""
+        if pixels.shape[-3] == 1 and self.in_channels == 3:
+            pixels = pixels.expand(*pixels.shape[:-3], 3, *pixels.shape[-2:])
         return self.hardware.images(self.normalize(pixels.to(self.hardware.device)))
+
+    def _fits(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """``sample``, or an error sample when its channels are not the model's."""
+        channels = sample["image"].shape[-3] if "image" in sample else self.in_channels
+        if channels == self.in_channels or (channels == 1 and self.in_channels == 3):
+            return sample
+        name = sample.get("path", f"input {sample.get('index')}")
+        return {"index": sample.get("index"), "error": f"{name} has {channels} channel(s) but "
+                f"the model takes {self.in_channels}-channel images"}
 
     def window(self, pixels: torch.Tensor) -> int | None:
         """The window side for this ``(3, H, W)`` input, or None to predict it whole."""
@@ -356,14 +370,16 @@ class Predictor:
     def predict_all(self, samples: Iterable[dict[str, Any]],
                     emit: Callable[[dict[str, Any], torch.Tensor], None],
                     on_error: Callable[[str], None]) -> int:
-        """Predict every decoded sample (``{"image": uint8 (3, h, w), "size": (H, W)}``, the
+        """Predict every decoded sample (``{"image": (C, h, w) uint8 or unit-scale float,
+        "size": (H, W)}``, the
         output's size, or ``{"error": message}``) and hand ``(sample, (H, W) uint8 labels)`` to
         ``emit``, in the order the batches finish (with ``confidence``, the sample holds its
         ``(H, W)`` uint8 ``"confidence"``, 255 = certain); returns how many samples could not
         be read (each reported through ``on_error``; the others go on). Batches as
         :class:`SameSizeBatches` forms them.
         """
-        batches = SameSizeBatches(samples, window=self.window, batch_size=self.batch_size,
+        batches = SameSizeBatches(map(self._fits, samples), window=self.window,
+                                  batch_size=self.batch_size,
                                   on_error=on_error)
         # No cuDNN autotuning: nearly every photo has its own size, and would be tuned anew.
         with torch.inference_mode(), cudnn_benchmark(False):

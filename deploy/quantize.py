@@ -79,13 +79,15 @@ def calibration_images(in_path: str, count: int) -> list[str]:
 
 
 def model_input(path: str, normalize: Normalize) -> np.ndarray:
-    """A ``(1, 3, H, W)`` float32 model input, read and normalised by inference.py's own code
+    """A ``(1, C, H, W)`` float32 model input, read and normalised by inference.py's own code
     (EXIF orientation applied); an image inference.py would predict in windows gives its
     central window."""
     sample = ImageFiles([Path(path)])[0]
     if "error" in sample:  # it was readable when chosen
         raise UserError(f"--calibration: {sample['error']}")
     pixels = sample["image"]
+    if pixels.shape[0] == 1 and len(normalize.mean) == 3:  # a grey photo, as the predictor
+        pixels = pixels.expand(3, -1, -1)
     height, width = pixels.shape[-2:]
     if height * width > TILE_PIXEL_BUDGET:
         top, left = max(0, (height - DEFAULT_TILE) // 2), max(0, (width - DEFAULT_TILE) // 2)

@@ -41,6 +41,7 @@ class DeepLab(nn.Module):
         backbone_weights: str | os.PathLike | None = None,
         aux_loss: bool = False,
         align_corners: bool = False,
+        in_channels: int = 3,
     ) -> None:
         """
         Args:
@@ -51,8 +52,8 @@ class DeepLab(nn.Module):
             backbone_weights: a local torchvision state dict of the backbone to start from instead.
             aux_loss: add an FCN head on the backbone's ``"aux"`` features (torchvision's recipe).
             align_corners: ``False`` (torchvision's convention) for models trained here; ``True``
-                reproduces models trained by jfzhang95/pytorch-deeplab-xception, which upsample
-                that way, so their converted weights compute what they computed.
+                reproduces models trained by jfzhang95/pytorch-deeplab-xception (converted).
+            in_channels: image bands; ImageNet weights adapt (``backbone.adapt_input_conv``).
 
         Raises:
             ValueError: unknown backbone, unsupported output stride, weights file that does not fit.
@@ -65,11 +66,13 @@ class DeepLab(nn.Module):
         self.num_classes = num_classes
         self.aux_loss = aux_loss
         self.align_corners = align_corners
+        self.in_channels = in_channels
 
         settings = atrous_settings(output_stride)
         self.backbone = build_backbone(
             self.backbone_name, output_stride,
             pretrained=pretrained_backbone, weights_path=backbone_weights,
+            in_channels=in_channels,
         )
         self.aspp = ASPP(self.backbone.out_channels, settings.aspp_rates,
                          align_corners=align_corners)
@@ -102,6 +105,7 @@ class DeepLab(nn.Module):
             num_classes=settings["num_classes"],
             aux_loss=settings.get("aux_loss", False),
             align_corners=settings.get("align_corners", False),
+            in_channels=settings.get("in_channels", 3),
         )
 
     @classmethod
@@ -129,6 +133,7 @@ class DeepLab(nn.Module):
             "num_classes": self.num_classes,
             "aux_loss": self.aux_loss,
             "align_corners": self.align_corners,
+            "in_channels": self.in_channels,
         }
 
     def _classifiers(self) -> dict[str, nn.Conv2d]:
@@ -170,7 +175,7 @@ class DeepLab(nn.Module):
         """Per-pixel class logits.
 
         Args:
-            x: ``(N, 3, H, W)`` normalised images; any ``H, W`` (not only multiples of 16).
+            x: ``(N, C, H, W)`` normalised images; any ``H, W`` (not only multiples of 16).
 
         Returns:
             ``{"out": (N, num_classes, H, W)}`` logits, plus ``"aux"`` of the same shape when

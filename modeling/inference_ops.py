@@ -67,7 +67,7 @@ def predict_probabilities(
 
     Args:
         model: a segmentation model returning ``{"out": logits}``; put it in eval mode first.
-        image: ``(N, 3, H, W)`` normalised input.
+        image: ``(N, C, H, W)`` normalised input.
         out_size: ``(height, width)`` of the returned map (e.g. the full-resolution label).
         scales: input scale factors; each prediction is resized to ``out_size`` before averaging.
         flip: also predict the horizontally flipped input and flip the result back.
@@ -208,7 +208,7 @@ def predict_labels(
 
     Args:
         model: returns ``{"out": logits}``; a module in eval mode, or an exported-model runner.
-        image: ``(N, 3, H, W)`` normalised input.
+        image: ``(N, C, H, W)`` normalised input.
         out_size: ``(height, width)`` of the returned map.
         scales: input scale factors (see :func:`predict_probabilities`).
         flip: also average the horizontally flipped input.

@@ -211,3 +211,21 @@ def test_a_cpu_with_amx_hears_of_bf16_once_and_others_not(ckpt, tmp_path, capsys
         assert "python -m bench.inference" in notes[0]
     assert run(ckpt, image, tmp_path / "bf16", "--amp", "bf16") == 0  # chosen: nothing to add
     assert "--amp bf16" not in capsys.readouterr().err
+
+
+def test_an_image_of_other_bands_than_the_model_is_named_and_a_grey_one_predicted(
+        ckpt, tmp_path, capsys):
+    import tifffile
+
+    folder = tmp_path / "in"
+    good = write_image(folder / "photo.jpg", 30, 20, seed=1)
+    Image.fromarray(np.full((20, 30), 128, np.uint8)).save(folder / "grey.png")  # 1 band
+    tifffile.imwrite(folder / "bands.tif", np.zeros((20, 30, 5), np.uint16),
+                     photometric="minisblack", planarconfig="contig")
+    assert run(ckpt, folder, tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and str(folder / "bands.tif") in lines[0], err
+    assert "5 channel(s)" in lines[0] and "3-channel" in lines[0]
+    assert read_mask(tmp_path / "out" / "photo.png").shape == Image.open(good).size[::-1]
+    assert read_mask(tmp_path / "out" / "grey.png").shape == (20, 30)

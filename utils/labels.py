@@ -10,10 +10,13 @@ through it, so they agree on every id:
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:  # torch only for the figures' helper, which receives tensors
+    import torch
 
 #: Label value for pixels that are never learned nor scored: crop padding, overlaps, borders.
 IGNORE_INDEX = 255
@@ -95,3 +98,13 @@ def palette_image(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> Image
     image = Image.fromarray(np.asarray(labels).astype(np.uint8), mode="P")
     image.putpalette(colour_table(palette).reshape(-1).tolist())
     return image
+
+
+def shown_channels(images: "torch.Tensor") -> "torch.Tensor":
+    """``(..., C, H, W)`` images -> ``(..., 3, H, W)`` for figures: RGB as it is, the first
+    three bands of N-band images, one band as grey (the figures of a run, not a display
+    choice: inference.py's ``--rgb-bands`` chooses bands for its overlays)."""
+    channels = images.shape[-3]
+    if channels >= 3:
+        return images[..., :3, :, :]
+    return images[..., :1, :, :].expand(*images.shape[:-3], 3, *images.shape[-2:])

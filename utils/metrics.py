@@ -23,6 +23,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from utils.labels import shown_channels
+
 logger = logging.getLogger(__name__)
 
 
@@ -262,8 +264,8 @@ class WorstImages:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.k, self.num_classes = k, num_classes
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self.name_of, self.thumbnail_size = name_of, thumbnail_size
         self.entries: list[ScoredImage] = []  # sorted, worst first, at most k
 
@@ -307,7 +309,8 @@ class WorstImages:
         size = (max(1, round(height * scale)), max(1, round(width * scale)))
         image = F.interpolate(image[None].float(), size=size, mode="bilinear",
                               align_corners=False, antialias=True)[0].cpu()
-        image = (image * self.std + self.mean).clamp(0, 1).mul(255).round().to(torch.uint8)
+        image = shown_channels(image * self.std + self.mean)
+        image = image.clamp(0, 1).mul(255).round().to(torch.uint8)
 
         def labels(ids: Tensor) -> np.ndarray:  # nearest: never blend two class ids
             resized = F.interpolate(ids[None, None].float(), size=size, mode="nearest-exact")

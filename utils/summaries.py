@@ -37,7 +37,7 @@ from tqdm import tqdm
 from utils.losses import NonFiniteLoss
 
 from utils.figures import EVALUATION_FIGURES
-from utils.labels import colorize
+from utils.labels import colorize, shown_channels
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class TensorboardSummary:
         images = images[:count].detach().float().cpu()
         mean_tensor = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         std_tensor = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        inputs = (images * std_tensor + mean_tensor).clamp(0.0, 1.0)
+        inputs = shown_channels(images * std_tensor + mean_tensor).clamp(0.0, 1.0)
         rows = torch.stack([inputs, _colours(targets[:count], palette),
                             _colours(predictions[:count], palette)], dim=1)
         grid = make_grid(rows.flatten(0, 1), nrow=3, padding=2)

@@ -137,4 +137,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                       "class k-1, as mmsegmentation's option; unset: off, after refusing masks "
                       "whose ids look 1-based")
     data.add_argument("--check-data", action="store_true", help="read every train and val sample, "
-                      "list the bad ones and the class pixel histogram, exit (1: bad data)")
+                      "list the bad ones and the class pixel histogram (and for non-RGB images "
+                      "the --mean/--std line), exit (1: bad data)")
+    data.add_argument("--mean", type=float, nargs="+", help="per-channel input mean on the unit "
+                      "scale (uint8/255, uint16/65535, float as is); unset: ImageNet's for 8-bit "
+                      "RGB, else the train split's (computed once, cached)")
+    data.add_argument("--std", type=float, nargs="+", help="per-channel input std, as --mean")

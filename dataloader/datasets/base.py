@@ -37,6 +37,14 @@ class SegmentationDataset(torch.utils.data.Dataset):
     """
 
     class_names: Sequence[str] = ()
+    #: Image channels and whether the images are 8-bit colour, read as PIL RGB images and
+    #: normalised with ImageNet's statistics; other images are float32 ``(C, H, W)`` tensors on
+    #: the unit scale (:func:`dataloader.utils.unit_scaled`).
+    in_channels: int = 3
+    rgb8: bool = True
+    #: The input normalisation (per channel), set by :func:`dataloader.statistics.set_inputs`.
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
 
     def __init__(
         self,
@@ -61,8 +69,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return {
             "class_names": list(self.class_names),
             "palette": [[int(c) for c in color] for color in self.palette],
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
+            "mean": [float(value) for value in self.mean],
+            "std": [float(value) for value in self.std],
+            "in_channels": int(self.in_channels),
         }
 
     def load_sample(self, index: int) -> tuple[Image.Image, Image.Image]:

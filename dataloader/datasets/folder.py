@@ -3,7 +3,7 @@
 Layout (see doc/custom_dataset.md for a worked example)::
 
     root/classes.txt                 optional: one class per line, line i = class id i
-    root/images/<split>/<name>.jpg   also .jpeg, .png, .bmp, .tif, .tiff
+    root/images/<split>/<name>.jpg   also .jpeg, .png, .bmp, .tif, .tiff (any bands, 8/16-bit, float)
     root/masks/<split>/<name>.png    a mask per image, in one of the MASK_FORMATS
 
 Mask formats (``mask_format``, ``--mask-format``):
@@ -14,6 +14,12 @@ Mask formats (``mask_format``, ``--mask-format``):
   masks both read. Classes: ``background, foreground`` unless ``classes.txt`` names two.
 - ``color``: RGB colours, one per class, listed in ``classes.txt`` as ``name R G B`` or
   ``name #RRGGBB``; a colour not listed is an error naming the mask.
+
+Images: the first image of the split sets the channel count. 8-bit colour images are read as RGB,
+exactly as COCO's (ImageNet normalisation). Others are read with every band: 8-bit grey (1
+band), 16-bit grey PNG, and TIFFs of any band count in uint8, uint16 or float32 (tifffile), on
+one scale: uint8 / 255, uint16 / 65535, floats as they are. An image whose band count or kind
+differs from the first is an error naming both files.
 
 Number of classes: the number of names in ``classes.txt``. Without it (index masks), every mask
 of every split under ``root/masks/`` is read once and the classes are ``class_0 .. class_<largest
@@ -33,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
+import torch
 from PIL import Image
 
 from dataloader.datasets.base import PairedFileDataset
@@ -44,8 +51,12 @@ from dataloader.utils import (
     load_label,
     pair_by_stem,
     palette_for,
+    pixel_bands,
+    probe_bands,
+    read_pixels,
     require_path,
     summarize_names,
+    unit_scaled,
 )
 from dataloader.utils import _DECODE_ERRORS  # what Pillow raises for a bad file, defined once
 
@@ -318,6 +329,51 @@ class FolderSegmentation(PairedFileDataset):
             self.classes_file = None
         self._refuse_unnamed_encoding(names, mask_format, reduce_zero_label)
         self.class_names = self._read_class_names(names, reduce_zero_label)
+        # The first readable image's header sets the bands (a bad file is named when read).
+        self.in_channels, self.rgb8 = next(filter(None, map(probe_bands, (
+            image for image, _ in self.samples[:SNIFFED_MASKS]))), (3, True))
+
+    def _describe(self, bands: int, rgb8: bool) -> str:
+        return "8-bit colour (RGB)" if rgb8 else f"{bands} band(s)"
+
+    def image_pixels(self, index: int) -> Image.Image | np.ndarray:
+        """Image ``index`` as stored (:func:`dataloader.utils.read_pixels`), for statistics."""
+        pixels = read_pixels(self.samples[index][0], index)
+        self._check_bands(index, pixels)
+        return pixels
+
+    def _check_bands(self, index: int, pixels: Image.Image | np.ndarray) -> None:
+        bands, rgb8 = pixel_bands(pixels)
+        if (bands, rgb8) != (self.in_channels, self.rgb8) and not self.rgb8:
+            raise DatasetError(
+                f"image {self.samples[index][0]} (sample {index}) has "
+                f"{self._describe(bands, rgb8)} but the split's first images (e.g. "
+                f"{self.samples[0][0]}) have {self._describe(self.in_channels, self.rgb8)}: "
+                f"give every image the same bands")
+
+    def load_image(self, index: int) -> torch.Tensor:
+        """Image ``index`` as ``(C, H, W)`` float32 on the unit scale (non-RGB datasets).
+
+        Raises:
+            DatasetError: unreadable, or other bands than the split's first image, naming both.
+        """
+        pixels = self.image_pixels(index)
+        try:
+            return unit_scaled(pixels)
+        except ValueError as error:
+            raise DatasetError(f"image {self.samples[index][0]} (sample {index}): "
+                               f"{error}") from None
+
+    def load_sample(self, index: int) -> tuple[Any, Image.Image]:
+        if self.rgb8:  # exactly as every 8-bit colour dataset is read
+            return super().load_sample(index)
+        image = self.load_image(index)
+        return image, self.read_label(index, (image.shape[2], image.shape[1]))
+
+    def check_sample(self, index: int) -> np.ndarray:
+        if self.rgb8:
+            return super().check_sample(index)
+        return np.asarray(self.load_sample(index)[1])
 
     def _refuse_unnamed_encoding(self, names: tuple[str, ...] | None, mask_format: str | None,
                                  reduce_zero_label: bool | None) -> None:

@@ -95,6 +95,7 @@ def build_backbone(
     output_stride: int,
     pretrained: bool = False,
     weights_path: str | os.PathLike | None = None,
+    in_channels: int = 3,
 ) -> nn.Module:
     """Build a backbone dilated for ``output_stride``, optionally with ImageNet weights.
 
@@ -105,6 +106,8 @@ def build_backbone(
         weights_path: a local torchvision state dict of the same architecture to load instead
             of downloading (the ImageNet classifier's entries are ignored); wins over
             ``pretrained``.
+        in_channels: image channels the first convolution takes; pretrained RGB weights are
+            adapted to them by :func:`adapt_input_conv`.
 
     Raises:
         ValueError: unknown name, unsupported output stride, or a weights file that does not fit.
@@ -118,6 +121,12 @@ def build_backbone(
         layer4_dilation=settings.layer4_dilation,
         multi_grid=settings.multi_grid,
     )
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be at least 1, got {in_channels!r}")
+    if in_channels != backbone.conv1.in_channels:
+        old = backbone.conv1
+        backbone.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size,
+                                   stride=old.stride, padding=old.padding, bias=False)
     if weights_path is not None:
         state_dict = read_state_dict(weights_path, "backbone weights",
                                      "save model.state_dict() of the torchvision model")
@@ -128,6 +137,34 @@ def build_backbone(
             weights, "ImageNet weights", "looked for the cached copy {cached_file}"),
             source=weights.url, name=name)
     return backbone
+
+
+def adapt_input_conv(in_channels: int, weight: torch.Tensor) -> torch.Tensor:
+    """An RGB first-convolution weight ``(out, 3, kh, kw)`` adapted to ``in_channels`` inputs.
+
+    timm's ``adapt_input_conv`` rule, chosen because it keeps what ImageNet taught the filters
+    and the scale of their response, where a fresh initialisation would throw the first layer
+    away:
+
+    - 3 channels: the weights as they are (an RGB dataset starts from exactly ImageNet's).
+    - 1 channel: the sum over R, G, B: a grey image ``g`` then gives the response the RGB filter
+      gives the colour image ``(g, g, g)``.
+    - N channels: the RGB weights repeated ``ceil(N / 3)`` times along the input axis, cut to N
+      and scaled by ``3 / N``, so N inputs of similar statistics sum to a response of the
+      ImageNet scale that the following BatchNorm was trained for.
+
+    Returns:
+        A new ``(out, in_channels, kh, kw)`` tensor of ``weight``'s dtype.
+    """
+    if weight.shape[1] != 3:
+        raise ValueError(f"expected an RGB convolution weight (out, 3, kh, kw), got "
+                         f"{tuple(weight.shape)}")
+    if in_channels == 3:
+        return weight.clone()
+    if in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeats = -(-in_channels // 3)
+    return weight.repeat(1, repeats, 1, 1)[:, :in_channels] * (3.0 / in_channels)
 
 
 def read_state_dict(path: str | os.PathLike, what: str, save_hint: str
@@ -200,6 +237,10 @@ def _load_into(
     state_dict = {key: value for key, value in state_dict.items()
                   if not key.startswith(_IMAGENET_CLASSIFIER_PREFIXES)}
     expected = backbone.state_dict()
+    first = state_dict.get("conv1.weight")
+    if first is not None and first.dim() == 4 and first.shape[1] == 3 and \
+            expected["conv1.weight"].shape[1] != 3:
+        state_dict["conv1.weight"] = adapt_input_conv(expected["conv1.weight"].shape[1], first)
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     wrong_shape = sorted(

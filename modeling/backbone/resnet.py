@@ -93,7 +93,7 @@ class ResNetBackbone(nn.Module):
         self.imagenet_weights = imagenet_weights
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Map ``(N, 3, H, W)`` images to ``{"low_level", "aux", "out"}`` feature maps."""
+        """Map ``(N, C, H, W)`` images to ``{"low_level", "aux", "out"}`` feature maps."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         low_level = self.layer1(x)
         aux = self.layer3(self.layer2(low_level))

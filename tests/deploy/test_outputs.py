@@ -59,3 +59,30 @@ def test_colour_and_overlay_pixels_by_hand():
     assert np.asarray(render("overlay", labels, palette, photo, 0.0)).tolist() == photo.tolist()
     mask = render("mask", labels, palette, None, 0.5)
     assert mask.mode == "P" and np.asarray(mask).tolist() == labels.tolist()
+
+
+def test_rgb_bands_are_one_based_and_stretched_2_to_98_percent():
+    import argparse
+
+    import torch
+
+    from deploy.outputs import display_rgb, parse_bands
+
+    assert parse_bands("3,2,1") == (3, 2, 1) and parse_bands("4") == (4,)
+    for bad in ("0,1,2", "1,2", "a"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_bands(bad)
+    # Band b holds 0..100 * (b + 1): each percentile stretch maps 2 -> 0 and 98 -> 255.
+    ramp = torch.arange(101, dtype=torch.float32)
+    pixels = torch.stack([ramp * (band + 1) for band in range(4)])[:, None, :]  # (4, 1, 101)
+    shown = display_rgb(pixels, (4, 2, 1))
+    assert shown.shape == (1, 101, 3) and shown.dtype == np.uint8
+    expected = np.clip(np.rint((np.arange(101) - 2) / 96 * 255), 0, 255)
+    for channel in range(3):
+        assert shown[0, :, channel].tolist() == expected.tolist()
+    grey = display_rgb(pixels[:1])  # one band: grey
+    assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+    photo = torch.randint(0, 256, (3, 2, 2), dtype=torch.uint8)
+    assert (display_rgb(photo) == photo.permute(1, 2, 0).numpy()).all()  # 8-bit RGB as it is
+    with pytest.raises(ValueError, match="has 4 band"):
+        display_rgb(pixels, (5, 1, 1))
