@@ -36,8 +36,8 @@ from dataloader.images import ImageFiles, InputImage, decoded_samples, list_inpu
 from dataloader.utils import DatasetError, default_cache_dir
 from dataloader.video import is_video
 from deploy.engines import ENGINE_CHOICES
-from deploy.outputs import (IMAGE_FORMATS, OUTPUT_KINDS, Writer, check_existing, parse_bands,
-                            parse_kinds, plan_outputs)
+from deploy.outputs import (IMAGE_FORMATS, OUTPUT_KINDS, Writer, assign_outputs, check_existing,
+                            parse_bands, parse_kinds)
 from deploy.predictor import Predictor, window_problem
 from deploy.video_writer import VideoSegmenter
 from modeling.inference_ops import DEFAULT_TILE, TILE_PIXEL_BUDGET
@@ -175,13 +175,13 @@ class Jobs:
     skipped: int = 0
 
 
-def plan_jobs(*, in_path: str, out_path: str, kinds: list[str], image_format: str,
+def collect_jobs(*, in_path: str, out_path: str, kinds: list[str], image_format: str,
               skip_existing: bool, overwrite: bool) -> Jobs:
     """List the inputs, check their outputs as a whole and against what exists, and remove
     the temporaries killed runs left beside them; the inputs whose outputs are done (with
     ``skip_existing``) are left out."""
     inputs = list_inputs(in_path)
-    plans = plan_outputs(inputs, Path(in_path), Path(out_path), kinds, image_format)
+    plans = assign_outputs(inputs, Path(in_path), Path(out_path), kinds, image_format)
     done = check_existing(plans, Path(out_path), skip_existing=skip_existing,
                           overwrite=overwrite)
     remove_stale_temporaries_of(path for plan in plans for path in plan.values())
@@ -196,7 +196,7 @@ def share_of_jobs(args: argparse.Namespace, kinds: list[str],
     # Rank 0 decides for all: a rank listing the done outputs after another one's first
     # write would get a different share (inputs done twice or never).
     planned = decided_by_main(functools.partial(
-        plan_jobs, in_path=args.in_path, out_path=args.out_path, kinds=kinds,
+        collect_jobs, in_path=args.in_path, out_path=args.out_path, kinds=kinds,
         image_format=args.format, skip_existing=args.skip_existing, overwrite=args.overwrite),
         context)
     share = this_process_share(list(range(len(planned.inputs))), context)

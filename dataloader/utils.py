@@ -1,8 +1,9 @@
 """Helpers shared by every dataset: the ignore value, robust image and mask loading, palettes,
 cache locations and a collate function that drops skipped samples.
 
-Only the dataloader package imports this module; training code receives the values it needs
-(``IGNORE_INDEX``, class names, palettes) from the scripts.
+The ignore value and the palettes are defined once in :mod:`utils.labels` and re-exported here
+for the dataset code; the scripts, bench/ and deploy/ import this module for the image readers
+and cache locations too.
 """
 from __future__ import annotations
 

@@ -115,7 +115,7 @@ def output_folders(plans: list[dict[str, Path]], out_dir: Path) -> list[Path]:
     return sorted(folders)
 
 
-def plan_outputs(inputs: list[InputImage], in_path: Path, out_dir: Path, kinds: Sequence[str],
+def assign_outputs(inputs: list[InputImage], in_path: Path, out_dir: Path, kinds: Sequence[str],
                  image_format: str) -> list[dict[str, Path]]:
     """The output paths of every input, checked as a whole (names compared case-folded).
 

@@ -235,7 +235,7 @@ def test_an_output_that_would_be_another_outputs_folder_is_refused(tmp_path):
     write_image(tmp_path / "in" / "trip.jpg", 8, 8)
     write_image(tmp_path / "in" / "trip.png" / "a.jpg", 8, 8)
     with pytest.raises(UserError, match="folder"):
-        deploy.outputs.plan_outputs(list_inputs(tmp_path / "in"), tmp_path / "in",
+        deploy.outputs.assign_outputs(list_inputs(tmp_path / "in"), tmp_path / "in",
                                     tmp_path / "out", ["mask"], "png")
 
 

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 
 from dataloader.images import list_inputs
-from deploy.outputs import parse_kinds, plan_outputs, render
+from deploy.outputs import assign_outputs, parse_kinds, render
 from utils.errors import UserError
 from inference_testing import touch
 
 
 def test_outputs_are_named_after_the_input_and_mirror_subfolders(tmp_path):
     items = list_inputs(touch(tmp_path / "in" / "sub" / "a.jpg").parents[1])
-    plan, = plan_outputs(items, tmp_path / "in", tmp_path / "out", ["mask", "color", "overlay"],
+    plan, = assign_outputs(items, tmp_path / "in", tmp_path / "out", ["mask", "color", "overlay"],
                          "jpg")
     assert plan == {"mask": tmp_path / "out" / "sub" / "a.png",
                     "color": tmp_path / "out" / "sub" / "a_color.jpg",
@@ -23,7 +23,7 @@ def test_two_inputs_writing_one_output_are_refused_naming_both(tmp_path):
     touch(tmp_path / "in" / "a.jpg")
     touch(tmp_path / "in" / "a.png")
     with pytest.raises(UserError) as error:
-        plan_outputs(list_inputs(tmp_path / "in"), tmp_path / "in", tmp_path / "out", ["mask"],
+        assign_outputs(list_inputs(tmp_path / "in"), tmp_path / "in", tmp_path / "out", ["mask"],
                      "png")
     assert "a.jpg" in str(error.value) and "a.png" in str(error.value)
     assert "rename" in str(error.value)
@@ -34,10 +34,10 @@ def test_outputs_never_land_on_or_inside_the_inputs(tmp_path):
     image = touch(folder / "a.png")
     for out in (folder, folder / "masks"):
         with pytest.raises(UserError, match="inside --in-path"):
-            plan_outputs(list_inputs(folder), folder, out, ["mask"], "png")
+            assign_outputs(list_inputs(folder), folder, out, ["mask"], "png")
     # A single PNG whose mask would be written over itself.
     with pytest.raises(UserError, match="overwrite the input"):
-        plan_outputs(list_inputs(image), image, folder, ["mask"], "png")
+        assign_outputs(list_inputs(image), image, folder, ["mask"], "png")
 
 
 def test_parse_kinds():
