@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import inference
 import train
 from dataloader.datasets.coco import COCOSegmentation
+from model_testing import Payload
 
 pytestmark = pytest.mark.slow
 
@@ -280,9 +281,6 @@ def test_bare_state_dict_is_not_taken_for_a_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "weights.pth" in err and "'settings'" in err
 
-
-class Payload:
-    """An arbitrary object: loading it would need unsafe unpickling."""
 
 
 def test_unsafe_checkpoint_is_refused(tmp_path, capsys):

@@ -37,6 +37,7 @@ from modeling.convert import (
 from modeling.deeplab import DeepLab
 from scripts import convert_checkpoint, verify_conversion
 from utils.metrics import Evaluator
+from model_testing import Payload, randomised
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "jfzhang95_resnet101_keys.json"
 TINY = ["--backbone", "resnet18", "--no-pretrained", "--no-cuda", "--amp", "off", "--workers",
@@ -80,16 +81,6 @@ def fake_original(model: DeepLab, their_names: dict[str, str], prefix: str = "")
             "best_pred": np.float64(0.6125)}
 
 
-def randomised(model: DeepLab, seed: int) -> DeepLab:
-    """Random weights and non-trivial BatchNorm statistics (not 0 mean / unit variance)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if name.endswith("running_var"):
-                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
-            elif tensor.is_floating_point():
-                tensor.copy_(0.1 * torch.randn(tensor.shape, generator=generator))
-    return model.eval()
 
 
 # ---------------------------------------------------------------- the key mapping (ResNet-101)
@@ -228,9 +219,6 @@ def test_prefixed_legacy_format_and_class_file(original_resnet18, their_names, t
     for key, value in original_resnet18.state_dict().items():
         assert torch.equal(checkpoint["model"][key], value), key
 
-
-class Payload:
-    """Any object: a checkpoint holding it needs unsafe unpickling."""
 
 
 def _bad_files(tmp_path: Path, original_file: Path) -> dict[str, Path]:

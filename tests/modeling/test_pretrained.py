@@ -14,6 +14,7 @@ from torchvision.models.segmentation import deeplabv3_resnet50, deeplabv3_resnet
 
 from modeling.backbone import PretrainedWeightsUnavailable
 from modeling.deeplab import DeepLab
+from model_testing import Payload, randomised
 from modeling.pretrained import (
     COCO_DEEPLABV3_WEIGHTS,
     coco_deeplabv3_state_dict,
@@ -38,17 +39,6 @@ TORCHVISION_HEAD_ENTRIES = 1 + 5 + 2  # 8
 pytestmark = pytest.mark.usefixtures("no_network")
 
 
-def randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if name.endswith("running_var"):
-                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
-            elif name.endswith("num_batches_tracked"):
-                tensor.fill_(int(torch.randint(1, 1000, (1,), generator=generator)))
-            else:
-                tensor.copy_(0.1 * torch.randn(tensor.shape, generator=generator))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -163,9 +153,6 @@ def test_local_file_hub_cache_and_offline(torchvision_resnet50, tmp_path):
     assert torch.equal(loaded["backbone.conv1.weight"],
                        torchvision_resnet50.state_dict()["backbone.conv1.weight"])
 
-
-class Payload:
-    """Any object: reading it back would need unsafe unpickling."""
 
 
 def test_unsafe_or_wrong_files_are_refused(tmp_path):
