@@ -190,8 +190,8 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         try:
-            image = _pixels_tensor(read_pixels(self.paths[index],
-                                               exif_transpose=self.exif_transpose))
+            pixels = read_pixels(self.paths[index], exif_transpose=self.exif_transpose)
+            image = _pixels_tensor(pixels)
         except (DatasetError, ValueError) as error:
             return {"index": index, "error": f"{self.paths[index]}: {error}" if isinstance(
                 error, ValueError) else str(error)}
@@ -200,7 +200,10 @@ class ImageFiles(Dataset):
         if self.resize is not None:
             if self.keep_original:
                 sample["original"] = image
-            image = self.resize({"image": image})["image"]
+            # An 8-bit image is resized as a PIL image, as evaluation's transform resizes it, so
+            # that inference writes the masks --eval-only scores; other images as tensors.
+            pil = hasattr(pixels, "mode")
+            image = _pixels_tensor(self.resize({"image": pixels if pil else image})["image"])
         sample["image"] = image
         return sample
 

@@ -2,9 +2,10 @@
 
 Every backbone follows one contract: ``forward(x)`` returns a dict with ``"low_level"`` (stride 4),
 ``"aux"`` (the stage before the last) and ``"out"`` (stride ``output_stride``) feature maps, and the
-module exposes ``low_level_channels``, ``aux_channels`` and ``out_channels`` (and, for
-``pretrained``, ``imagenet_weights``: a torchvision ``WeightsEnum``). The heads are sized from those
-numbers only. A new backbone is one builder added to :data:`BACKBONES`.
+module exposes ``low_level_channels``, ``aux_channels`` and ``out_channels``, ``input_conv`` (the
+dotted name of the convolution that takes the image, whose input channels follow the data), and,
+for ``pretrained``, ``imagenet_weights``: a torchvision ``WeightsEnum``. The heads are sized from
+those numbers only. A new backbone is one builder added to :data:`BACKBONES`.
 """
 from __future__ import annotations
 
@@ -123,10 +124,7 @@ def build_backbone(
     )
     if in_channels < 1:
         raise ValueError(f"in_channels must be at least 1, got {in_channels!r}")
-    if in_channels != backbone.conv1.in_channels:
-        old = backbone.conv1
-        backbone.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size,
-                                   stride=old.stride, padding=old.padding, bias=False)
+    _set_input_channels(backbone, in_channels)
     if weights_path is not None:
         state_dict = read_state_dict(weights_path, "backbone weights",
                                      "save model.state_dict() of the torchvision model")
@@ -137,6 +135,19 @@ def build_backbone(
             weights, "ImageNet weights", "looked for the cached copy {cached_file}"),
             source=weights.url, name=name)
     return backbone
+
+
+def _set_input_channels(backbone: nn.Module, in_channels: int) -> None:
+    """Replace the backbone's ``input_conv`` by one taking ``in_channels`` (same kernel, stride,
+    padding and dilation; its weights come from :func:`adapt_input_conv` when loaded)."""
+    parent_name, _, attribute = backbone.input_conv.rpartition(".")
+    parent = backbone.get_submodule(parent_name) if parent_name else backbone
+    old = getattr(parent, attribute)
+    if old.in_channels == in_channels:
+        return
+    setattr(parent, attribute, nn.Conv2d(in_channels, old.out_channels, old.kernel_size,
+                                         stride=old.stride, padding=old.padding,
+                                         dilation=old.dilation, bias=old.bias is not None))
 
 
 def adapt_input_conv(in_channels: int, weight: torch.Tensor) -> torch.Tensor:
@@ -237,10 +248,11 @@ def _load_into(
     state_dict = {key: value for key, value in state_dict.items()
                   if not key.startswith(_IMAGENET_CLASSIFIER_PREFIXES)}
     expected = backbone.state_dict()
-    first = state_dict.get("conv1.weight")
+    key = f"{backbone.input_conv}.weight"
+    first = state_dict.get(key)
     if first is not None and first.dim() == 4 and first.shape[1] == 3 and \
-            expected["conv1.weight"].shape[1] != 3:
-        state_dict["conv1.weight"] = adapt_input_conv(expected["conv1.weight"].shape[1], first)
+            expected[key].shape[1] != 3:
+        state_dict[key] = adapt_input_conv(expected[key].shape[1], first)
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     wrong_shape = sorted(

@@ -74,6 +74,7 @@ class MobileNetV3Backbone(nn.Module):
         """
         super().__init__()
         self.features = mobilenet.features
+        self.input_conv = "features.0.0"  # the stem's Conv2dNormActivation: conv, BN, Hardswish
         for module in self.features.modules():
             if isinstance(module, nn.BatchNorm2d):
                 # torchvision's 0.01 (from the TensorFlow ImageNet recipe) leaves the running

@@ -76,6 +76,7 @@ class ResNetBackbone(nn.Module):
         """
         super().__init__()
         self.conv1 = resnet.conv1
+        self.input_conv = "conv1"
         self.bn1 = resnet.bn1
         self.relu = resnet.relu
         self.maxpool = resnet.maxpool

@@ -69,3 +69,19 @@ def test_in_channels_is_a_setting_and_old_settings_default_to_three():
     assert output.shape == (1, 3, 64, 64)
     del settings["in_channels"]
     assert DeepLab.from_settings(settings).backbone.conv1.in_channels == 3
+
+
+@pytest.mark.parametrize("in_channels", [1, 3, 5])
+def test_mobilenetv3_adapts_its_stem_convolution_too(tmp_path, in_channels):
+    import torchvision
+
+    torch.manual_seed(8)
+    state = torchvision.models.mobilenet_v3_large(weights=None).state_dict()
+    torch.save(state, tmp_path / "mobilenet.pth")
+    backbone = build_backbone("mobilenetv3", 16, weights_path=tmp_path / "mobilenet.pth",
+                              in_channels=in_channels)
+    stem = backbone.features[0][0]
+    assert stem.weight.shape == (16, in_channels, 3, 3) and stem.stride == (2, 2)
+    torch.testing.assert_close(stem.weight, adapt_input_conv(in_channels,
+                                                             state["features.0.0.weight"]))
+    assert backbone(torch.rand(1, in_channels, 64, 64))["out"].shape[-2:] == (4, 4)
