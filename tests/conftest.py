@@ -8,6 +8,7 @@ pixels ``x0 <= x < x1, y0 <= y < y1`` of such a polygon). Its geometry is listed
 from __future__ import annotations
 
 import json
+import logging
 import os
 import urllib.error
 from pathlib import Path
@@ -182,3 +183,15 @@ def no_network(monkeypatch, tmp_path):
     # torch.hub.load_state_dict_from_url (which torchvision's weights API calls) looks this up
     # as a module global at call time.
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+
+
+@pytest.fixture
+def warnings_of(caplog, monkeypatch):
+    """``warnings_of("utils.hardware")``: caplog, capturing that logger's warnings even when an
+    earlier test in this process left it disabled or its level raised (a library's logging set-up
+    run by an in-process CLI call); the records are read from ``caplog`` as usual."""
+    def capture(name: str):
+        monkeypatch.setattr(logging.getLogger(name), "disabled", False)
+        caplog.set_level(logging.WARNING, logger=name)
+        return caplog
+    return capture

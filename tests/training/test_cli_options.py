@@ -166,7 +166,8 @@ def test_cocostuff_runs_with_171_classes(tmp_path):
 # ------------------------------------------------------------------------- pieces
 
 
-def test_resolve_amp(caplog):
+def test_resolve_amp(warnings_of):
+    caplog = warnings_of("utils.hardware")
     cpu = torch.device("cpu")
     assert resolve_amp("off", cpu) is None
     assert resolve_amp("auto", cpu) is None  # fp32: auto never picks a reduced precision here

@@ -124,7 +124,8 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_line(tmp_path, capsys, mon
 
 
 def test_a_full_disk_under_tensorboard_is_a_warning_and_the_run_ends(tmp_path, capsys,
-                                                                     monkeypatch, caplog):
+                                                                     monkeypatch, warnings_of):
+    caplog = warnings_of("utils.summaries")
     from torch.utils.tensorboard import SummaryWriter
 
     def full(*args, **kwargs):
