@@ -1,6 +1,7 @@
-"""Helpers the model and checkpoint tests share."""
+"""Helpers the model, checkpoint and training tests share."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -22,3 +23,15 @@ def randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
             elif tensor.is_floating_point():
                 tensor.copy_(0.1 * torch.randn(tensor.shape, generator=generator))
     return model.eval()
+
+
+def record_used_lrs(patch: pytest.MonkeyPatch) -> list[float]:
+    """The backbone learning rate of every SGD update actually made."""
+    used, real_step = [], torch.optim.SGD.step
+
+    def step(self, closure=None):
+        used.append(self.param_groups[0]["lr"])
+        return real_step(self, closure)
+
+    patch.setattr(torch.optim.SGD, "step", step)
+    return used

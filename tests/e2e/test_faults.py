@@ -23,6 +23,7 @@ from bench.kill_test import Run, kill_test
 from dataloader.datasets.coco import COCOSegmentation
 from dataloader.datasets.demo import generate_demo_dataset
 from utils.fileio import FolderLock
+from model_testing import record_used_lrs
 
 pytestmark = pytest.mark.slow
 
@@ -89,18 +90,6 @@ def wait_for_checkpoint(process: subprocess.Popen, path: Path, timeout: float = 
 def poly_lrs(lr: float, total: int, steps: range) -> list[float]:
     """The poly schedule's rate for 1-based steps ``steps`` of a ``total``-step run, by hand."""
     return [lr * (1 - (step - 1) / total) ** 0.9 for step in steps]
-
-
-def record_used_lrs(patch: pytest.MonkeyPatch) -> list[float]:
-    """Record the backbone learning rate every SGD step actually uses."""
-    used, real_step = [], torch.optim.SGD.step
-
-    def step(self, closure=None):
-        used.append(self.param_groups[0]["lr"])
-        return real_step(self, closure)
-
-    patch.setattr(torch.optim.SGD, "step", step)
-    return used
 
 
 def folder_state(folder: Path) -> dict[str, bytes]:

@@ -24,6 +24,7 @@ from modeling.backbone import (
     canonical_backbone_name,
 )
 from modeling.deeplab import DeepLab
+from model_testing import randomised
 
 SMALL_BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenetv3")
 OUTPUT_STRIDES = (8, 16)
@@ -141,17 +142,7 @@ def test_dilation_keeps_parameter_count():
 def _randomised_mobilenet_v3_large(seed: int, **kwargs) -> nn.Module:
     """torchvision's MobileNetV3-Large with every tensor drawn from ``seed`` (BatchNorm statistics
     included), so that equal tensors cannot come from two default initialisations."""
-    model = torchvision.models.mobilenet_v3_large(weights=None, **kwargs)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if name.endswith("running_var"):
-                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
-            elif name.endswith("num_batches_tracked"):
-                tensor.fill_(int(torch.randint(1, 1000, (1,), generator=generator)))
-            else:
-                tensor.copy_(0.1 * torch.randn(tensor.shape, generator=generator))
-    return model.eval()
+    return randomised(torchvision.models.mobilenet_v3_large(weights=None, **kwargs), seed)
 
 
 def test_mobilenetv3_at_output_stride_16_computes_torchvisions_dilated_backbone():

@@ -21,6 +21,7 @@ from utils.distributed import DistributedContext
 from utils.hardware import Placement
 from utils.plan import resolve_plan
 from utils.run_folder import TrainProgress, checkpoint_contents, resume_training
+from model_testing import record_used_lrs
 
 CPU_FP16 = Hardware(device=torch.device("cpu"), gpu_ids=[], amp_dtype=torch.float16,
                     channels_last=False)
@@ -165,18 +166,6 @@ def fault_at_step(patch: pytest.MonkeyPatch, step: int, fault: str) -> list[floa
 
     patch.setattr(train, "train_step", faulty)
     return scales
-
-
-def record_used_lrs(patch: pytest.MonkeyPatch) -> list[float]:
-    """The backbone learning rate of every SGD update actually made."""
-    used, real_step = [], torch.optim.SGD.step
-
-    def step(self, closure=None):
-        used.append(self.param_groups[0]["lr"])
-        return real_step(self, closure)
-
-    patch.setattr(torch.optim.SGD, "step", step)
-    return used
 
 
 def poly_lr(step: int, total: int) -> float:
