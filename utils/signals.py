@@ -59,7 +59,8 @@ class StopFlag:
             self.signum = precedence % _EXTRA
 
     def interrupted(self) -> Interrupted:
-        """The exception that ends the run (SIGTERM when another rank was signalled)."""
+        """The exception that ends the run: this rank's signal, or the one the ranks agreed on
+        (:meth:`adopt`); SIGTERM if neither is known."""
         return Interrupted(self.signum or signal.SIGTERM)
 
     @contextlib.contextmanager
