@@ -81,3 +81,12 @@ def one_error_line(capsys) -> str:
     assert len(err.splitlines()) == 1, err
     assert "Traceback" not in err
     return err
+
+
+def assert_same_masks(first: Path, second: Path, count: int) -> None:
+    """The two output folders hold the same ``count`` masks, pixel for pixel."""
+    one = sorted(p.relative_to(first) for p in first.rglob("*.png"))
+    two = sorted(p.relative_to(second) for p in second.rglob("*.png"))
+    assert one == two and len(one) == count
+    for relative in one:
+        assert np.array_equal(read_mask(first / relative), read_mask(second / relative)), relative

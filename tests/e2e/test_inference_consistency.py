@@ -16,7 +16,7 @@ import train
 
 from dataloader.datasets.coco import COCOSegmentation
 from dataloader.datasets.demo import generate_demo_dataset
-from inference_testing import make_checkpoint, read_mask, write_image
+from inference_testing import assert_same_masks, make_checkpoint, read_mask, write_image
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -110,9 +110,4 @@ def test_torchrun_splits_the_inputs_and_changes_no_output(ckpt, tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "5 inputs segmented" in completed.stdout
-    one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.png"))
-    two = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.png"))
-    assert one == two and len(one) == 5
-    for relative in one:
-        assert np.array_equal(read_mask(tmp_path / "one" / relative),
-                              read_mask(tmp_path / "two" / relative)), relative
+    assert_same_masks(tmp_path / "one", tmp_path / "two", 5)

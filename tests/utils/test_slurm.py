@@ -28,7 +28,7 @@ import inference
 import train
 from dataloader.datasets.coco import COCOSegmentation
 from dataloader.datasets.demo import generate_demo_dataset
-from inference_testing import read_mask
+from inference_testing import assert_same_masks
 from utils.distributed import DistributedContext, launch_context
 from utils.signals import Interrupted, StopFlag
 from utils.slurm import expand_hostlist, parse_signal, requeue_job
@@ -359,12 +359,7 @@ def test_srun_two_tasks_split_inference_and_change_no_output(srun_training, slur
     assert completed.stdout.count("inputs segmented") == 1
     assert "5 inputs segmented" in completed.stdout
     assert re.search(r"\| 3/3 ", completed.stderr)  # rank 0's progress: inputs 0, 2 and 4
-    one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.png"))
-    two = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.png"))
-    assert one == two and len(one) == 5
-    for relative in one:
-        assert np.array_equal(read_mask(tmp_path / "one" / relative),
-                              read_mask(tmp_path / "two" / relative)), relative
+    assert_same_masks(tmp_path / "one", tmp_path / "two", 5)
 
 
 def _job_state(job: str, env: dict[str, str]) -> str:
