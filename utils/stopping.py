@@ -72,7 +72,9 @@ class StepBoundary:
             nonfinite, signal_precedence = max_each(
                 (int(self.nonfinite is not None), stop.precedence), context, self.device)
             stop.adopt(signal_precedence)  # rank 0 requeues whichever rank was warned
-            stopping = stop.is_set
+            # What the ranks agreed on, not this rank's flag: a signal landing while it waited
+            # in the all-reduce is read at the next agreement, by every rank together.
+            stopping = signal_precedence > 0
             if nonfinite and self.nonfinite is None:
                 self.nonfinite = NonFiniteLoss(f"loss is not finite on another rank, by "
                                                f"iteration {progress.iteration}")
@@ -103,5 +105,6 @@ def eval_stop_requested(stop: StopFlag | None, index: int, common_batches: int,
         return stop.is_set
     if index % EVAL_STOP_CHECK_INTERVAL or index >= common_batches:
         return False
-    stop.adopt(max_each((stop.precedence,), placement.context, placement.hardware.device)[0])
-    return stop.is_set
+    agreed = max_each((stop.precedence,), placement.context, placement.hardware.device)[0]
+    stop.adopt(agreed)
+    return agreed > 0  # not stop.is_set: a signal during the all-reduce waits for the next one

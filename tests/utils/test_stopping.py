@@ -115,3 +115,35 @@ def test_the_requeue_signal_outranks_sigint_and_sigterm():
     stop = flag_with(None)
     stop.adopt(flag_with(REQUEUE).precedence)
     assert stop.signum == REQUEUE and stop.interrupted().signum == REQUEUE
+
+
+def signal_during_the_collective(stop: StopFlag, signum: int):
+    """A max_each whose other ranks had no signal, while ``signum`` reaches this rank as it
+    waits in the all-reduce: Python runs the handler as soon as the call returns."""
+    def max_each(values, context, device):
+        stop(signum, None)
+        return tuple(values)
+    return max_each
+
+
+@pytest.mark.parametrize("where", ["training", "evaluation"])
+def test_a_signal_during_the_collective_waits_for_the_next_agreement(monkeypatch, where):
+    # The CI failure (torchrun, SIGTERM to rank 1, --print-freq 1): rank 1 read its own flag
+    # just after the all-reduce that had agreed on "no stop", left alone, and rank 0 died in the
+    # next forward's collective. Every rank must act on what they agreed, and stop at the next
+    # agreement.
+    import utils.stopping
+    stop = flag_with(None)
+    placement = Placement(CPU, DistributedContext(rank=1, world_size=2))
+    monkeypatch.setattr(utils.stopping, "max_each", signal_during_the_collective(stop, signal.SIGTERM))
+    if where == "evaluation":
+        assert eval_stop_requested(stop, 0, 5, placement) is False
+        monkeypatch.setattr(utils.stopping, "max_each", lambda values, context, device: values)
+        assert eval_stop_requested(stop, 10, 50, placement) is True
+        return
+    step, _ = boundary(stop, placement)
+    step.after_step(SimpleNamespace(iteration=1, epoch=0, eval_pending=False))  # no stop yet
+    monkeypatch.setattr(utils.stopping, "max_each", lambda values, context, device: values)
+    with pytest.raises(Interrupted) as raised:
+        step.after_step(SimpleNamespace(iteration=2, epoch=0, eval_pending=False))
+    assert raised.value.signum == signal.SIGTERM
