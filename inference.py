@@ -40,6 +40,7 @@ from deploy.outputs import (IMAGE_FORMATS, OUTPUT_KINDS, Writer, assign_outputs,
                             parse_bands, parse_kinds)
 from deploy.predictor import Predictor, window_problem
 from deploy.video_writer import VideoSegmenter
+from deploy.warmup import EXPORT_FIRST_FROM, startup_engine
 from modeling.inference_ops import DEFAULT_TILE, TILE_PIXEL_BUDGET
 from utils.distributed import DistributedContext, cleanup, decided_by_main, init_distributed
 from utils.errors import UserError
@@ -231,6 +232,7 @@ def main(args: argparse.Namespace, tally: Tally | None = None) -> int:
             if jobs.inputs:
                 predictor, settings = load_predictor(
                     args, device=f"cuda:{context.local_rank}" if use_cuda else "cpu",
+                    job_size=len(photos.inputs) + EXPORT_FIRST_FROM * len(videos.inputs),
                     show_notes=context.is_main)
                 predictor.confidence = "confidence" in kinds
                 failures = segment_videos(args, predictor, settings["palette"], videos, tally,
@@ -301,18 +303,24 @@ def frame_progress(frames: Iterable, total: int | None, name: str, *, disable: b
                 disable=disable)
 
 
-def load_predictor(args: argparse.Namespace, *, device: str,
+def load_predictor(args: argparse.Namespace, *, device: str, job_size: int,
                    show_notes: bool) -> tuple[Predictor, dict]:
-    """The predictor the flags describe (:meth:`Predictor.load`), and the model's settings;
-    notes on faster choices go to stderr."""
+    """The predictor the flags describe (:meth:`Predictor.load`) for ``job_size`` inputs, and
+    the model's settings; notes on faster choices go to stderr."""
+    cache_dir = default_cache_dir() if args.cache else None
+    engine, startup_note = startup_engine(  # a first run on a checkpoint: deploy.warmup
+        args.ckpt, engine=args.engine, device=torch.device(device), cache_dir=cache_dir,
+        job_size=job_size, precision=args.amp if args.amp in ("bf16", "fp16") else "off")
     predictor, settings = Predictor.load(
-        args.ckpt, engine=args.engine, device=device, amp=args.amp,
-        channels_last=args.channels_last, cache_dir=default_cache_dir() if args.cache else None,
+        args.ckpt, engine=engine, device=device, amp=args.amp,
+        channels_last=args.channels_last, cache_dir=cache_dir,
         scales=args.scales, flip=args.flip, tile=args.tile, tile_overlap=args.tile_overlap,
         batch_size=args.batch_size)
     if args.compile:
         predictor.compile()
-    if (args.engine == "auto" and predictor.engine_name == "torch"
+    if startup_note and show_notes:
+        tqdm.write(startup_note, file=sys.stderr)
+    elif (args.engine == "auto" and predictor.engine_name == "torch"
             and predictor.hardware.device.type == "cpu"):
         tqdm.write("note: running PyTorch; on CPUs OpenVINO or onnxruntime are faster "
                    "(python -m bench.inference), and OpenVINO runs export.py --int8 files: "

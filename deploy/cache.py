@@ -16,6 +16,7 @@ with one warning line for a damaged one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -55,7 +56,16 @@ def _exporter_version() -> bytes:
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """The SHA-256 (hex) of a file's bytes, read in 4 MiB pieces."""
+    """The SHA-256 (hex) of a file's bytes, read in 4 MiB pieces; computed once per process
+    for a file that has not changed since (same inode, size and modification time): a start
+    checks the checkpoint and the cached graph more than once."""
+    status = os.stat(path)
+    return _file_digest(os.path.realpath(path), status.st_ino, status.st_size,
+                        status.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest(path: str, inode: int, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(2**22), b""):

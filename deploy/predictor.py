@@ -11,6 +11,7 @@ runtime (:mod:`deploy.engines`) runs the model.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -34,7 +35,7 @@ from modeling.checkpoint import check_settings, load_model
 from modeling.inference_ops import (DEFAULT_TILE, MIN_TILE, TILE_PIXEL_BUDGET, predict_labels,
                                     predict_maps_tiled, resize_labels)
 from utils.errors import UserError
-from utils.fileio import atomic_write, remove_stale_temporaries
+from utils.fileio import FolderLock, atomic_write, remove_stale_temporaries
 from utils.hardware import Hardware, cudnn_benchmark, resolve_amp
 
 logger = logging.getLogger(__name__)
@@ -100,13 +101,29 @@ def _engine_from_cache(ckpt: str, cache_dir: Path, engine_name: str, hardware: H
             logger.warning("exporting again: the cached %s failed (%s)", graph, error)
             graph.unlink(missing_ok=True)
     graph = graph_path(cache_dir, key)
-    if not export_in_child(ckpt, graph):
-        return None
-    record_digest(graph)  # checked before every later use (deploy.cache.verified)
-    prune_graphs(cache_dir)
+    with export_lock(graph.parent):  # after a background export (deploy.warmup), if one runs
+        if cached_graph(cache_dir, key) is None:
+            if not export_in_child(ckpt, graph):
+                return None
+            record_digest(graph)  # checked before every later use (deploy.cache.verified)
+            prune_graphs(cache_dir)
     runtime, settings = engine_from_onnx(engine_name, str(graph), hardware,
                                          amp_explicit=amp_explicit, cache_dir=compiled)
     return runtime, check_settings(settings, ckpt, REQUIRED_SETTINGS), engine_name
+
+
+@contextlib.contextmanager
+def export_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder``'s lock (waiting for another export there to end), or nothing where the
+    folder cannot be written: the export then fails there, and says so."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FolderLock(folder, wait=True)
+    except OSError:
+        yield
+        return
+    with lock:
+        yield
 
 
 def export_in_child(ckpt: str, graph: Path) -> bool:

@@ -147,9 +147,11 @@ def demo_coco_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def private_caches(tmp_path_factory: pytest.TempPathFactory):
     """Index caches and class weights of every test (and of the scripts the tests start) go to a
-    temporary folder, never into the user's ~/.cache."""
+    temporary folder, never into the user's ~/.cache. No first run exports a graph in a
+    background process that would outlive its test (tests/deploy/test_warmup.py turns it on)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DEEPLAB_CACHE_DIR", str(tmp_path_factory.mktemp("deeplab-cache")))
+        patch.setenv("DEEPLAB_BACKGROUND_EXPORT", "0")
         yield
 
 

@@ -184,13 +184,17 @@ class FolderLock:
     POSIX locks, so this holds across the nodes of a cluster too. Platforms without ``fcntl``
     (Windows) are not locked.
 
+    Args:
+        wait: wait for another holder to release it instead of raising FolderInUse.
+
     Raises:
-        FolderInUse: another process holds the lock.
+        FolderInUse: another process holds the lock (and ``wait`` is False).
+        OSError: the lock file cannot be created (a read-only folder).
     """
 
     NAME = ".lock"
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(self, folder: str | os.PathLike, *, wait: bool = False) -> None:
         self.path = Path(folder) / self.NAME
         self._fd: int | None = None
         if fcntl is None:
@@ -198,7 +202,7 @@ class FolderLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
                      _NEW_FILE_MODE)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
             os.close(fd)
@@ -212,3 +216,9 @@ class FolderLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the last descriptor releases a flock
             self._fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()

@@ -1,0 +1,123 @@
+"""``--engine auto``'s first run on a checkpoint, on a CPU: PyTorch now, OpenVINO from the next
+run on.
+
+OpenVINO runs a checkpoint once its graph is exported to ONNX and compiled, which the first run
+on a ResNet-101 checkpoint pays for (about 10 s on 2 cores, doc/results.md); later runs read
+both from the cache (:mod:`deploy.cache`) and start and predict sooner than PyTorch. A first
+run on a few photos would spend longer exporting than predicting, and start slower than
+PyTorch alone, so it runs PyTorch while a background process, at the lowest CPU priority,
+exports and compiles the graph for the runs after it. The background process outlives the run
+(it never delays it), holds the graph folder's lock so that one such export runs at a time, and
+writes atomically, so a run that starts meanwhile finds no graph, or a whole one. A job of
+:data:`EXPORT_FIRST_FROM` inputs or more exports first, as a named ``--engine`` always does:
+the export is won back within the job.
+
+``DEEPLAB_BACKGROUND_EXPORT=0`` turns the background export off (the first runs then stay on
+PyTorch until a large job or ``--engine openvino`` fills the cache).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from deploy.cache import cached_graph, compiled_models_dir, graph_key, graph_path, prune_graphs, \
+    record_digest
+from deploy.engines import resolve_engine
+from utils.fileio import FolderInUse, FolderLock
+
+#: Inputs from which a first run exports before it predicts instead of running PyTorch: about
+#: where OpenVINO's faster predictions have paid for the export (a video counts as this many).
+EXPORT_FIRST_FROM = 200
+#: What turns the background export off: "0".
+BACKGROUND_EXPORT = "DEEPLAB_BACKGROUND_EXPORT"
+PRECISIONS = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def startup_engine(ckpt: str, *, engine: str, device: torch.device, cache_dir: Path | None,
+                   job_size: int, precision: str = "off") -> tuple[str, str | None]:
+    """The engine a run of ``job_size`` inputs loads ``ckpt`` with, and a note for the user.
+
+    ``auto`` on a CPU, for a checkpoint whose graph is not cached, in a job below
+    :data:`EXPORT_FIRST_FROM` inputs: ``torch``, with the graph exported and compiled in the
+    background for the next run (the note says so). Anything else: ``engine`` as it is.
+
+    Args:
+        precision: OpenVINO's precision the next run will ask for (``off``, ``bf16``,
+            ``fp16``): the background process compiles for it.
+    """
+    if (engine != "auto" or device.type != "cpu" or cache_dir is None
+            or job_size >= EXPORT_FIRST_FROM or ckpt.lower().endswith(".onnx")
+            or not os.path.isfile(ckpt) or importlib.util.find_spec("onnx") is None):
+        return engine, None
+    runtime = resolve_engine("auto", device)
+    if runtime == "torch" or cached_graph(Path(cache_dir), graph_key(ckpt)) is not None:
+        return engine, None
+    if not export_in_background(ckpt, Path(cache_dir), runtime=runtime, precision=precision):
+        return "torch", (f"note: {ckpt} runs PyTorch until its {runtime} graph is cached: a job "
+                         f"of {EXPORT_FIRST_FROM} inputs or --engine {runtime} exports it")
+    return "torch", (f"note: a first run on {ckpt} runs PyTorch; its {runtime} graph is being "
+                     f"exported in the background into {cache_dir}, and later runs use it")
+
+
+def export_in_background(ckpt: str, cache_dir: Path, *, runtime: str, precision: str) -> bool:
+    """Start the background export (:func:`main` in a detached process of its own session, at
+    the lowest priority); False when it is turned off or cannot start."""
+    if os.environ.get(BACKGROUND_EXPORT, "1") == "0":
+        return False
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    try:
+        subprocess.Popen(
+            [sys.executable, "-m", "deploy.warmup", ckpt, str(cache_dir), runtime, precision,
+             str(torch.get_num_threads())], env=dict(os.environ, PYTHONPATH=path),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)  # neither a terminal's Ctrl-C nor the run's end stops it
+    except OSError:
+        return False
+    return True
+
+
+def warm(ckpt: str, cache_dir: Path, *, runtime: str, precision: str, threads: int) -> int:
+    """Export ``ckpt``'s graph into ``cache_dir`` and, for OpenVINO, compile it as a run with
+    ``threads`` threads in ``precision`` will ask; returns 0 done (or already done), 1 another
+    export holds the lock or the cache cannot be written, 2 a bad checkpoint."""
+    from deploy.engines import OpenVinoEngine
+    from deploy.predictor import _export_child
+
+    folder = graph_path(cache_dir, "").parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FolderLock(folder)
+    except (FolderInUse, OSError):
+        return 1
+    with lock:
+        key = graph_key(ckpt)
+        graph = cached_graph(cache_dir, key)
+        if graph is None:
+            graph = graph_path(cache_dir, key)
+            status = _export_child(ckpt, str(graph))
+            if status:
+                return status
+            record_digest(graph)
+            prune_graphs(cache_dir)
+        if runtime == "openvino":
+            OpenVinoEngine(str(graph), threads=threads, amp_dtype=PRECISIONS[precision],
+                           cache_dir=compiled_models_dir(cache_dir))
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    ckpt, cache_dir, runtime, precision, threads = argv
+    os.nice(19)  # the run that started it, and the user's next ones, come first
+    torch.set_num_threads(1)
+    return warm(ckpt, Path(cache_dir), runtime=runtime, precision=precision,
+                threads=int(threads))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,111 @@
+"""deploy.warmup: ``--engine auto``'s first run on a checkpoint runs PyTorch at once while a
+background process exports the graph, and the next run uses OpenVINO without exporting; large
+jobs, named engines and cached graphs are left as they were."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import deploy.predictor
+import deploy.warmup
+import inference
+from deploy.warmup import EXPORT_FIRST_FROM, startup_engine, warm
+from inference_testing import make_checkpoint, read_mask, write_image
+from utils.fileio import FolderLock
+
+pytest.importorskip("onnx", reason="onnx is not installed: pip install -r requirements-deploy.txt")
+pytest.importorskip("openvino", reason="openvino is not installed: "
+                                       "pip install -r requirements-deploy.txt")
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def no_background(monkeypatch):
+    """A background export that would start is recorded instead."""
+    started = []
+    monkeypatch.setattr(deploy.warmup, "export_in_background",
+                        lambda *args, **kwargs: started.append(args) or True)
+    return started
+
+
+def test_only_a_small_first_auto_job_on_a_cpu_runs_pytorch(ckpt, tmp_path, no_background):
+    cache = tmp_path / "cache"
+    engine, note = startup_engine(str(ckpt), engine="auto", device=CPU, cache_dir=cache,
+                                  job_size=EXPORT_FIRST_FROM - 1)
+    assert engine == "torch" and "background" in note and len(no_background) == 1
+    for changed in (dict(job_size=EXPORT_FIRST_FROM), dict(engine="openvino"),
+                    dict(cache_dir=None), dict(device=torch.device("cuda"))):
+        options = dict(engine="auto", device=CPU, cache_dir=cache, job_size=1) | changed
+        assert startup_engine(str(ckpt), **options) == (options["engine"], None), changed
+    assert len(no_background) == 1
+
+
+def test_with_the_background_export_off_the_note_says_how_to_cache(ckpt, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setenv("DEEPLAB_BACKGROUND_EXPORT", "0")
+    engine, note = startup_engine(str(ckpt), engine="auto", device=CPU,
+                                  cache_dir=tmp_path / "cache", job_size=1)
+    assert engine == "torch"
+    assert f"{EXPORT_FIRST_FROM} inputs" in note and "--engine openvino" in note
+
+
+def test_a_running_export_keeps_a_second_one_out_and_a_foreground_one_waits(ckpt, tmp_path):
+    cache = tmp_path / "cache"
+    folder = cache / "onnx"
+    folder.mkdir(parents=True)
+    entered = threading.Event()
+
+    def foreground() -> None:
+        with deploy.predictor.export_lock(folder):
+            entered.set()
+
+    with FolderLock(folder):  # a background export at work
+        assert warm(str(ckpt), cache, runtime="openvino", precision="off", threads=1) == 1
+        waiting = threading.Thread(target=foreground)
+        waiting.start()
+        assert not entered.wait(0.5)
+    assert entered.wait(10)
+    waiting.join()
+    assert not list(folder.glob("*.onnx"))  # the refused export wrote nothing
+
+
+def wait_for_compiled_model(cache: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not list((cache / "openvino").glob("*.uses")):
+        assert time.monotonic() < deadline, sorted(cache.rglob("*"))
+        time.sleep(0.5)
+    with FolderLock(cache / "onnx", wait=True):  # the export's process is done
+        pass
+
+
+@pytest.mark.slow
+def test_the_first_run_exports_in_the_background_and_the_second_uses_it(tmp_path, monkeypatch,
+                                                                         capsys):
+    monkeypatch.setenv("DEEPLAB_BACKGROUND_EXPORT", "1")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DEEPLAB_CACHE_DIR", str(cache))
+    ckpt = make_checkpoint(tmp_path / "r18.pth.tar", num_classes=5)
+    write_image(tmp_path / "in" / "a.png", 64, 48, seed=3)
+    common = ["--in-path", str(tmp_path / "in"), "--ckpt", str(ckpt), "--workers", "0"]
+    assert inference.cli(common + ["--out-path", str(tmp_path / "first")]) == 0
+    first = capsys.readouterr().err
+    assert "inference (torch)" in first and "exported in the background" in first, first
+    wait_for_compiled_model(cache)
+    assert len(list((cache / "onnx").glob("*.onnx"))) == 1
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(deploy.predictor, "export_in_child", no_export)
+    assert inference.cli(common + ["--out-path", str(tmp_path / "second")]) == 0
+    second = capsys.readouterr().err
+    assert "inference (openvino)" in second and "background" not in second, second
+    agree = np.mean(read_mask(tmp_path / "first" / "a.png")
+                    == read_mask(tmp_path / "second" / "a.png"))
+    assert agree >= 0.999
