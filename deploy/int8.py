@@ -190,7 +190,7 @@ def int8_engine(ckpt: str, source: Int8Source, hardware: Hardware, *, engine: st
     engine_name = resolve_engine(engine, hardware.device, onnx_file=True)
     cache = Path(cache_dir) if cache_dir is not None else None
     compiled = compiled_models_dir(cache) if cache is not None else None
-    key = int8_key(ckpt, chosen.images)
+    key = int8_key(ckpt, chosen.images) if cache is not None else ""
     found = cached_int8(cache, key) if cache is not None else None
     if found is not None:
         runtime, settings = run_onnx(engine_name, found[0], hardware, amp_explicit, compiled)

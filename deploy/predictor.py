@@ -18,7 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ from utils.errors import UserError
 from utils.fileio import atomic_write, remove_stale_temporaries
 from utils.hardware import Hardware, cudnn_benchmark, resolve_amp
 
+if TYPE_CHECKING:  # deploy.int8 imports this module
+    from deploy.int8 import Int8Source
+
 logger = logging.getLogger(__name__)
 
 
@@ -48,7 +51,7 @@ REQUIRED_SETTINGS = ("backbone", "output_stride", "num_classes", "class_names", 
 def load_engine(ckpt: str, hardware: Hardware, *, engine: str = "auto",
                 amp_explicit: bool = False, compile_model: bool = False,
                 cache_dir: str | os.PathLike | None = None,
-                int8: Any = None) -> tuple[Engine, dict, str]:
+                int8: Int8Source | None = None) -> tuple[Engine, dict, str]:
     """The runtime running ``ckpt`` (a train.py checkpoint or an export.py ONNX file), the
     model's settings, and the runtime's name.
 
@@ -269,7 +272,7 @@ class Predictor:
     @classmethod
     def load(cls, ckpt: str, *, engine: str = "auto", device: str | torch.device | None = None,
              amp: str = "auto", channels_last: bool = True,
-             cache_dir: str | os.PathLike | None = None, int8: Any = None,
+             cache_dir: str | os.PathLike | None = None, int8: Int8Source | None = None,
              **options: Any) -> tuple["Predictor", dict]:
         """A predictor for ``ckpt`` (checkpoint or ONNX file) and the model's settings (class
         names, palette, ...), without a command line.
