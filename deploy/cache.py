@@ -5,8 +5,10 @@
   edited checkpoint, or a change to ``modeling/``, gives a new key, never a stale graph
   (:func:`deploy.predictor.export_in_child` writes it).
 - OpenVINO's compiled models (its ``CACHE_DIR``), which it keys itself.
+- The int8 models ``inference.py --int8`` quantizes, with their agreement with fp32
+  (:mod:`deploy.int8`), keyed by the graph's key and the calibration images' contents.
 
-Both live in the cache folder the datasets use (``$DEEPLAB_CACHE_DIR``, else
+They live in the cache folder the datasets use (``$DEEPLAB_CACHE_DIR``, else
 ``~/.cache/deeplab``), and only the most recently used few are kept. Neither runtime notices a
 damaged file that still parses (4 MB of a compiled model overwritten gives other masks, not an
 error), so every cached file has its SHA-256 written beside it (``<file>.sha256``) and is

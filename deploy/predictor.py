@@ -19,7 +19,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from utils.errors import UserError
 from utils.fileio import FolderLock, atomic_write, remove_stale_temporaries
 from utils.hardware import Hardware, cudnn_benchmark, resolve_amp
 
+if TYPE_CHECKING:  # deploy.int8 imports this module
+    from deploy.int8 import Int8Source
+
 logger = logging.getLogger(__name__)
 
 
@@ -48,7 +51,8 @@ REQUIRED_SETTINGS = ("backbone", "output_stride", "num_classes", "class_names", 
 
 def load_engine(ckpt: str, hardware: Hardware, *, engine: str = "auto",
                 amp_explicit: bool = False, compile_model: bool = False,
-                cache_dir: str | os.PathLike | None = None) -> tuple[Engine, dict, str]:
+                cache_dir: str | os.PathLike | None = None,
+                int8: Int8Source | None = None) -> tuple[Engine, dict, str]:
     """The runtime running ``ckpt`` (a train.py checkpoint or an export.py ONNX file), the
     model's settings, and the runtime's name.
 
@@ -57,11 +61,17 @@ def load_engine(ckpt: str, hardware: Hardware, *, engine: str = "auto",
         amp_explicit: a reduced precision was asked for by name (a runtime without it refuses).
         cache_dir: where the ONNX runtimes keep what a later run can reuse (the graph exported
             from a checkpoint, OpenVINO's compiled model; :mod:`deploy.cache`); None: nothing.
+        int8: calibration images (:data:`deploy.int8.Int8Source`) to run ``ckpt`` quantized
+            to int8 (:func:`deploy.int8.int8_engine`); None: as trained.
 
     Raises:
         UserError: a missing or unreadable file, settings or weights that do not describe a
             model, or an engine that cannot run it.
     """
+    if int8 is not None:
+        from deploy.int8 import int8_engine  # it imports this module's exporter
+        return int8_engine(ckpt, int8, hardware, engine=engine, amp_explicit=amp_explicit,
+                           cache_dir=cache_dir)
     onnx_file = ckpt.lower().endswith(".onnx")
     engine_name = resolve_engine(engine, hardware.device, onnx_file=onnx_file)
     compiled = compiled_models_dir(Path(cache_dir)) if cache_dir is not None else None
@@ -279,7 +289,7 @@ class Predictor:
     @classmethod
     def load(cls, ckpt: str, *, engine: str = "auto", device: str | torch.device | None = None,
              amp: str = "auto", channels_last: bool = True,
-             cache_dir: str | os.PathLike | None = None,
+             cache_dir: str | os.PathLike | None = None, int8: Int8Source | None = None,
              **options: Any) -> tuple["Predictor", dict]:
         """A predictor for ``ckpt`` (checkpoint or ONNX file) and the model's settings (class
         names, palette, ...), without a command line.
@@ -294,6 +304,12 @@ class Predictor:
             channels_last: the PyTorch engine's memory format.
             cache_dir: where the ONNX runtimes keep what a later run reuses (:mod:`deploy.cache`;
                 inference.py passes ``$DEEPLAB_CACHE_DIR``); None: nothing is kept.
+            int8: run ``ckpt`` (a checkpoint) quantized to int8 by NNCF, calibrated on these
+                images: a folder, an image or a ``.txt`` list of them (str or Path; 16-64
+                calibrate, up to 8 more measure the agreement with fp32), or a list of image
+                paths (up to 8 held out to measure it when there are over 16); the model and
+                its agreement are cached in ``cache_dir`` (:mod:`deploy.int8`), the agreement
+                is in ``settings["int8"]``. None: fp32, as trained.
             options: the other fields (``scales``, ``flip``, ``tile``, ``tile_overlap``,
                 ``batch_size``).
 
@@ -304,7 +320,7 @@ class Predictor:
         hardware = hardware_for(device, amp=amp, channels_last=channels_last)
         runtime, settings, engine_name = load_engine(
             ckpt, hardware, engine=engine, amp_explicit=amp not in ("auto", "off"),
-            cache_dir=cache_dir)
+            cache_dir=cache_dir, int8=int8)
         if engine_name != "torch":
             hardware.channels_last = False  # the ONNX runtimes take plain NCHW arrays
         return cls(engine=runtime, hardware=hardware,

@@ -35,12 +35,12 @@ INSTALL = "pip install -r requirements-deploy.txt -c constraints.txt"
 MIN_CALIBRATION_IMAGES = 16
 
 
-def require_packages() -> None:
-    """Raises UserError naming what ``--int8`` needs and is not installed (NNCF calibrates
+def require_packages(what: str = "export.py --int8") -> None:
+    """Raises UserError naming what ``what`` needs and is not installed (NNCF calibrates
     ONNX models by running them in onnxruntime)."""
     missing = [name for name in ("nncf", "onnx", "onnxruntime") if find_spec(name) is None]
     if missing:
-        raise UserError(f"export.py --int8 needs the {', '.join(missing)} package(s): {INSTALL}")
+        raise UserError(f"{what} needs the {', '.join(missing)} package(s): {INSTALL}")
 
 
 def calibration_images(in_path: str, count: int) -> list[str]:
