@@ -346,7 +346,7 @@ def load_predictor(args: argparse.Namespace, *, device: str, job_size: int,
     """The predictor the flags describe (:meth:`Predictor.load`) for ``job_size`` inputs, and
     the model's settings; notes on faster choices go to stderr."""
     cache_dir = default_cache_dir() if args.cache else None
-    engine, startup_note = startup_engine(  # a first run on a checkpoint: deploy.warmup
+    engine, startup_note = (args.engine, None) if args.int8 else startup_engine(
         args.ckpt, engine=args.engine, device=torch.device(device), cache_dir=cache_dir,
         job_size=job_size, precision=args.amp if args.amp in ("bf16", "fp16") else "off")
     predictor, settings = Predictor.load(
@@ -367,7 +367,7 @@ def load_predictor(args: argparse.Namespace, *, device: str, job_size: int,
     note = cpu_bf16_note(args.amp, predictor.hardware.device, measure_with=(
         "python -m bench.inference --ckpt CKPT --images SOME --configs auto torch:bf16 "
         "openvino:bf16 --no-whole"))
-    if note and show_notes:
+    if note and show_notes and not args.int8:
         tqdm.write(note, file=sys.stderr)
     return predictor, settings
 

@@ -182,7 +182,7 @@ def report(times: dict[str, list[float]], found: dict[str, float], count: int) -
     print(f"\n{cpu}; {os.cpu_count()} cores; "
           f"{' '.join(f for f in ('avx2', 'avx512_bf16', 'avx512_vnni', 'amx_tile') if f in flags)}"
           f"; torch {torch.__version__}; seconds of each round, whole process")
-    print(f"| run | seconds | VainF / run | agreement with fp32 |\n|---|---|---|---|")
+    print("| run | seconds | VainF / run | agreement with fp32 |\n|---|---|---|---|")
     for name, seconds in times.items():
         base = times["VainF 1 photo" if "1 photo" in name else "VainF"]
         ratio = min(base) / min(seconds)

@@ -58,16 +58,7 @@ def _exporter_version() -> bytes:
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """The SHA-256 (hex) of a file's bytes, read in 4 MiB pieces; computed once per process
-    for a file that has not changed since (same inode, size and modification time): a start
-    checks the checkpoint and the cached graph more than once."""
-    status = os.stat(path)
-    return _file_digest(os.path.realpath(path), status.st_ino, status.st_size,
-                        status.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=16)
-def _file_digest(path: str, inode: int, size: int, mtime_ns: int) -> str:
+    """The SHA-256 (hex) of a file's bytes, read in 4 MiB pieces."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(2**22), b""):
@@ -114,9 +105,18 @@ def verified(path: Path, what: str) -> bool:
 
 def graph_key(ckpt: str | os.PathLike) -> str:
     """A name for the graph exported from ``ckpt``: a hash of its bytes and of the exporter."""
+    status = os.stat(ckpt)
     digest = hashlib.sha256(_exporter_version())
-    digest.update(file_digest(ckpt).encode())
+    digest.update(_checkpoint_digest(os.path.realpath(ckpt), status.st_ino, status.st_size,
+                                     status.st_mtime_ns).encode())
     return digest.hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=4)
+def _checkpoint_digest(path: str, inode: int, size: int, mtime_ns: int) -> str:
+    """:func:`file_digest` of a checkpoint, computed once per process while it has not changed
+    (same inode, size and modification time): a run names its graph more than once."""
+    return file_digest(path)
 
 
 def graph_path(cache_dir: Path, key: str) -> Path:

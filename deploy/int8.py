@@ -32,12 +32,12 @@ import torch
 
 from dataloader.custom_transforms import Normalize
 from dataloader.utils import DatasetError, verify_image
-from deploy.cache import (cached_graph, compiled_models_dir, file_digest, graph_key, graph_path,
-                          prune, prune_graphs, record_digest, verified)
+from deploy.cache import (compiled_models_dir, file_digest, graph_key, prune, record_digest,
+                          verified)
 from deploy.engines import (Engine, OnnxRuntimeEngine, OpenVinoEngine, onnx_engine,
                             resolve_engine)
 from deploy.onnx_model import export_onnx, settings_from_metadata, with_metadata
-from deploy.predictor import REQUIRED_SETTINGS, export_in_child
+from deploy.predictor import REQUIRED_SETTINGS, exported_graph
 from deploy.quantize import (MIN_CALIBRATION_IMAGES, calibration_images, model_input,
                              quantize_int8, require_packages)
 from modeling.checkpoint import check_settings, load_model
@@ -238,12 +238,7 @@ def fp32_graph(ckpt: str, cache_dir: Path | None) -> bytes:
     child, as :func:`deploy.predictor.load_engine` does), or, without a usable cache,
     exported in this process."""
     if cache_dir is not None:
-        key = graph_key(ckpt)
-        graph = cached_graph(cache_dir, key)
-        if graph is None and export_in_child(ckpt, graph_path(cache_dir, key)):
-            graph = graph_path(cache_dir, key)
-            record_digest(graph)
-            prune_graphs(cache_dir)
+        graph = exported_graph(ckpt, Path(cache_dir))
         if graph is not None:
             return graph.read_bytes()
     model, settings = load_model(ckpt, required_settings=REQUIRED_SETTINGS)

@@ -110,6 +110,22 @@ def _engine_from_cache(ckpt: str, cache_dir: Path, engine_name: str, hardware: H
         except UserError as error:
             logger.warning("exporting again: the cached %s failed (%s)", graph, error)
             graph.unlink(missing_ok=True)
+    graph = exported_graph(ckpt, cache_dir, key)
+    if graph is None:
+        return None
+    runtime, settings = engine_from_onnx(engine_name, str(graph), hardware,
+                                         amp_explicit=amp_explicit, cache_dir=compiled)
+    return runtime, check_settings(settings, ckpt, REQUIRED_SETTINGS), engine_name
+
+
+def exported_graph(ckpt: str, cache_dir: Path, key: str | None = None) -> Path | None:
+    """The cached graph of ``ckpt`` (``key``: its :func:`deploy.cache.graph_key`), exported
+    into the cache now if it is not there; None when the cache cannot hold it.
+
+    Raises:
+        UserError: the checkpoint cannot be read or describes no model.
+    """
+    key = key or graph_key(ckpt)
     graph = graph_path(cache_dir, key)
     with export_lock(graph.parent):  # after a background export (deploy.warmup), if one runs
         if cached_graph(cache_dir, key) is None:
@@ -117,9 +133,7 @@ def _engine_from_cache(ckpt: str, cache_dir: Path, engine_name: str, hardware: H
                 return None
             record_digest(graph)  # checked before every later use (deploy.cache.verified)
             prune_graphs(cache_dir)
-    runtime, settings = engine_from_onnx(engine_name, str(graph), hardware,
-                                         amp_explicit=amp_explicit, cache_dir=compiled)
-    return runtime, check_settings(settings, ckpt, REQUIRED_SETTINGS), engine_name
+    return graph
 
 
 @contextlib.contextmanager
