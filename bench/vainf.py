@@ -9,6 +9,8 @@ paths on the same checkpoint architecture, alternating, so that a busy machine s
 - ``first``: one photo with an empty cache (a new user's first run); the background export it
   starts (:mod:`deploy.warmup`) is waited for, untimed, before the next run;
 - ``second``: the same photo again (the cache warm);
+- ``export first``: one photo with an empty cache and ``--engine openvino``, which exports and
+  compiles before predicting (what a first run cost before :mod:`deploy.warmup`);
 - ``fp32``, ``bf16``, ``int8``: every photo with the defaults, ``--amp bf16`` and ``--int8``
   (calibrated on ``--calibration``), each cache filled by an untimed run first;
 - ``torch``: every photo with ``--engine torch``;
@@ -50,8 +52,8 @@ STUBS = {"visdom.py": "class Visdom: pass\n", "sklearn/__init__.py": "",
 RUNNER = """import functools, runpy, sys
 sys.path.insert(0, {vf!r})
 import network.modeling as modeling
-modeling.deeplabv3plus_resnet101 = functools.partial(modeling.deeplabv3plus_resnet101,
-                                                     pretrained_backbone=False)
+setattr(modeling, {model!r}, functools.partial(getattr(modeling, {model!r}),
+                                               pretrained_backbone=False))
 sys.argv = ["predict.py"] + sys.argv[1:]
 runpy.run_path({predict!r}, run_name="__main__")
 """
@@ -60,10 +62,12 @@ PATHS = {"fp32": [], "bf16": ["--amp", "bf16"], "int8": ["--int8"], "torch": ["-
 
 
 class VainF:
-    """VainF's predict.py with a random-weight ResNet-101 checkpoint, ready to time."""
+    """VainF's predict.py with a random-weight checkpoint of ``model`` (output stride 16, 21
+    classes; ``deeplabv3plus_mobilenet`` is its MobileNetV2 model), ready to time."""
 
-    def __init__(self, vf_dir: Path, scratch: Path) -> None:
-        self.vf_dir, self.scratch = vf_dir.resolve(), scratch
+    def __init__(self, vf_dir: Path, scratch: Path,
+                 model: str = "deeplabv3plus_resnet101") -> None:
+        self.vf_dir, self.scratch, self.model = vf_dir.resolve(), scratch, model
         if not (self.vf_dir / "predict.py").is_file():
             raise SystemExit(f"error: --vf-dir {vf_dir} has no predict.py: clone "
                              f"VainF/DeepLabV3Plus-Pytorch there")
@@ -72,12 +76,12 @@ class VainF:
             (self.stubs / name).parent.mkdir(parents=True, exist_ok=True)
             (self.stubs / name).write_text(text)
         self.runner = scratch / "run_vainf.py"
-        self.runner.write_text(RUNNER.format(vf=str(self.vf_dir),
+        self.runner.write_text(RUNNER.format(vf=str(self.vf_dir), model=model,
                                              predict=str(self.vf_dir / "predict.py")))
-        self.ckpt = scratch / "vainf.pth"
+        self.ckpt = scratch / f"vainf-{model}.pth"
         subprocess.run([sys.executable, "-c", (
             "import sys, torch; sys.path.insert(0, '.'); import network; "
-            "m = network.modeling.deeplabv3plus_resnet101(num_classes=21, output_stride=16, "
+            f"m = network.modeling.{model}(num_classes=21, output_stride=16, "
             f"pretrained_backbone=False); torch.save({{'model_state': m.state_dict()}}, "
             f"{str(self.ckpt)!r})")], cwd=self.vf_dir, env=self.env(), check=True)
 
@@ -86,7 +90,7 @@ class VainF:
 
     def command(self, images: Path, out: Path) -> tuple[list[str], dict[str, str], Path]:
         return ([sys.executable, str(self.runner), "--input", str(images), "--dataset", "voc",
-                 "--model", "deeplabv3plus_resnet101", "--output_stride", "16", "--ckpt",
+                 "--model", self.model, "--output_stride", "16", "--ckpt",
                  str(self.ckpt), "--save_val_results_to", str(out)], self.env(), self.vf_dir)
 
 
@@ -118,6 +122,15 @@ def wait_for_background_export(cache: Path) -> None:
             pass
 
 
+def fill_cache(ckpt: Path, images: Path, out: Path, cache: Path,
+               calibration: Path | None) -> None:
+    """Run every path once, untimed, so that ``cache`` holds what each reads (the graph, the
+    compiled models, the int8 model) and no background export is left running."""
+    for flags in PATHS.values():
+        timed(*ours(ckpt, images, out, flags, cache, calibration))
+        wait_for_background_export(cache)
+
+
 def one_photo(images: Path, scratch: Path) -> Path:
     folder = scratch / "one"
     folder.mkdir(exist_ok=True)
@@ -131,8 +144,7 @@ def run_rounds(args: argparse.Namespace, vainf: VainF, scratch: Path) -> dict[st
     """Every timed run, round after round, VainF first in each round."""
     one = one_photo(args.images, scratch)
     warm = scratch / "cache-warm"
-    for flags in PATHS.values():  # fill the caches (the int8 model is built here), untimed
-        timed(*ours(args.ckpt, args.images, scratch / "warm-up", flags, warm, args.calibration))
+    fill_cache(args.ckpt, args.images, scratch / "warm-up", warm, args.calibration)
     times: dict[str, list[float]] = {}
     for round_index in range(args.rounds):
         runs = {"VainF 1 photo": vainf.command(one, scratch / "vf1"),
@@ -142,6 +154,9 @@ def run_rounds(args: argparse.Namespace, vainf: VainF, scratch: Path) -> dict[st
                                                     None)
         runs["second (1 photo, cache warm)"] = ours(args.ckpt, one, scratch / "o1", [], empty,
                                                     None)
+        runs["export first (1 photo, empty cache, --engine openvino)"] = ours(
+            args.ckpt, one, scratch / "o1", ["--engine", "openvino"],
+            scratch / f"cache-export-{round_index}", None)
         for name, flags in PATHS.items():
             runs[name] = ours(args.ckpt, args.images, scratch / name, flags, warm,
                               args.calibration)
@@ -159,6 +174,7 @@ def agreement(args: argparse.Namespace, scratch: Path) -> dict[str, float]:
     """Percent of pixels each path's masks share with ``--engine torch --amp off``'s, for the
     trained checkpoint."""
     cache = scratch / "cache-trained"
+    fill_cache(args.trained, args.images, scratch / "trained-warm-up", cache, args.calibration)
     outputs = {}
     for name, flags in {"reference": ["--engine", "torch", "--amp", "off"], **PATHS}.items():
         outputs[name] = scratch / f"trained-{name}"
@@ -211,8 +227,10 @@ def main(argv: list[str] | None = None) -> None:
             args.ckpt = random_resnet101(scratch / "r101.pth.tar")
         vainf = VainF(args.vf_dir, scratch)
         times = run_rounds(args, vainf, scratch)
-        found = agreement(args, scratch) if args.trained else {}
-    report(times, found, len(list_inputs(str(args.images))))
+        count = len(list_inputs(str(args.images)))
+        report(times, {}, count)  # printed now: the agreement runs take minutes more
+        if args.trained:
+            report(times, agreement(args, scratch), count)
 
 
 def random_resnet101(path: Path) -> Path:

@@ -6,27 +6,29 @@ loading, decoding, prediction and writing included) on a generated 640x480 video
 (or ``--video``), writing an overlay video; and on the same decoded frames saved as JPEGs
 (quality 95) through the photo path, writing JPEG overlays. Runs alternate, round after round,
 so that a busy machine slows both alike. ``--vainf`` also times VainF/DeepLabV3Plus-Pytorch's
-``predict.py`` on the JPEGs (its MobileNet model), the reference the issue compares with.
+``predict.py`` on the JPEGs (its MobileNetV2 model, random weights: :class:`bench.vainf.VainF`),
+the reference the issue compares with.
 
     python -m bench.video --ckpts r101.pth.tar r18.pth.tar mnv3.pth.tar
     python -m bench.video --ckpts r18.pth.tar --seconds 10 --rounds 3 \
-        --vainf ~/DeepLabV3Plus-Pytorch --vainf-ckpt best_deeplabv3plus_mobilenet_voc_os16.pth
+        --vainf ~/DeepLabV3Plus-Pytorch
 
 Prints a Markdown table (frames per second, the best of the rounds) for doc/results.md.
 """
 from __future__ import annotations
 
 import argparse
-import subprocess
+import os
 import sys
 import tempfile
-import time
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 from PIL import Image
+
+from bench.vainf import VainF, timed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,32 +65,24 @@ def frames_as_jpegs(video: Path, folder: Path) -> int:
     return count
 
 
-def timed(command: list[str], cwd: Path = REPO) -> float:
-    """Seconds ``command`` takes; its failure ends the benchmark with its output."""
-    start = time.perf_counter()
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    return time.perf_counter() - start
-
-
 def commands(args: argparse.Namespace, video: Path, jpegs: Path,
-             scratch: Path) -> dict[str, list[str]]:
-    """Every timed run by name: ``<ckpt> video``, ``<ckpt> jpeg`` (and VainF's)."""
+             scratch: Path) -> dict[str, tuple[list[str], dict[str, str], Path]]:
+    """Every timed run by name (command, environment, folder): ``<ckpt> video``,
+    ``<ckpt> jpeg`` (and VainF's)."""
     runs = {}
+    env = dict(os.environ)
     for ckpt in args.ckpts:
         name = Path(ckpt).name
         common = [sys.executable, "inference.py", "--ckpt", ckpt, "--save", "overlay",
                   "--overwrite", *args.flags]
-        runs[f"{name} video"] = common + ["--in-path", str(video),
-                                          "--out-path", str(scratch / f"{name}-video")]
-        runs[f"{name} jpeg"] = common + ["--in-path", str(jpegs), "--format", "jpg",
-                                         "--out-path", str(scratch / f"{name}-jpeg")]
+        runs[f"{name} video"] = (common + ["--in-path", str(video), "--out-path",
+                                           str(scratch / f"{name}-video")], env, REPO)
+        runs[f"{name} jpeg"] = (common + ["--in-path", str(jpegs), "--format", "jpg",
+                                          "--out-path", str(scratch / f"{name}-jpeg")], env, REPO)
     if args.vainf:
-        runs["VainF predict.py jpeg"] = [
-            sys.executable, str(Path(args.vainf) / "predict.py"), "--input", str(jpegs),
-            "--dataset", "voc", "--model", "deeplabv3plus_mobilenet", "--ckpt",
-            str(args.vainf_ckpt), "--save_val_results_to", str(scratch / "vainf")]
+        runs["VainF predict.py (MobileNetV2) jpeg"] = VainF(
+            Path(args.vainf), scratch, model="deeplabv3plus_mobilenet").command(
+                jpegs, scratch / "vainf")
     return runs
 
 
@@ -103,8 +97,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=3, help="runs of each; the best counts")
     parser.add_argument("--flags", nargs=argparse.REMAINDER, default=[],
                         help="further inference.py flags for every run (last on the line)")
-    parser.add_argument("--vainf", help="a checkout of VainF/DeepLabV3Plus-Pytorch")
-    parser.add_argument("--vainf-ckpt", help="its MobileNet checkpoint for --vainf")
+    parser.add_argument("--vainf", help="a checkout of VainF/DeepLabV3Plus-Pytorch: its "
+                        "predict.py with its MobileNetV2 model (random weights) on the JPEGs")
     return parser
 
 
@@ -122,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         best = {name: float("inf") for name in runs}
         for _ in range(args.rounds):
             for name, command in runs.items():
-                best[name] = min(best[name], timed(command))
+                best[name] = min(best[name], timed(*command))
     print(f"| run ({frames} frames) | frames/s (whole process) |")
     print("|---|---|")
     for name, seconds in best.items():
