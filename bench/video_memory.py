@@ -102,8 +102,9 @@ def frame_count(path: Path) -> int:
 
 
 def run_lengths(ckpt: str, seconds: list[float], flags: list[str], scratch: Path,
-                interval: float) -> list[tuple[float, int, int, Peak]]:
-    """(seconds, frames in, frames out, peak) of each length, shortest first."""
+                interval: float) -> list[tuple[float, Peak]]:
+    """(seconds, peak) of each length, shortest first; each printed as a table row when
+    measured (a 10-minute run takes long on a small machine)."""
     env = dict(os.environ, DEEPLAB_CACHE_DIR=str(scratch / "cache"))
     rows = []
     for index, length in enumerate([1.0, *sorted(seconds)]):
@@ -116,7 +117,10 @@ def run_lengths(ckpt: str, seconds: list[float], flags: list[str], scratch: Path
         peak = measure(command, env, interval, scratch / f"log{index}.txt")
         clip.unlink()  # the long clip need not wait on disk for the next run
         if index:  # the first run only warms the cache
-            rows.append((length, frames, frame_count(out / "clip_overlay.mp4"), peak))
+            written = frame_count(out / "clip_overlay.mp4")
+            print(f"| {length:g} s | {frames} / {written} | {peak.tree / 2**20:.0f} MiB "
+                  f"| {peak.largest_process / 2**20:.0f} MiB |", flush=True)
+            rows.append((length, peak))
         (out / "clip_overlay.mp4").unlink()
     return rows
 
@@ -127,7 +131,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ckpt", required=True, help="checkpoint (or ONNX file) to run")
     parser.add_argument("--seconds", type=float, nargs="+", default=[10.0, 600.0],
                         help="lengths of the generated 640x480 25 fps videos")
-    parser.add_argument("--interval", type=float, default=0.1,
+    parser.add_argument("--interval", type=float, default=0.5,
                         help="seconds between two readings of the processes' RSS")
     parser.add_argument("--flags", nargs=argparse.REMAINDER, default=[],
                         help="further inference.py flags for every run (last on the line)")
@@ -136,17 +140,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
-    with tempfile.TemporaryDirectory() as folder:
-        rows = run_lengths(args.ckpt, args.seconds, args.flags, Path(folder), args.interval)
     flags = " ".join(args.flags) or "(none)"
     print(f"| video, flags {flags} | frames in / out | peak RSS, process tree (polled) "
           f"| ru_maxrss (largest process) |")
-    print("|---|---|---|---|")
-    for length, frames, written, peak in rows:
-        print(f"| {length:g} s | {frames} / {written} | {peak.tree / 2**20:.0f} MiB "
-              f"| {peak.largest_process / 2**20:.0f} MiB |")
-    first, last = rows[0][3], rows[-1][3]
-    print(f"| difference {rows[-1][0]:g} s - {rows[0][0]:g} s | | "
+    print("|---|---|---|---|", flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        rows = run_lengths(args.ckpt, args.seconds, args.flags, Path(folder), args.interval)
+    (short, first), (long, last) = rows[0], rows[-1]
+    print(f"| difference {long:g} s - {short:g} s | | "
           f"{(last.tree - first.tree) / 2**20:+.0f} MiB "
           f"| {(last.largest_process - first.largest_process) / 2**20:+.0f} MiB |")
 
