@@ -42,7 +42,7 @@ from deploy.outputs import (IMAGE_FORMATS, OUTPUT_KINDS, Writer, assign_outputs,
                             parse_bands, parse_kinds)
 from deploy.predictor import Predictor, window_problem
 from deploy.video_writer import VideoSegmenter
-from deploy.warmup import EXPORT_FIRST_FROM, startup_engine
+from deploy.warmup import EXPORT_FIRST_FROM, Startup, startup_engine
 from modeling.inference_ops import DEFAULT_TILE, TILE_PIXEL_BUDGET
 from utils.distributed import DistributedContext, cleanup, decided_by_main, init_distributed
 from utils.errors import UserError
@@ -268,7 +268,7 @@ def main(args: argparse.Namespace, tally: Tally | None = None) -> int:
         # Workers start decoding now, while the model is loaded; stopped however this ends.
         with decoded_samples(dataset, args.workers if photos.inputs else 0) as samples:
             if jobs.inputs:
-                predictor, settings = load_predictor(
+                predictor, settings, startup = load_predictor(
                     args, device=f"cuda:{context.local_rank}" if use_cuda else "cpu",
                     job_size=len(photos.inputs) + EXPORT_FIRST_FROM * len(videos.inputs),
                     show_notes=context.is_main)
@@ -278,6 +278,8 @@ def main(args: argparse.Namespace, tally: Tally | None = None) -> int:
                 if photos.inputs:
                     failures += segment_photos(args, predictor, settings["palette"], photos,
                                                samples, tally, show_progress=context.is_main)
+                if startup.export is not None:  # the work is done: it takes nothing from it
+                    startup.export()
         return report_counts(len(jobs.inputs) - failures, failures, jobs.skipped,
                              args.out_path, context)
     finally:
@@ -342,15 +344,17 @@ def frame_progress(frames: Iterable, total: int | None, name: str, *, disable: b
 
 
 def load_predictor(args: argparse.Namespace, *, device: str, job_size: int,
-                   show_notes: bool) -> tuple[Predictor, dict]:
-    """The predictor the flags describe (:meth:`Predictor.load`) for ``job_size`` inputs, and
-    the model's settings; notes on faster choices go to stderr."""
+                   show_notes: bool) -> tuple[Predictor, dict, Startup]:
+    """The predictor the flags describe (:meth:`Predictor.load`) for ``job_size`` inputs, the
+    model's settings, and how it started (a background export to start at the end: its
+    ``export``); notes on faster choices go to stderr."""
     cache_dir = default_cache_dir() if args.cache else None
-    engine, startup_note = (args.engine, None) if args.int8 else startup_engine(
+    startup = Startup(args.engine) if args.int8 else startup_engine(
         args.ckpt, engine=args.engine, device=torch.device(device), cache_dir=cache_dir,
         job_size=job_size, precision=args.amp if args.amp in ("bf16", "fp16") else "off")
+    startup_note = startup.note
     predictor, settings = Predictor.load(
-        args.ckpt, engine=engine, device=device, amp=args.amp,
+        args.ckpt, engine=startup.engine, device=device, amp=args.amp,
         channels_last=args.channels_last, cache_dir=cache_dir,
         scales=args.scales, flip=args.flip, tile=args.tile, tile_overlap=args.tile_overlap,
         batch_size=args.batch_size, int8=int8_calibration(args))
@@ -369,7 +373,7 @@ def load_predictor(args: argparse.Namespace, *, device: str, job_size: int,
         "openvino:bf16 --no-whole"))
     if note and show_notes and not args.int8:
         tqdm.write(note, file=sys.stderr)
-    return predictor, settings
+    return predictor, settings, startup
 
 
 def report_counts(written: int, failures: int, skipped: int, out_path: str,

@@ -7,7 +7,7 @@ fp32, batch 1, as it ships; its unused optional imports stubbed) and then each o
 paths on the same checkpoint architecture, alternating, so that a busy machine slows both alike:
 
 - ``first``: one photo with an empty cache (a new user's first run); the background export it
-  starts (:mod:`deploy.warmup`) is waited for, untimed, before the next run;
+  starts as it ends (:mod:`deploy.warmup`) is waited for, untimed, before the next run;
 - ``second``: the same photo again (the cache warm);
 - ``export first``: one photo with an empty cache and ``--engine openvino``, which exports and
   compiles before predicting (what a first run cost before :mod:`deploy.warmup`);
@@ -41,7 +41,6 @@ from PIL import Image
 
 from dataloader.images import list_inputs
 from deploy.warmup import BACKGROUND_EXPORT
-from utils.fileio import FolderLock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,12 +113,20 @@ def ours(ckpt: Path, images: Path, out: Path, flags: list[str], cache: Path,
             dict(os.environ, DEEPLAB_CACHE_DIR=str(cache), PYTHONPATH=str(REPO)), REPO)
 
 
-def wait_for_background_export(cache: Path) -> None:
-    """Until the export a first run started (deploy.warmup) is done: it holds the lock."""
-    time.sleep(1)  # it takes the lock within a second of the run's start
-    if (cache / "onnx").is_dir():
-        with FolderLock(cache / "onnx", wait=True):
-            pass
+def wait_for_background_export() -> None:
+    """Until no background export (deploy.warmup, started as a first run ends) is running."""
+    while any(b"deploy.warmup" in cmdline for cmdline in _command_lines()):
+        time.sleep(0.2)
+
+
+def _command_lines() -> list[bytes]:
+    lines = []
+    for entry in Path("/proc").iterdir():
+        try:
+            lines.append((entry / "cmdline").read_bytes() if entry.name.isdigit() else b"")
+        except OSError:  # it ended meanwhile
+            continue
+    return lines
 
 
 def fill_cache(ckpt: Path, images: Path, out: Path, cache: Path,
@@ -128,7 +135,7 @@ def fill_cache(ckpt: Path, images: Path, out: Path, cache: Path,
     compiled models, the int8 model) and no background export is left running."""
     for flags in PATHS.values():
         timed(*ours(ckpt, images, out, flags, cache, calibration))
-        wait_for_background_export(cache)
+        wait_for_background_export()
 
 
 def one_photo(images: Path, scratch: Path) -> Path:
@@ -166,7 +173,7 @@ def run_rounds(args: argparse.Namespace, vainf: VainF, scratch: Path) -> dict[st
             times.setdefault(name, []).append(timed(*command))
             print(f"round {round_index} {name}: {times[name][-1]:.1f} s", flush=True)
             if name.startswith(("first", "cold")):  # its background export, untimed
-                wait_for_background_export(Path(command[1]["DEEPLAB_CACHE_DIR"]))
+                wait_for_background_export()
     return times
 
 
