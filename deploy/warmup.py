@@ -37,7 +37,10 @@ from utils.fileio import FolderInUse, FolderLock
 
 #: Inputs from which a first run exports before it predicts instead of running PyTorch: about
 #: where OpenVINO's faster predictions have paid for the export (a video counts as this many).
-EXPORT_FIRST_FROM = 200
+#: ResNet-101, whole process, 2 cores (doc/results.md), an Intel Xeon (AMX): PyTorch 0.97-1.04 s
+#: a photo, OpenVINO 0.84-0.95 s, the export about 10 s, even from 50-110 photos; the Zen 4 of
+#: issue 25: 0.88 s, 0.82 s and 7 s, even from about 120.
+EXPORT_FIRST_FROM = 64
 #: What turns the background export off: "0".
 BACKGROUND_EXPORT = "DEEPLAB_BACKGROUND_EXPORT"
 PRECISIONS = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
