@@ -30,8 +30,8 @@ from typing import Callable
 
 import torch
 
-from deploy.cache import cached_graph, compiled_models_dir, graph_key, graph_path, prune_graphs, \
-    record_digest
+from deploy.cache import cached_graph, compiled_models_dir, digest_path, graph_key, graph_path, \
+    prune_graphs, record_digest
 from deploy.engines import resolve_engine
 from utils.fileio import FolderInUse, FolderLock
 
@@ -74,7 +74,9 @@ def startup_engine(ckpt: str, *, engine: str, device: torch.device, cache_dir: P
             or not os.path.isfile(ckpt) or importlib.util.find_spec("onnx") is None):
         return Startup(engine)
     runtime = resolve_engine("auto", device)
-    if runtime == "torch" or cached_graph(Path(cache_dir), graph_key(ckpt)) is not None:
+    # A graph with its hash beside it: load_engine checks that hash (no need to hash it twice).
+    graph = graph_path(Path(cache_dir), graph_key(ckpt))
+    if runtime == "torch" or digest_path(graph).is_file() and graph.is_file():
         return Startup(engine)
     if os.environ.get(BACKGROUND_EXPORT, "1") == "0":
         return Startup("torch", (f"note: {ckpt} runs PyTorch until its {runtime} graph is "
