@@ -31,7 +31,6 @@ from typing import Any, Sequence, Union
 import torch
 
 from dataloader.custom_transforms import Normalize
-from dataloader.utils import DatasetError, verify_image
 from deploy.cache import (compiled_models_dir, file_digest, graph_key, prune, record_digest,
                           verified)
 from deploy.engines import (Engine, OnnxRuntimeEngine, OpenVinoEngine, onnx_engine,
@@ -39,7 +38,7 @@ from deploy.engines import (Engine, OnnxRuntimeEngine, OpenVinoEngine, onnx_engi
 from deploy.onnx_model import export_onnx, settings_from_metadata, with_metadata
 from deploy.predictor import REQUIRED_SETTINGS, exported_graph
 from deploy.quantize import (MIN_CALIBRATION_IMAGES, calibration_images, model_input,
-                             quantize_int8, require_packages)
+                             quantize_int8, readable, require_packages)
 from modeling.checkpoint import check_settings, load_model
 from utils.errors import UserError
 from utils.fileio import atomic_write, atomic_write_text
@@ -131,21 +130,6 @@ def from_inputs(paths: Sequence[str | os.PathLike]) -> CalibrationSet:
         "" if held else f"all {count} of the run's photos calibrated it; with more than "
                         f"{MIN_CALIBRATION_IMAGES}, up to {MAX_HELD_OUT} are held out to "
                         f"measure it (or pass --calibration DIR)"))
-
-
-def readable(paths: Sequence[str | os.PathLike], count: int) -> list[str]:
-    """The first ``count`` of ``paths`` that are readable images (the others are the run's to
-    report, not calibration's)."""
-    found = []
-    for path in paths:
-        if len(found) == count:
-            break
-        try:
-            verify_image(path)
-        except DatasetError:
-            continue
-        found.append(str(path))
-    return found
 
 
 def calibration_set(source: Int8Source) -> CalibrationSet:
@@ -293,8 +277,8 @@ def prune_int8(cache_dir: Path) -> None:
             record.unlink(missing_ok=True)
 
 
-def measure_record(chosen: CalibrationSet, int8: OnnxRuntimeEngine | OpenVinoEngine, fp32: bytes, hardware: Hardware,
-                   settings: dict[str, Any]) -> dict[str, Any]:
+def measure_record(chosen: CalibrationSet, int8: OnnxRuntimeEngine | OpenVinoEngine,
+                   fp32: bytes, hardware: Hardware, settings: dict[str, Any]) -> dict[str, Any]:
     """What is kept beside a new int8 model: how many images calibrated it, and its pixel
     agreement (argmax masks) with the ``fp32`` graph in the same runtime, in fp32, on the
     held-out images, or why it was not measured."""

@@ -16,9 +16,11 @@ row).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -58,16 +60,8 @@ def calibration_images(in_path: str, count: int) -> list[str]:
         inputs = list_inputs(in_path)
     except DatasetError as error:
         raise UserError(str(error).replace("--in-path", "--calibration")) from None
-    chosen = []
-    for item in inputs:
-        if len(chosen) == count:
-            break
-        try:
-            verify_image(item.path)
-        except DatasetError as error:
-            print(f"warning: calibration skips {error}", file=sys.stderr)
-            continue
-        chosen.append(str(item.path))
+    chosen = readable([item.path for item in inputs], count, on_skip=lambda error: print(
+        f"warning: calibration skips {error}", file=sys.stderr))
     if not chosen:
         raise UserError(f"--calibration {in_path} has no readable image: name a folder of "
                         f"images like the ones you will segment")
@@ -76,6 +70,24 @@ def calibration_images(in_path: str, count: int) -> list[str]:
                         f"calibration needs at least {MIN_CALIBRATION_IMAGES}: add images like "
                         f"the ones you will segment")
     return chosen
+
+
+def readable(paths: Sequence[str | os.PathLike], count: int,
+             on_skip: Callable[[DatasetError], None] | None = None) -> list[str]:
+    """The first ``count`` of ``paths`` that are readable images; each other one goes to
+    ``on_skip`` (None: passed over in silence)."""
+    found: list[str] = []
+    for path in paths:
+        if len(found) == count:
+            break
+        try:
+            verify_image(path)
+        except DatasetError as error:
+            if on_skip is not None:
+                on_skip(error)
+            continue
+        found.append(str(path))
+    return found
 
 
 def model_input(path: str, normalize: Normalize) -> np.ndarray:
