@@ -6,11 +6,14 @@ frame, whatever the length. Nothing here knows the model.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
+import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar
 
 import av
 import numpy as np
@@ -19,6 +22,8 @@ from PIL import Image
 
 from dataloader.custom_transforms import ResizeShortSide, pil_to_uint8_tensor
 from dataloader.utils import DatasetError
+
+T = TypeVar("T")
 
 #: What a folder is searched for besides images: the containers phones and cameras write.
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".avi", ".webm")
@@ -131,3 +136,58 @@ def frame_samples(container: av.container.InputContainer, info: VideoInfo, path:
             yield sample
     except DatasetError as error:
         failures.append(str(error))
+
+
+_END = object()
+
+
+@contextlib.contextmanager
+def read_ahead(items: Iterator[T], depth: int) -> Iterator[Iterator[T]]:
+    """``items``, produced by a background thread up to ``depth`` ahead of the reader: frames
+    decode (FFmpeg releases the GIL) while the model predicts the ones before, as the photo
+    path's loader workers decode photos. An exception of ``items`` reaches the reader where it
+    happened in the order. Leaving the block stops the thread and waits for it, so whatever
+    ``items`` reads from (an open container) can be closed after.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+        except BaseException as error:  # handed to the reader, raised there
+            put((_END, error))
+            return
+        finally:  # a generator is closed here, before what it reads from is
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+        put((_END, None))
+
+    def consume() -> Iterator[T]:
+        while True:
+            item, error = ready.get()
+            if item is _END:
+                if error is not None:
+                    raise error
+                return
+            yield item
+
+    thread = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    thread.start()
+    try:
+        yield consume()
+    finally:
+        stop.set()
+        thread.join()

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -28,12 +30,16 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 
 from dataloader.utils import DatasetError
-from dataloader.video import VideoInfo, frame_samples, open_video
+from dataloader.video import VideoInfo, frame_samples, open_video, read_ahead
 from deploy.outputs import FRAME_FOLDER_KINDS, MARKER, render, replaceable
 from utils.fileio import temporary_prefix
 
 #: libx264's constant rate factor: 18 is visually lossless for colours and overlays.
 CRF = "18"
+#: Decoded frames waiting for the model, and predicted frames waiting to be drawn and encoded:
+#: a few each, so that decoding and encoding overlap the model and memory stays a few frames.
+FRAMES_AHEAD = 2
+FRAMES_BEHIND = 2
 
 
 def _temporary(path: Path) -> Path:
@@ -161,6 +167,38 @@ def _replace(temporary: Path, path: Path) -> Path | None:
     return path
 
 
+class InOrder:
+    """Calls ``write(sample, labels)`` on one background thread, in the order given, at most
+    :data:`FRAMES_BEHIND` calls behind: a frame is drawn and encoded while the model predicts
+    the next. A failed call raises in the caller's thread at a later :meth:`add` or on leaving
+    the block, which waits for every call given (the frames predicted before an interruption
+    are written too)."""
+
+    def __init__(self, write: Callable[[dict[str, Any], torch.Tensor], None]) -> None:
+        self.write = write
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="video-writer")
+        self.pending: deque[Future] = deque()
+
+    def add(self, sample: dict[str, Any], labels: torch.Tensor) -> None:
+        self.pending.append(self.pool.submit(self.write, sample, labels))
+        while len(self.pending) > FRAMES_BEHIND:
+            self.pending.popleft().result()
+
+    def __enter__(self) -> "InOrder":
+        return self
+
+    def __exit__(self, kind: type | None, *exc_info: Any) -> None:
+        try:
+            while self.pending:
+                future = self.pending.popleft()
+                if kind is None:
+                    future.result()
+                else:  # what stopped the run is raised, not a write that failed after it
+                    future.exception()
+        finally:
+            self.pool.shutdown(cancel_futures=True)
+
+
 @dataclass
 class VideoSegmenter:
     """Segments whole videos with ``predictor`` (:meth:`run`), frames batched as photos are.
@@ -194,8 +232,9 @@ class VideoSegmenter:
                 self.report(f"note: {path}: its audio is not copied to the outputs")
             samples = frame_samples(container, info, path, short_side=self.short_side,
                                     failures=failures)
-            self.predictor.predict_all(self.progress(samples, info.frames or None, path.name),
-                                       outputs.add, on_error=self.report)
+            with read_ahead(samples, FRAMES_AHEAD) as ahead, InOrder(outputs.add) as behind:
+                self.predictor.predict_all(self.progress(ahead, info.frames or None, path.name),
+                                           behind.add, on_error=self.report)
             finished = True
         finally:
             container.close()
