@@ -121,11 +121,12 @@ def _ids(scores: torch.Tensor, *, probabilities: bool, dtype: torch.dtype,
 
     From logits the probability is ``1 / sum(exp(logits - max))``: the softmax's largest entry
     without the full softmax, read from the same strip as the argmax."""
-    labels = scores.argmax(dim=1)
+    # max's indices are argmax's (the first of equal maxima), and on CPUs a channel reduction
+    # by max runs about 4x as fast as by argmax (python -m bench.inference_ops).
+    top, labels = scores.max(dim=1)
     if not confidence:
         return labels.to(dtype), None
-    top = scores.gather(1, labels[:, None])
-    chosen = top[:, 0] if probabilities else (scores - top).exp().sum(dim=1).reciprocal()
+    chosen = top if probabilities else (scores - top[:, None]).exp().sum(dim=1).reciprocal()
     return labels.to(dtype), chosen.mul(255).round_().to(torch.uint8)
 
 

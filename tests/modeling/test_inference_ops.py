@@ -181,3 +181,24 @@ def test_tiled_confidence_equals_the_whole_image_of_a_pointwise_model():
                                with_confidence=True)
     assert torch.equal(labels, whole[0][0].to(torch.uint8))
     assert torch.equal(confidence, whole[1][0])
+
+
+@pytest.mark.parametrize("with_confidence", [False, True])
+def test_equal_scores_give_the_first_class_as_argmax_does(with_confidence):
+    # Ties are rare in float logits but certain in a quantized model's: every pixel holds the
+    # maximum in several classes, and the first of them is argmax's (PyTorch's documented rule).
+    logits = torch.zeros(2, 5, 6, 7)
+    logits[:, 1] = logits[:, 3] = 2.0   # classes 1 and 3 tie everywhere ...
+    logits[0, 4, :3] = 2.0              # ... and class 4 too in some rows
+    logits[1, 0, :, :2] = 2.0           # class 0 ties with them in some columns
+    found = predict_labels(lambda _: {"out": logits}, torch.zeros(2, 3, 24, 28), (6, 7),
+                           dtype=torch.uint8, with_confidence=with_confidence)
+    labels = found[0] if with_confidence else found
+    assert torch.equal(labels.long(), logits.argmax(dim=1))
+    assert set(labels.unique().tolist()) == {0, 1}
+    if with_confidence:  # k tied classes at e^2, 5 - k at 1: e^2 / (k e^2 + 5 - k)
+        share = {k: torch.e ** 2 / (k * torch.e ** 2 + 5 - k) for k in (2, 3)}
+        tied = (logits == 2.0).sum(dim=1)
+        expected = torch.where(tied == 2, round(255 * share[2]), round(255 * share[3]))
+        assert set(tied.unique().tolist()) == {2, 3}
+        assert torch.equal(found[1], expected.to(torch.uint8))
