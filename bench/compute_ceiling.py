@@ -54,11 +54,12 @@ def best_seconds(run, repeats: int) -> float:
     return min(times)
 
 
-def vf_model(vf_dir: str, num_classes: int, output_stride: int) -> torch.nn.Module:
+def vf_model(vf_dir: str, num_classes: int, output_stride: int,
+             name: str = "deeplabv3plus_resnet101") -> torch.nn.Module:
     sys.path.insert(0, vf_dir)
     import network  # VainF/DeepLabV3Plus-Pytorch, read from its checkout, never vendored
 
-    return network.modeling.deeplabv3plus_resnet101(
+    return getattr(network.modeling, name)(
         num_classes=num_classes, output_stride=output_stride, pretrained_backbone=False).eval()
 
 
@@ -70,7 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-classes", type=int, default=21)
     parser.add_argument("--size", type=int, nargs=2, default=[480, 640], metavar=("H", "W"))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--vf-dir", help="a VainF/DeepLabV3Plus-Pytorch checkout (ResNet-101)")
+    parser.add_argument("--vf-dir", help="a VainF/DeepLabV3Plus-Pytorch checkout")
+    parser.add_argument("--vf-model", default="deeplabv3plus_resnet101",
+                        help="its model counted beside ours (deeplabv3plus_mobilenet: MobileNetV2)")
     args = parser.parse_args(argv)
 
     image = torch.randn(1, 3, *args.size)
@@ -83,8 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"DeepLabV3+ {args.backbone} os{args.out_stride}, {args.size[0]}x{args.size[1]}: "
           f"{work / 1e9:.1f} GFLOP per image; at that rate {work / rate:.3f} s per image")
     if args.vf_dir:
-        other = flops(vf_model(args.vf_dir, args.num_classes, args.out_stride), image)
-        print(f"VainF deeplabv3plus_resnet101: {other / 1e9:.1f} GFLOP per image "
+        other = flops(vf_model(args.vf_dir, args.num_classes, args.out_stride, args.vf_model),
+                      image)
+        print(f"VainF {args.vf_model}: {other / 1e9:.1f} GFLOP per image "
               f"({work / other:.2f}x less work for it)")
     with torch.inference_mode():
         seconds = best_seconds(lambda: model(image), args.repeats)

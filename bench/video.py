@@ -117,10 +117,10 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.rounds):
             for name, command in runs.items():
                 best[name] = min(best[name], timed(*command))
-    print(f"| run ({frames} frames) | frames/s (whole process) |")
-    print("|---|---|")
+    print(f"| run ({frames} frames) | frames/s (whole process) | seconds |")
+    print("|---|---|---|")
     for name, seconds in best.items():
-        print(f"| {name} | {frames / seconds:.1f} |")
+        print(f"| {name} | {frames / seconds:.2f} | {seconds:.1f} |")
 
 
 if __name__ == "__main__":
