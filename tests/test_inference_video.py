@@ -5,9 +5,11 @@ The videos are generated here with PyAV: 64x48 at 25 fps, a second or two.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
+import threading
 import tracemalloc
 import weakref
 from fractions import Fraction
@@ -298,3 +300,49 @@ def test_a_video_this_tool_did_not_write_is_never_replaced(ckpt, tmp_path, capsy
         assert run(ckpt, clip, out, "--save", "overlay", flag) == 2
         assert "did not write" in errors(capsys)[0]
     assert foreign.read_bytes() == before
+
+
+def test_read_ahead_keeps_order_raises_where_the_error_was_and_stops_its_thread():
+    def items():
+        yield from range(5)
+        raise ValueError("damaged")
+
+    got = []
+    with pytest.raises(ValueError, match="damaged"):
+        with dataloader.video.read_ahead(items(), 2) as ahead:
+            got.extend(ahead)
+    assert got == [0, 1, 2, 3, 4]
+
+    closed = []
+
+    def endless():
+        try:
+            yield from itertools.count()
+        finally:  # closed by the thread that decodes, before the container would be
+            closed.append(threading.current_thread().name)
+
+    with dataloader.video.read_ahead(endless(), 2) as ahead:
+        assert [next(ahead) for _ in range(3)] == [0, 1, 2]
+    assert closed == ["read-ahead"]
+    assert "read-ahead" not in [thread.name for thread in threading.enumerate()]
+
+
+def test_writes_behind_the_model_keep_their_order_and_their_errors():
+    written = []
+
+    def write(sample, labels):
+        if sample["index"] == 7:
+            raise OSError("disk full")
+        written.append((sample["index"], threading.current_thread().name))
+
+    with deploy.video_writer.InOrder(write) as behind:
+        for index in range(5):
+            behind.add({"index": index}, None)
+    assert [index for index, _ in written] == [0, 1, 2, 3, 4]
+    assert {name for _, name in written} != {threading.current_thread().name}
+    with pytest.raises(OSError, match="disk full"):
+        with deploy.video_writer.InOrder(write) as behind:
+            for index in range(6, 9):
+                behind.add({"index": index}, None)
+    # 6 was written; 7 failed; 8 was given before the error surfaced, and runs or is cancelled
+    assert [index for index, _ in written][5:] in ([6], [6, 8])
