@@ -34,8 +34,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def generate_video(path: Path, *, seconds: float, width: int = 640, height: int = 480,
-                   fps: int = 25) -> int:
-    """An H.264 MP4 of smooth colour blobs drifting across the picture; returns its frames."""
+                   fps: int = 25, rotation: int = 0, pts: list[int] | None = None) -> int:
+    """An H.264 MP4 of smooth colour blobs drifting across the picture; returns its frames.
+
+    ``rotation``: a display matrix turning it that many degrees counter-clockwise (a phone's
+    tag); ``pts``: each frame's timestamp in ticks of ``1 / fps`` (a variable frame rate),
+    one per tick by default."""
     rng = np.random.default_rng(0)
     small = rng.integers(0, 256, size=(height // 16, 2 * width // 16, 3), dtype=np.uint8)
     canvas = np.asarray(Image.fromarray(small).resize((2 * width, height),
@@ -45,11 +49,13 @@ def generate_video(path: Path, *, seconds: float, width: int = 640, height: int 
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.time_base = stream.codec_context.time_base = Fraction(1, fps)
+        if rotation:
+            stream.set_display_rotation(rotation)
         for index in range(frames):
             left = (4 * index) % width
             frame = av.VideoFrame.from_ndarray(
                 np.ascontiguousarray(canvas[:, left:left + width]), format="rgb24")
-            frame.pts = index
+            frame.pts = index if pts is None else pts[index]
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
     return frames
