@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -55,6 +56,18 @@ def write_image(path: Path, width: int, height: int, seed: int = 0, **save_optio
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, **save_options)
     return path
+
+
+#: How the optional deployment packages are installed, said by every test that skips without them.
+DEPLOY_INSTALL = "pip install -r requirements-deploy.txt (make test installs it)"
+
+
+def require_deploy(*names: str):
+    """Skip the calling test (or module) unless every deployment package ``names`` imports,
+    naming how to install it; returns the first one's module."""
+    modules = [pytest.importorskip(name, reason=f"{name} is not installed: {DEPLOY_INSTALL}")
+               for name in names]
+    return modules[0]
 
 
 def read_mask(path: Path) -> np.ndarray:

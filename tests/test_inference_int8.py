@@ -13,14 +13,11 @@ import pytest
 import torch
 
 import inference
-from inference_testing import make_checkpoint, one_error_line, read_mask, write_image
+from inference_testing import (make_checkpoint, one_error_line, read_mask, require_deploy,
+                               write_image)
 
 pytestmark = pytest.mark.slow
-INSTALL = "pip install -r requirements-deploy.txt (make test installs it)"
-onnx = pytest.importorskip("onnx", reason=f"onnx is not installed: {INSTALL}")
-pytest.importorskip("openvino", reason=f"openvino is not installed: {INSTALL}")
-pytest.importorskip("onnxruntime", reason=f"onnxruntime is not installed: {INSTALL}")
-pytest.importorskip("nncf", reason=f"nncf is not installed: {INSTALL}")
+onnx = require_deploy("onnx", "openvino", "onnxruntime", "nncf")
 
 from deploy import int8 as int8_module  # noqa: E402  (imports nncf when it quantizes)
 from deploy.engines import OpenVinoEngine  # noqa: E402

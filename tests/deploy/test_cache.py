@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from deploy import cache
-from inference_testing import make_checkpoint, read_mask, write_image
+from inference_testing import make_checkpoint, read_mask, require_deploy, write_image
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,13 +57,10 @@ def test_a_file_without_its_hash_or_with_another_content_is_deleted(tmp_path, ca
 
 # ---------------------------------------------------------------- end to end, with OpenVINO
 
-INSTALL = "pip install -r requirements-deploy.txt (make test installs it)"
-
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> dict:
-    pytest.importorskip("onnx", reason=f"onnx is not installed: {INSTALL}")
-    pytest.importorskip("openvino", reason=f"openvino is not installed: {INSTALL}")
+    require_deploy("onnx", "openvino")
     folder = tmp_path_factory.mktemp("cache-e2e")
     for seed in range(3):
         write_image(folder / "in" / f"{seed}.png", 64 + 8 * seed, 48, seed=seed)

@@ -13,7 +13,7 @@ import export
 import inference
 from dataloader.custom_transforms import Normalize, pil_to_uint8_tensor
 from dataloader.utils import load_image
-from inference_testing import make_checkpoint, read_mask, write_image
+from inference_testing import make_checkpoint, read_mask, require_deploy, write_image
 from modeling.deeplab import DeepLab
 from deploy.engines import OnnxRuntimeEngine, OpenVinoEngine, resolve_engine
 from deploy.predictor import load_engine
@@ -21,10 +21,7 @@ from utils.errors import UserError
 from utils.hardware import Hardware
 
 pytestmark = pytest.mark.slow
-INSTALL = "pip install -r requirements-deploy.txt (make test installs it)"
-onnx = pytest.importorskip("onnx", reason=f"onnx is not installed: {INSTALL}")
-pytest.importorskip("onnxruntime", reason=f"onnxruntime is not installed: {INSTALL}")
-pytest.importorskip("openvino", reason=f"openvino is not installed: {INSTALL}")
+onnx = require_deploy("onnx", "onnxruntime", "openvino")
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,12 @@ import export
 import inference
 from dataloader.custom_transforms import Normalize, pil_to_uint8_tensor
 from dataloader.utils import load_image
-from inference_testing import make_checkpoint, read_mask, write_image
+from inference_testing import make_checkpoint, read_mask, require_deploy, write_image
 from modeling.deeplab import DeepLab
 from deploy.engines import OpenVinoEngine
 
 pytestmark = pytest.mark.slow
-INSTALL = "pip install -r requirements-deploy.txt (make test installs it)"
-onnx = pytest.importorskip("onnx", reason=f"onnx is not installed: {INSTALL}")
-pytest.importorskip("openvino", reason=f"openvino is not installed: {INSTALL}")
-pytest.importorskip("onnxruntime", reason=f"onnxruntime is not installed: {INSTALL}")
-pytest.importorskip("nncf", reason=f"nncf is not installed: {INSTALL}")
+onnx = require_deploy("onnx", "openvino", "onnxruntime", "nncf")
 
 from deploy import quantize  # noqa: E402  (needs nothing optional itself, tested with nncf)
 

@@ -18,12 +18,10 @@ import deploy.predictor
 import deploy.warmup
 import inference
 from deploy.warmup import EXPORT_FIRST_FROM, Startup, startup_engine, warm
-from inference_testing import make_checkpoint, read_mask, write_image
+from inference_testing import make_checkpoint, read_mask, require_deploy, write_image
 from utils.fileio import FolderLock
 
-pytest.importorskip("onnx", reason="onnx is not installed: pip install -r requirements-deploy.txt")
-pytest.importorskip("openvino", reason="openvino is not installed: "
-                                       "pip install -r requirements-deploy.txt")
+require_deploy("onnx", "openvino")
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[2]
