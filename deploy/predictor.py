@@ -126,13 +126,21 @@ def exported_graph(ckpt: str, cache_dir: Path, key: str | None = None) -> Path |
         UserError: the checkpoint cannot be read or describes no model.
     """
     key = key or graph_key(ckpt)
+    with export_lock(graph_path(cache_dir, key).parent):  # after a background export, if any
+        return cache_graph(ckpt, cache_dir, key, export_in_child)
+
+
+def cache_graph(ckpt: str, cache_dir: Path, key: str,
+                export: Callable[[str, Path], bool]) -> Path | None:
+    """The cached graph of ``ckpt`` under ``key``, written by ``export(ckpt, graph)`` (True:
+    written) if it is not there, with its hash beside it; None when ``export`` failed. The
+    caller holds the graph folder's lock."""
     graph = graph_path(cache_dir, key)
-    with export_lock(graph.parent):  # after a background export (deploy.warmup), if one runs
-        if cached_graph(cache_dir, key) is None:
-            if not export_in_child(ckpt, graph):
-                return None
-            record_digest(graph)  # checked before every later use (deploy.cache.verified)
-            prune_graphs(cache_dir)
+    if cached_graph(cache_dir, key) is None:
+        if not export(ckpt, graph):
+            return None
+        record_digest(graph)  # checked before every later use (deploy.cache.verified)
+        prune_graphs(cache_dir)
     return graph
 
 

@@ -30,8 +30,7 @@ from typing import Callable
 
 import torch
 
-from deploy.cache import cached_graph, compiled_models_dir, digest_path, graph_key, graph_path, \
-    prune_graphs, record_digest
+from deploy.cache import compiled_models_dir, digest_path, graph_key, graph_path
 from deploy.engines import resolve_engine
 from utils.fileio import FolderInUse, FolderLock
 
@@ -112,7 +111,7 @@ def warm(ckpt: str, cache_dir: Path, *, runtime: str, precision: str, threads: i
     ``threads`` threads in ``precision`` will ask; returns 0 done (or already done), 1 another
     export holds the lock or the cache cannot be written, 2 a bad checkpoint."""
     from deploy.engines import OpenVinoEngine
-    from deploy.predictor import _export_child
+    from deploy.predictor import _export_child, cache_graph
 
     folder = graph_path(cache_dir, "").parent
     try:
@@ -120,16 +119,17 @@ def warm(ckpt: str, cache_dir: Path, *, runtime: str, precision: str, threads: i
         lock = FolderLock(folder)
     except (FolderInUse, OSError):
         return 1
+    status = 0
+
+    def export(ckpt: str, graph: Path) -> bool:  # in this process: it is the background one
+        nonlocal status
+        status = _export_child(ckpt, str(graph))
+        return status == 0
+
     with lock:
-        key = graph_key(ckpt)
-        graph = cached_graph(cache_dir, key)
+        graph = cache_graph(ckpt, cache_dir, graph_key(ckpt), export)
         if graph is None:
-            graph = graph_path(cache_dir, key)
-            status = _export_child(ckpt, str(graph))
-            if status:
-                return status
-            record_digest(graph)
-            prune_graphs(cache_dir)
+            return status
         if runtime == "openvino":
             OpenVinoEngine(str(graph), threads=threads, amp_dtype=PRECISIONS[precision],
                            cache_dir=compiled_models_dir(cache_dir))
