@@ -352,7 +352,6 @@ def load_predictor(args: argparse.Namespace, *, device: str, job_size: int,
     startup = Startup(args.engine) if args.int8 else startup_engine(
         args.ckpt, engine=args.engine, device=torch.device(device), cache_dir=cache_dir,
         job_size=job_size, precision=args.amp if args.amp in ("bf16", "fp16") else "off")
-    startup_note = startup.note
     predictor, settings = Predictor.load(
         args.ckpt, engine=startup.engine, device=device, amp=args.amp,
         channels_last=args.channels_last, cache_dir=cache_dir,
@@ -361,8 +360,8 @@ def load_predictor(args: argparse.Namespace, *, device: str, job_size: int,
     report_int8(settings, show=show_notes)
     if args.compile:
         predictor.compile()
-    if startup_note and show_notes:
-        tqdm.write(startup_note, file=sys.stderr)
+    if startup.note and show_notes:
+        tqdm.write(startup.note, file=sys.stderr)
     elif (args.engine == "auto" and predictor.engine_name == "torch"
             and predictor.hardware.device.type == "cpu"):
         tqdm.write("note: running PyTorch; on CPUs OpenVINO or onnxruntime are faster "

@@ -35,8 +35,8 @@ from deploy.cache import (compiled_models_dir, file_digest, graph_key, prune, re
                           verified)
 from deploy.engines import (Engine, OnnxRuntimeEngine, OpenVinoEngine, onnx_engine,
                             resolve_engine)
-from deploy.onnx_model import export_onnx, settings_from_metadata, with_metadata
-from deploy.predictor import REQUIRED_SETTINGS, exported_graph
+from deploy.onnx_model import settings_from_metadata, with_metadata
+from deploy.predictor import REQUIRED_SETTINGS, exported_graph, inference_graph
 from deploy.quantize import (MIN_CALIBRATION_IMAGES, calibration_images, model_input,
                              quantize_int8, readable, require_packages)
 from modeling.checkpoint import check_settings, load_model
@@ -225,9 +225,7 @@ def fp32_graph(ckpt: str, cache_dir: Path | None) -> bytes:
         graph = exported_graph(ckpt, Path(cache_dir))
         if graph is not None:
             return graph.read_bytes()
-    model, settings = load_model(ckpt, required_settings=REQUIRED_SETTINGS)
-    model.aux_classifier = None  # a training aid: inference reads the main head only
-    return export_onnx(model.float(), settings)
+    return inference_graph(*load_model(ckpt, required_settings=REQUIRED_SETTINGS))
 
 
 def quantized(fp32: bytes, images: list[str], ckpt: str) -> bytes:

@@ -190,14 +190,20 @@ def _export_child(ckpt: str, graph: str) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    model.aux_classifier = None  # a training aid: inference reads the main head only
-    data = export_onnx(model.float(), settings)
+    data = inference_graph(model, settings)
     try:
         atomic_write(graph, lambda handle: handle.write(data))
     except OSError as error:
         print(f"cannot write {graph}: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def inference_graph(model: torch.nn.Module, settings: dict) -> bytes:
+    """The ONNX graph (fp32, ``settings`` in its metadata) that the ONNX runtimes run of a
+    checkpoint's loaded ``model``."""
+    model.aux_classifier = None  # a training aid: inference reads the main head only
+    return export_onnx(model.float(), settings)
 
 
 def as_pixels(image: Any) -> torch.Tensor:
