@@ -18,7 +18,6 @@ import argparse
 import subprocess
 import sys
 import tempfile
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -61,7 +60,10 @@ def check(name: str, clip: Path, scratch: Path, args: argparse.Namespace, fps: i
                             "--out-path", str(scratch / f"{name}-video")],
                     base + ["--in-path", str(scratch / f"{name}-frames"), "--save", "mask",
                             "--out-path", str(scratch / f"{name}-photos")]):
-        subprocess.run(command, cwd=REPO, check=True, capture_output=True)
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        if result.returncode != 0:
+            lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
+            raise SystemExit(f"inference.py failed on {name}: {lines[-1]}")
     out_times, out_shape = output_frames(scratch / f"{name}-video" / f"{clip.stem}_overlay.mp4")
     gap = max((abs(a - b) for a, b in zip(times, out_times)), default=float("inf"))
     video_masks = sorted((scratch / f"{name}-video" / clip.stem).iterdir())
