@@ -17,8 +17,13 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-deploy.txt requirem
 		-r requirements-deploy.txt -r requirements-plot.txt -c constraints.txt
 	touch $(STAMP)
 
+# Two pytest workers (pytest-xdist), each file's tests on one worker (its module fixtures built
+# once), one thread per process: most of the suite is Python and process start-up, which one
+# thread per worker keeps both cores busy with; two threads per worker would oversubscribe them.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 demo: $(STAMP)
 	rm -rf $(DEMO_RUN) inference_results/demo

@@ -87,14 +87,16 @@ def test_a_batch_shrunk_by_skipped_images_is_cut_to_chunks_of_two():
 # ------------------------------------------------------------------ DDP ranks skip together
 
 
-def _step_on_rank(rank: int, port: int, sizes: list[int], results) -> None:
+def _step_on_rank(rank: int, port: int, cases: list[list[int]], results) -> None:
+    """Every case's step on this rank, in one process group (one spawn serves every case)."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=len(sizes), timeout=datetime.timedelta(seconds=60))
+                            world_size=2, timeout=datetime.timedelta(seconds=60))
     try:
-        context = DistributedContext(rank=rank, world_size=len(sizes))
-        inputs = step_batch(batch_of(sizes[rank], skipped=4 - sizes[rank]),
-                            Placement(CPU, context), agree=True)
-        results[rank] = 0 if inputs is None else len(inputs[0])
+        context = DistributedContext(rank=rank, world_size=2)
+        for case, sizes in enumerate(cases):
+            inputs = step_batch(batch_of(sizes[rank], skipped=4 - sizes[rank]),
+                                Placement(CPU, context), agree=True)
+            results[case, rank] = 0 if inputs is None else len(inputs[0])
     finally:
         dist.destroy_process_group()
 
@@ -105,16 +107,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("sizes, expected", [([4, 0], [0, 0]), ([1, 4], [0, 0]),
-                                             ([4, 3], [4, 3])])
-def test_ddp_ranks_agree_to_skip_a_step_one_of_them_cannot_take(sizes, expected):
-    # A rank whose batch lost its images (or kept one) must not leave the other in the
-    # collectives of a step it does not take: both skip, or both train.
+#: Two ranks' batch sizes -> the sizes they train on: both skip, or both train.
+SKIP_CASES = [([4, 0], [0, 0]), ([1, 4], [0, 0]), ([4, 3], [4, 3])]
+
+
+@pytest.fixture(scope="module")
+def two_rank_steps() -> dict:
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.start_processes(_step_on_rank, args=(free_port(), sizes, results),
-                           nprocs=len(sizes), start_method="spawn")
-        assert [results[rank] for rank in range(len(sizes))] == expected
+        mp.start_processes(_step_on_rank, args=(free_port(), [s for s, _ in SKIP_CASES], results),
+                           nprocs=2, start_method="spawn")
+        return dict(results)
+
+
+@pytest.mark.parametrize("case", range(len(SKIP_CASES)),
+                         ids=[str(sizes) for sizes, _ in SKIP_CASES])
+def test_ddp_ranks_agree_to_skip_a_step_one_of_them_cannot_take(case, two_rank_steps):
+    # A rank whose batch lost its images (or kept one) must not leave the other in the
+    # collectives of a step it does not take: both skip, or both train.
+    sizes, expected = SKIP_CASES[case]
+    assert [two_rank_steps[case, rank] for rank in range(2)] == expected
 
 
 # ------------------------------------------------------------------ autocast dtype per GPU
