@@ -37,10 +37,12 @@ def demo_root(demo_coco_root) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(demo_root, tmp_path_factory) -> dict:
+    # 4 epochs of 12 steps: the loss ends near 0.16 of its start and the best mIoU near 0.64,
+    # against the 0.6 and twice all-background (0.30) asserted below (measured, OMP_NUM_THREADS=1).
     run_dir = tmp_path_factory.mktemp("run") / "exp"
     args = train.get_args_parser().parse_args(
-        TINY + ["--dataset", "demo", "--data-root", str(demo_root), "--epochs", "8",
-                "--batch-size", "8", "--lr", "0.02", "--eval-interval", "4",
+        TINY + ["--dataset", "demo", "--data-root", str(demo_root), "--epochs", "4",
+                "--batch-size", "8", "--lr", "0.02", "--eval-interval", "2",
                 "--run-dir", str(run_dir)])
     result = train.main(args)
     return dict(result, run_dir=run_dir)
@@ -98,7 +100,7 @@ def image_steps(log_dir: str | Path) -> dict[str, list[int]]:
 def test_every_evaluation_draws_its_figures(trained, demo_root):
     run_dir = trained["run_dir"]
     evaluations = [step for step, _ in scalars(run_dir, "val/mIoU")]
-    assert len(evaluations) == 2  # epochs 4 and 8
+    assert len(evaluations) == 2  # epochs 2 and 4
     steps = image_steps(run_dir)
     for name in FIGURES:
         assert steps[f"val/{name}"] == evaluations
