@@ -57,6 +57,11 @@ sys.argv = ["predict.py"] + sys.argv[1:]
 runpy.run_path({predict!r}, run_name="__main__")
 """
 #: Each path's inference.py flags besides --in-path, --out-path, --ckpt.
+#: Caps every kernel library at AVX2 (each reads its own variable; OpenVINO needs both of its
+#: own and oneDNN's, set together): the kernels an AVX2-only CPU runs, on this CPU's cores,
+#: caches and memory, which an AVX2-only CPU does not have.
+ISA_CAP = {"ONEDNN_MAX_CPU_ISA": "AVX2", "OV_CPU_MAX_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
 PATHS = {"fp32": [], "bf16": ["--amp", "bf16"], "int8": ["--int8"], "torch": ["--engine", "torch"]}
 
 
@@ -202,9 +207,11 @@ def report(times: dict[str, list[float]], found: dict[str, float], count: int) -
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
                 .splitlines() if line.startswith("model name")), platform.processor())
     flags = set(Path("/proc/cpuinfo").read_text().split())
+    capped = {name: os.environ[name] for name in ISA_CAP if name in os.environ}
     print(f"\n{cpu}; {os.cpu_count()} cores; "
           f"{' '.join(f for f in ('avx2', 'avx512_bf16', 'avx512_vnni', 'amx_tile') if f in flags)}"
-          f"; torch {torch.__version__}; seconds of each round, whole process")
+          + (f" (capped: {' '.join(f'{k}={v}' for k, v in capped.items())})" if capped else "")
+          + f"; torch {torch.__version__}; seconds of each round, whole process")
     print("| run | seconds | VainF / run | agreement with fp32 |\n|---|---|---|---|")
     for name, seconds in times.items():
         base = times["VainF 1 photo" if "1 photo" in name else "VainF"]
@@ -226,8 +233,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="a ResNet-101 output-stride-16 checkpoint (default: random weights)")
     parser.add_argument("--trained", type=Path, help="a trained checkpoint for the agreement")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--emulate-avx2", action="store_true",
+                        help="cap oneDNN, OpenVINO and PyTorch kernels at AVX2 in every run, "
+                             "both sides: an estimate for AVX2-only CPUs, not a measurement")
     args = parser.parse_args(argv)
     os.environ.pop(BACKGROUND_EXPORT, None)
+    if args.emulate_avx2:
+        os.environ.update(ISA_CAP)
     with tempfile.TemporaryDirectory() as folder:
         scratch = Path(folder)
         if args.ckpt is None:
