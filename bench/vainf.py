@@ -56,12 +56,12 @@ setattr(modeling, {model!r}, functools.partial(getattr(modeling, {model!r}),
 sys.argv = ["predict.py"] + sys.argv[1:]
 runpy.run_path({predict!r}, run_name="__main__")
 """
-#: Each path's inference.py flags besides --in-path, --out-path, --ckpt.
 #: Caps every kernel library at AVX2 (each reads its own variable; OpenVINO needs both of its
 #: own and oneDNN's, set together): the kernels an AVX2-only CPU runs, on this CPU's cores,
 #: caches and memory, which an AVX2-only CPU does not have.
 ISA_CAP = {"ONEDNN_MAX_CPU_ISA": "AVX2", "OV_CPU_MAX_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
+#: Each path's inference.py flags besides --in-path, --out-path, --ckpt.
 PATHS = {"fp32": [], "bf16": ["--amp", "bf16"], "int8": ["--int8"], "torch": ["--engine", "torch"]}
 
 

@@ -121,7 +121,7 @@ def two_rank_steps() -> dict:
 
 
 @pytest.mark.parametrize("case", range(len(SKIP_CASES)),
-                         ids=[str(sizes) for sizes, _ in SKIP_CASES])
+                         ids=["-".join(map(str, sizes)) for sizes, _ in SKIP_CASES])
 def test_ddp_ranks_agree_to_skip_a_step_one_of_them_cannot_take(case, two_rank_steps):
     # A rank whose batch lost its images (or kept one) must not leave the other in the
     # collectives of a step it does not take: both skip, or both train.
